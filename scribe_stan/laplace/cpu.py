@@ -1,0 +1,456 @@
+"""Numba CPU kernels of the per-cell Newton-Woodbury Laplace step for the pln model.
+
+Per cell c with counts u (G,), capture prior location a and scale sigma_M, the latent
+``z = (x, eta)`` has the log density (dropping terms constant in z)::
+
+    f(x, eta) = sum_g [u_g v_g - exp(v_g)] - 1/2 (x - mu)' Sigma^{-1} (x - mu)
+                - (eta - a)^2 / (2 sigma_M^2),          v = x - eta,  lambda = exp(v)
+
+and its negative Hessian is ``-H = [[A, -lambda], [-lambda', c]]`` with
+``A = diag(lambda) + Sigma^{-1}`` and ``c = sum(lambda) + 1/sigma_M^2``.
+With ``Sigma = W W' + diag(d)`` all solves with A use the Woodbury identity::
+
+    A^{-1} v = v / B + h * (W M^{-1} W' (h * v)),
+    B = lambda + 1/d,   h = 1 / (1 + lambda d),   M = I_K + W' diag(lambda h) W,
+
+and ``log det(Sigma A) = sum_g log(1 + lambda_g d_g) + log det M``; the eta direction is
+the Schur complement ``s = c - lambda' A^{-1} lambda``. A Newton step costs
+O(G K^2 + K^3) (forming M), memory O(G K); no G x G matrix is ever formed.
+``Sigma^{-1} v = v/d - (W/d) C^{-1} W'(v/d)`` with ``C = I_K + W' diag(1/d) W`` shared
+by all cells.
+
+Outer gradient (Margossian et al. 2020, "Hamiltonian Monte Carlo using an adjoint-
+differentiated Laplace approximation", NeurIPS, arXiv:2004.12550): the Laplace value
+``F(theta) = f(z_hat) + consts - 1/2 log det(-H)`` has total derivative
+``dF = partial_theta F + w' partial_theta grad_z f`` with the adjoint
+``w = -1/2 (-H)^{-1} J' t``, ``t_g = lambda_g Var_q(v_g)`` (the derivative of the
+log-determinant along the mode) and ``J = [I, -1]`` mapping z to v.
+
+All kernels assume valid input (checked in scribe_stan._validate).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+# ---------------------------------------------------------------- small dense helpers
+
+
+@njit(cache=True, inline="always")
+def _cholesky_inplace(M, K):
+    """Lower Cholesky factor of the SPD K x K matrix M, in place. False if not SPD."""
+    for j in range(K):
+        s = M[j, j]
+        for k in range(j):
+            s -= M[j, k] * M[j, k]
+        if not s > 0.0:
+            return False
+        ljj = math.sqrt(s)
+        M[j, j] = ljj
+        for i in range(j + 1, K):
+            t = M[i, j]
+            for k in range(j):
+                t -= M[i, k] * M[j, k]
+            M[i, j] = t / ljj
+    for i in range(K):
+        for j in range(i + 1, K):
+            M[i, j] = 0.0
+    return True
+
+
+@njit(cache=True, inline="always")
+def _chol_solve(L, b, K, out):
+    """Solve (L L') out = b for a K-vector b."""
+    for i in range(K):
+        t = b[i]
+        for k in range(i):
+            t -= L[i, k] * out[k]
+        out[i] = t / L[i, i]
+    for i in range(K - 1, -1, -1):
+        t = out[i]
+        for k in range(i + 1, K):
+            t -= L[k, i] * out[k]
+        out[i] = t / L[i, i]
+
+
+@njit(cache=True, inline="always")
+def _chol_logdet(L, K):
+    s = 0.0
+    for k in range(K):
+        s += 2.0 * math.log(L[k, k])
+    return s
+
+
+@njit(cache=True, inline="always")
+def _sigma_inv_apply(v, W, inv_d, Lc, G, K, tmpK, tmpK2, out):
+    """out = Sigma^{-1} v with Sigma = W W' + diag(d), via the shared K x K factor Lc."""
+    for k in range(K):
+        tmpK[k] = 0.0
+    for g in range(G):
+        vg = v[g] * inv_d[g]
+        out[g] = vg
+        for k in range(K):
+            tmpK[k] += W[g, k] * vg
+    _chol_solve(Lc, tmpK, K, tmpK2)
+    for g in range(G):
+        s = 0.0
+        for k in range(K):
+            s += W[g, k] * tmpK2[k]
+        out[g] -= inv_d[g] * s
+
+
+@njit(cache=True, inline="always")
+def _a_inv_apply(v, W, h, invB, Lm, G, K, tmpK, tmpK2, out):
+    """out = A^{-1} v = v/B + h * (W M^{-1} W' (h * v)) (Woodbury)."""
+    for k in range(K):
+        tmpK[k] = 0.0
+    for g in range(G):
+        hv = h[g] * v[g]
+        for k in range(K):
+            tmpK[k] += W[g, k] * hv
+    _chol_solve(Lm, tmpK, K, tmpK2)
+    for g in range(G):
+        s = 0.0
+        for k in range(K):
+            s += W[g, k] * tmpK2[k]
+        out[g] = v[g] * invB[g] + h[g] * s
+
+
+@njit(cache=True, inline="always")
+def _curvature(x, eta, W, d, G, K, lam, h, invB, Lm):
+    """Fill lambda, h, 1/B and the Cholesky factor of M at (x, eta). False if M fails."""
+    for k in range(K):
+        for j in range(K):
+            Lm[k, j] = 0.0
+        Lm[k, k] = 1.0
+    for g in range(G):
+        lg = math.exp(x[g] - eta)
+        lam[g] = lg
+        hg = 1.0 / (1.0 + lg * d[g])
+        h[g] = hg
+        invB[g] = d[g] * hg  # 1 / (lambda + 1/d)
+        wg = lg * hg
+        for k in range(K):
+            wk = wg * W[g, k]
+            for j in range(k + 1):
+                Lm[k, j] += wk * W[g, j]
+    return _cholesky_inplace(Lm, K)  # reads the lower triangle only
+
+
+@njit(cache=True, inline="always")
+def _log_density(u, x, eta, mu, W, inv_d, Lc, a, inv_sig2, G, K, r, alpha, tmpK, tmpK2):
+    """f(x, eta) without z-independent constants; fills r = x - mu, alpha = Sigma^{-1} r."""
+    lik = 0.0
+    for g in range(G):
+        v = x[g] - eta
+        lik += u[g] * v - math.exp(v)
+        r[g] = x[g] - mu[g]
+    _sigma_inv_apply(r, W, inv_d, Lc, G, K, tmpK, tmpK2, alpha)
+    q = 0.0
+    for g in range(G):
+        q += r[g] * alpha[g]
+    return lik - 0.5 * q - 0.5 * (eta - a) ** 2 * inv_sig2, q
+
+
+# ---------------------------------------------------------------- per-cell Newton
+
+
+@njit(cache=True)
+def _newton_cell(u, a, inv_sig2, mu, W, d, inv_d, Lc, x, eta0, fix_eta, tol, max_iter,
+                 ws_G, ws_K, Lm):
+    """Projected damped Newton on (x, eta) for one cell; x updated in place.
+
+    Returns (eta, n_iter, converged, at_bound). With ``fix_eta`` only x moves.
+    """
+    G, K = W.shape
+    lam, h, invB, gx, r, alpha, dx, phi = (ws_G[0], ws_G[1], ws_G[2], ws_G[3], ws_G[4],
+                                           ws_G[5], ws_G[6], ws_G[7])
+    xn = ws_G[8]
+    tmpK, tmpK2 = ws_K[0], ws_K[1]
+    eta = eta0
+    at_bound = False
+    f, _ = _log_density(u, x, eta, mu, W, inv_d, Lc, a, inv_sig2, G, K, r, alpha, tmpK, tmpK2)
+    for it in range(max_iter):
+        if not _curvature(x, eta, W, d, G, K, lam, h, invB, Lm):
+            return eta, it, False, at_bound
+        sum_lam = 0.0
+        resid = 0.0
+        for g in range(G):
+            gx[g] = u[g] - lam[g] - alpha[g]
+            sum_lam += lam[g]
+            resid += u[g] - lam[g]
+        g_eta = -resid - (eta - a) * inv_sig2
+        _a_inv_apply(gx, W, h, invB, Lm, G, K, tmpK, tmpK2, dx)  # psi = A^{-1} gx
+        d_eta = 0.0
+        if not fix_eta:
+            _a_inv_apply(lam, W, h, invB, Lm, G, K, tmpK, tmpK2, phi)  # A^{-1} lambda
+            s = sum_lam + inv_sig2
+            lpsi = 0.0
+            for g in range(G):
+                s -= lam[g] * phi[g]
+                lpsi += lam[g] * dx[g]
+            d_eta = (g_eta + lpsi) / s
+            if eta <= 0.0 and d_eta < 0.0:
+                d_eta = 0.0  # bound active: x-only step
+                at_bound = True
+            else:
+                at_bound = False
+                for g in range(G):
+                    dx[g] += phi[g] * d_eta
+        dec = g_eta * d_eta
+        for g in range(G):
+            dec += gx[g] * dx[g]
+        # Backtracking line search (Armijo), eta projected onto [0, inf).
+        t = 1.0
+        accepted = False
+        for _ls in range(60):
+            for g in range(G):
+                xn[g] = x[g] + t * dx[g]
+            en = eta + t * d_eta
+            if en < 0.0:
+                en = 0.0
+            fn, _ = _log_density(u, xn, en, mu, W, inv_d, Lc, a, inv_sig2, G, K, r, alpha,
+                                 tmpK, tmpK2)
+            if math.isfinite(fn) and fn >= f + 1e-4 * t * dec - 1e-12 * abs(f):
+                accepted = True
+                break
+            t *= 0.5
+        if not accepted:
+            # Restore alpha for x (the line search overwrote it) and stop.
+            _log_density(u, x, eta, mu, W, inv_d, Lc, a, inv_sig2, G, K, r, alpha, tmpK, tmpK2)
+            return eta, it + 1, dec < 1e3 * tol, at_bound
+        for g in range(G):
+            x[g] = xn[g]
+        eta = en
+        f = fn
+        if 0.5 * dec < tol and t == 1.0:
+            return eta, it + 1, True, at_bound and eta == 0.0
+    return eta, max_iter, False, at_bound
+
+
+@njit(parallel=True, cache=True)
+def newton_all(counts, a, sigma_M, mu, W, d, Lc, x, eta, fix_eta, tol, max_iter, n_chunks):
+    """Per-cell Newton for all cells in parallel; x (N, G) and eta (N,) updated in place.
+
+    ``n_chunks`` work blocks (a few per thread) balance cells of unequal cost.
+    Returns (n_iter (N,) int64, converged (N,) bool, at_bound (N,) bool).
+    """
+    N, G = counts.shape
+    K = W.shape[1]
+    inv_d = 1.0 / d
+    inv_sig2 = 1.0 / (sigma_M * sigma_M)
+    n_iter = np.zeros(N, np.int64)
+    converged = np.zeros(N, np.bool_)
+    at_bound = np.zeros(N, np.bool_)
+    n_chunks = max(1, min(N, n_chunks))
+    for ch in prange(n_chunks):
+        ws_G = np.empty((9, G))
+        ws_K = np.empty((2, K))
+        Lm = np.empty((K, K))
+        for c in range(ch * N // n_chunks, (ch + 1) * N // n_chunks):
+            e, it, ok, bd = _newton_cell(counts[c], a[c], inv_sig2, mu, W, d, inv_d, Lc, x[c],
+                                         eta[c], fix_eta, tol, max_iter, ws_G, ws_K, Lm)
+            eta[c] = e
+            n_iter[c] = it
+            converged[c] = ok
+            at_bound[c] = bd
+    return n_iter, converged, at_bound
+
+
+# ---------------------------------------------------------------- value and gradient
+
+
+@njit(parallel=True, cache=True)
+def laplace_value_grad(counts, const, a, sigma_M, mu, W, d, Lc, x, eta, fix_eta, want_grad,
+                       n_chunks):
+    """Laplace log marginal per cell at the modes (x, eta), and its exact theta-gradient.
+
+    Parameters
+    ----------
+    counts : (N, G) float64
+    const : (N,) float64
+        Per-cell constants: ``-sum_g lgamma(u_g + 1)`` plus, unless ``fix_eta``, the
+        capture prior's ``-1/2 log(2 pi sigma_M^2) - log Phi(a / sigma_M)`` and the
+        ``1/2 log(2 pi)`` of the eta integral.
+    x, eta : modes from :func:`newton_all` (same ``fix_eta``).
+    fix_eta : bool
+        True: marginalize x only at the given eta (Stan's embedded Laplace target).
+        False: marginalize (x, eta) jointly.
+
+    Returns
+    -------
+    value : (N,) Laplace log marginal of each cell
+    g_mu : (G,), g_W : (G, K), g_d : (G,)
+        Gradient of ``sum(value)`` (zeros unless ``want_grad``).
+    """
+    N, G = counts.shape
+    K = W.shape[1]
+    inv_d = 1.0 / d
+    inv_sig2 = 1.0 / (sigma_M * sigma_M)
+    value = np.empty(N)
+    n_chunks = max(1, min(N, n_chunks))
+    acc_mu = np.zeros((n_chunks, G))
+    acc_d = np.zeros((n_chunks, G))
+    acc_W = np.zeros((n_chunks, G, K))
+    for ch in prange(n_chunks):
+        lam = np.empty(G)
+        h = np.empty(G)
+        invB = np.empty(G)
+        r = np.empty(G)
+        alpha = np.empty(G)
+        phi = np.empty(G)
+        t = np.empty(G)
+        wx = np.empty(G)
+        beta = np.empty(G)
+        gam = np.empty(G)
+        Y = np.empty((G, K))  # W M^{-1}
+        Lm = np.empty((K, K))
+        tmpK = np.empty(K)
+        tmpK2 = np.empty(K)
+        ka = np.empty(K)
+        kb = np.empty(K)
+        kg = np.empty(K)
+        for c in range(ch * N // n_chunks, (ch + 1) * N // n_chunks):
+            u = counts[c]
+            xc = x[c]
+            e = eta[c]
+            _curvature(xc, e, W, d, G, K, lam, h, invB, Lm)
+            f, q = _log_density(u, xc, e, mu, W, inv_d, Lc, a[c], inv_sig2, G, K, r, alpha,
+                                tmpK, tmpK2)
+            lik_f = f + 0.5 * q + 0.5 * (e - a[c]) ** 2 * inv_sig2
+            logdet = _chol_logdet(Lm, K)
+            for g in range(G):
+                logdet += math.log1p(lam[g] * d[g])
+            val = const[c] + lik_f - 0.5 * q - 0.5 * logdet
+            s = 1.0
+            if not fix_eta:
+                _a_inv_apply(lam, W, h, invB, Lm, G, K, tmpK, tmpK2, phi)
+                s = inv_sig2
+                for g in range(G):
+                    s += lam[g] * (1.0 - phi[g])
+                val += -0.5 * (e - a[c]) ** 2 * inv_sig2 - 0.5 * math.log(s)
+            value[c] = val
+            if not want_grad:
+                continue
+            # Y = W M^{-1} (rows solved one at a time), q_g = W_g M^{-1} W_g'.
+            for g in range(G):
+                for k in range(K):
+                    tmpK[k] = W[g, k]
+                _chol_solve(Lm, tmpK, K, tmpK2)
+                for k in range(K):
+                    Y[g, k] = tmpK2[k]
+            # t_g = lambda_g Var_q(v_g): derivative of log det(-H) along v.
+            for g in range(G):
+                qg = 0.0
+                for k in range(K):
+                    qg += W[g, k] * Y[g, k]
+                var_v = invB[g] + h[g] * h[g] * qg
+                if not fix_eta:
+                    var_v += (phi[g] - 1.0) ** 2 / s
+                t[g] = lam[g] * var_v
+                # Explicit partial of -1/2 log det(Sigma A) w.r.t. d_g.
+                wg = lam[g] * h[g]
+                acc_d[ch, g] += -0.5 * wg + 0.5 * wg * wg * qg
+                for k in range(K):
+                    acc_W[ch, g, k] -= wg * Y[g, k]
+            # Adjoint w_x = -1/2 [(-H)^{-1} J' t]_x.
+            _a_inv_apply(t, W, h, invB, Lm, G, K, tmpK, tmpK2, wx)
+            if not fix_eta:
+                d_eta = 0.0
+                for g in range(G):
+                    d_eta += lam[g] * wx[g] - t[g]
+                d_eta /= s
+                for g in range(G):
+                    wx[g] += phi[g] * d_eta
+            for g in range(G):
+                wx[g] *= -0.5
+            _sigma_inv_apply(wx, W, inv_d, Lc, G, K, tmpK, tmpK2, beta)
+            if not fix_eta:
+                _sigma_inv_apply(phi, W, inv_d, Lc, G, K, tmpK, tmpK2, gam)
+            for k in range(K):
+                ka[k] = 0.0
+                kb[k] = 0.0
+                kg[k] = 0.0
+            for g in range(G):
+                for k in range(K):
+                    ka[k] += W[g, k] * alpha[g]
+                    kb[k] += W[g, k] * beta[g]
+                    if not fix_eta:
+                        kg[k] += W[g, k] * gam[g]
+            inv_s = 1.0 / s
+            for g in range(G):
+                acc_mu[ch, g] += alpha[g] + beta[g]
+                ag = alpha[g]
+                bg = beta[g]
+                dd = 0.5 * ag * ag + ag * bg
+                if not fix_eta:
+                    gg = gam[g]
+                    dd += 0.5 * gg * gg * inv_s
+                    for k in range(K):
+                        acc_W[ch, g, k] += ag * (ka[k] + kb[k]) + bg * ka[k] + gg * kg[k] * inv_s
+                else:
+                    for k in range(K):
+                        acc_W[ch, g, k] += ag * (ka[k] + kb[k]) + bg * ka[k]
+                acc_d[ch, g] += dd
+    g_mu = np.zeros(G)
+    g_d = np.zeros(G)
+    g_W = np.zeros((G, K))
+    for ch in range(n_chunks):
+        g_mu += acc_mu[ch]
+        g_d += acc_d[ch]
+        g_W += acc_W[ch]
+    return value, g_mu, g_W, g_d
+
+
+@njit(parallel=True, cache=True)
+def sample_cells(x, eta, sigma_M, W, d, eps_G, eps_K, eps_eta, fix_eta, out_x, out_eta):
+    """Draws from each cell's Gaussian N(z_hat, (-H)^{-1}) through the Woodbury square root.
+
+    ``A^{-1} = B^{-1} + (h W) M^{-1} (h W)'`` is a sum of two PSD terms, so
+    ``y = eps_G / sqrt(B) + h * (W L_M^{-T} eps_K)`` has covariance A^{-1}; with eta
+    free, ``eta - eta_hat = xi / sqrt(s)`` and x adds ``phi (eta - eta_hat)``,
+    ``phi = A^{-1} lambda``, which reproduces the joint covariance (Schur complement).
+
+    Parameters
+    ----------
+    x : (N, G), eta : (N,) modes;  eps_G : (S, N, G), eps_K : (S, N, K), eps_eta : (S, N)
+        standard normal variates.
+    out_x : (S, N, G), out_eta : (S, N) filled in place.
+    """
+    S, N, G = eps_G.shape
+    K = W.shape[1]
+    inv_sig2 = 1.0 / (sigma_M * sigma_M)
+    for c in prange(N):
+        lam = np.empty(G)
+        h = np.empty(G)
+        invB = np.empty(G)
+        phi = np.zeros(G)
+        Lm = np.empty((K, K))
+        tmpK = np.empty(K)
+        tmpK2 = np.empty(K)
+        _curvature(x[c], eta[c], W, d, G, K, lam, h, invB, Lm)
+        s = 1.0
+        if not fix_eta:
+            _a_inv_apply(lam, W, h, invB, Lm, G, K, tmpK, tmpK2, phi)
+            s = inv_sig2
+            for g in range(G):
+                s += lam[g] * (1.0 - phi[g])
+        for i in range(S):
+            # L_M^{-T} eps_K: back substitution with the lower factor.
+            for k in range(K - 1, -1, -1):
+                tt = eps_K[i, c, k]
+                for j in range(k + 1, K):
+                    tt -= Lm[j, k] * tmpK[j]
+                tmpK[k] = tt / Lm[k, k]
+            de = 0.0
+            if not fix_eta:
+                de = eps_eta[i, c] / math.sqrt(s)
+            out_eta[i, c] = eta[c] + de
+            for g in range(G):
+                sg = 0.0
+                for k in range(K):
+                    sg += W[g, k] * tmpK[k]
+                out_x[i, c, g] = x[c, g] + eps_G[i, c, g] * math.sqrt(invB[g]) + h[g] * sg + phi[g] * de

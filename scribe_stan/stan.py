@@ -1,0 +1,715 @@
+"""The narrow boundary to Stan: one call for both backends.
+
+Backends
+--------
+``cmdstanpy``
+    Used when a CmdStan installation is found (:func:`cmdstanpy.cmdstan_path` does not
+    raise). The resolved program (all ``#include`` lines expanded) is written to
+    ``~/.cache/scribe-stan/<sha256>/<name>.stan`` (``SCRIBE_STAN_CACHE`` overrides the
+    root) and compiled once; later calls reuse the executable.
+``pystan``
+    The embedded backend: the httpstan wheel carries stanc, the Stan headers and a
+    C++ toolchain driver, so it needs nothing beyond the package index and a C++
+    compiler. httpstan caches every compiled model by its program code under its own
+    cache directory (``~/.cache/httpstan/<httpstan version>/models``), so building
+    an identical program again only costs a lookup.
+
+Both backends receive the same resolved program code (pystan cannot resolve
+``#include`` itself), the same JSON-compatible data dict, and return the same
+:class:`StanDraws` shapes: every array in ``posterior`` and ``sample_stats`` has
+leading dims ``(chain, draw)`` followed by the variable's Stan shape in Stan's natural
+(row-major) order, e.g. ``x`` -> ``(chain, draw, N, G)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+__all__ = [
+    "BACKENDS",
+    "STAN_DIR",
+    "StanDraws",
+    "data_variables",
+    "fixed_param",
+    "log_prob",
+    "program_code",
+    "program_hash",
+    "resolve_backend",
+    "sample",
+]
+
+#: Allowed values of ``backend=``.
+BACKENDS = ("auto", "cmdstanpy", "pystan")
+
+#: Directory holding the Stan programs (``<name>.stan``) and ``functions/``.
+STAN_DIR = Path(__file__).resolve().parent.parent / "stan"
+
+#: Sampler diagnostics: our name -> (pystan / CmdStan column name, dtype).
+_SAMPLE_STATS = {
+    "lp": ("lp__", np.float64),
+    "acceptance_rate": ("accept_stat__", np.float64),
+    "step_size": ("stepsize__", np.float64),
+    "tree_depth": ("treedepth__", np.int64),
+    "n_steps": ("n_leapfrog__", np.int64),
+    "diverging": ("divergent__", np.bool_),
+    "energy": ("energy__", np.float64),
+}
+
+_INCLUDE_RE = re.compile(r"^[ \t]*#include[ \t]+[<\"]?([^\s<>\"]+)[>\"]?[ \t]*$", re.M)
+
+
+# --------------------------------------------------------------------------------------
+# Programs
+# --------------------------------------------------------------------------------------
+
+
+def _program_path(name: str) -> Path:
+    stem = name[:-5] if name.endswith(".stan") else name
+    path = STAN_DIR / f"{stem}.stan"
+    if not path.is_file():
+        available = sorted(p.stem for p in STAN_DIR.glob("*.stan"))
+        raise ValueError(
+            f"unknown Stan program {name!r}; available programs in {STAN_DIR}: "
+            f"{', '.join(available) or '(none)'}"
+        )
+    return path
+
+
+def _resolve_includes(path: Path, stack: tuple[Path, ...]) -> str:
+    if path in stack:
+        chain = " -> ".join(str(p.name) for p in (*stack, path))
+        raise ValueError(f"recursive #include in Stan program: {chain}")
+    text = path.read_text()
+
+    def expand(match: re.Match) -> str:
+        target = match.group(1)
+        for base in (path.parent, STAN_DIR):
+            candidate = (base / target).resolve()
+            if candidate.is_file():
+                return _resolve_includes(candidate, (*stack, path)).rstrip("\n")
+        raise FileNotFoundError(
+            f"#include {target!r} in {path} not found relative to {path.parent} or {STAN_DIR}"
+        )
+
+    return _INCLUDE_RE.sub(expand, text)
+
+
+def program_code(name: str) -> str:
+    """Stan program code with every ``#include`` line expanded (recursively).
+
+    Includes are looked up relative to the including file, then to :data:`STAN_DIR`.
+    Both backends compile exactly this text.
+
+    Parameters
+    ----------
+    name : str
+        Program name, e.g. ``"pln"`` for ``stan/pln.stan`` (a ``.stan`` suffix is
+        accepted).
+
+    Returns
+    -------
+    str
+
+    Raises
+    ------
+    ValueError
+        Unknown program name (the message lists the available programs) or a
+        recursive include.
+    FileNotFoundError
+        An included file does not exist.
+    """
+    return _resolve_includes(_program_path(name).resolve(), ())
+
+
+def program_hash(name: str) -> str:
+    """SHA-256 hex digest of :func:`program_code` ``(name)``."""
+    return hashlib.sha256(program_code(name).encode()).hexdigest()
+
+
+def _block(code: str, block: str) -> str:
+    """Body of a top-level program block (``data``, ``parameters``, ...)."""
+    code = re.sub(r"/\*.*?\*/", "", code, flags=re.S)
+    code = re.sub(r"//[^\n]*", "", code)
+    match = re.search(rf"(?m)^\s*{re.escape(block)}\s*\{{", code)
+    if match is None:
+        return ""
+    depth, start = 1, match.end()
+    for i in range(start, len(code)):
+        if code[i] == "{":
+            depth += 1
+        elif code[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return code[start:i]
+    raise ValueError(f"unbalanced braces in the {block} block")
+
+
+def _split_top(text: str, sep: str) -> list[str]:
+    """Split on ``sep`` outside brackets/parentheses/angle brackets."""
+    parts, depth, cur = [], 0, []
+    for ch in text:
+        if ch in "[(<":
+            depth += 1
+        elif ch in "])>":
+            depth -= 1
+        if ch == sep and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _declarations(block_text: str) -> dict[str, dict[str, Any]]:
+    """Top-level variable declarations of a block: name -> {type, dims}.
+
+    ``dims`` are the size expressions (strings) in Stan's order: array dims first,
+    then vector/matrix dims, e.g. ``array[N, G] int`` -> ``("N", "G")`` and
+    ``matrix[G, K]`` -> ``("G", "K")``.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    depth = 0
+    stmt: list[str] = []
+    for ch in block_text:
+        if ch == "{":
+            depth += 1
+            continue
+        if ch == "}":
+            depth -= 1
+            continue
+        if depth:
+            continue
+        if ch == ";":
+            _parse_declaration("".join(stmt).strip(), out)
+            stmt = []
+        else:
+            stmt.append(ch)
+    return out
+
+
+_DECL_RE = re.compile(
+    r"^(?:array\s*\[(?P<adims>[^\]]*)\]\s*)?"
+    r"(?P<type>int|real|complex|vector|row_vector|matrix|simplex|cholesky_factor_cov|"
+    r"cholesky_factor_corr|cov_matrix|corr_matrix|ordered|positive_ordered|"
+    r"sum_to_zero_vector|unit_vector)\b\s*"
+    r"(?P<rest>.*)$",
+    re.S,
+)
+
+
+def _parse_declaration(stmt: str, out: dict) -> None:
+    stmt = " ".join(stmt.split())
+    match = _DECL_RE.match(stmt)
+    if match is None:
+        return  # a statement, not a declaration
+    rest = match.group("rest")
+    if rest.startswith("<"):  # bounds / offset / multiplier
+        depth = 0
+        for i, ch in enumerate(rest):
+            depth += ch == "<"
+            depth -= ch == ">"
+            if depth == 0:
+                rest = rest[i + 1:].strip()
+                break
+    tdims: list[str] = []
+    if rest.startswith("["):
+        close = rest.index("]")
+        tdims = _split_top(rest[1:close], ",")
+        rest = rest[close + 1:].strip()
+    name_match = re.match(r"(\w+)", rest)
+    if name_match is None:
+        return
+    adims = _split_top(match.group("adims"), ",") if match.group("adims") else []
+    out[name_match.group(1)] = {"type": match.group("type"), "dims": tuple(adims + tdims)}
+
+
+def data_variables(name: str) -> dict[str, tuple[str, ...]]:
+    """Variables of a program's ``data`` block and their size expressions.
+
+    Parameters
+    ----------
+    name : str
+        Program name, e.g. ``"pln"``.
+
+    Returns
+    -------
+    dict of str to tuple of str
+        In declaration order, e.g. ``{"N": (), ..., "counts": ("N", "G"), ...}``.
+    """
+    decls = _declarations(_block(program_code(name), "data"))
+    return {k: v["dims"] for k, v in decls.items()}
+
+
+def _int_outputs(code: str) -> set[str]:
+    """Names of int-valued transformed parameters / generated quantities."""
+    names = set()
+    for block in ("transformed parameters", "generated quantities"):
+        for var, info in _declarations(_block(code, block)).items():
+            if info["type"] == "int":
+                names.add(var)
+    return names
+
+
+# --------------------------------------------------------------------------------------
+# Backends
+# --------------------------------------------------------------------------------------
+
+
+def _cmdstan_available() -> bool:
+    try:
+        import cmdstanpy
+
+        cmdstanpy.cmdstan_path()
+    except Exception:
+        return False
+    return True
+
+
+def resolve_backend(backend: str = "auto") -> str:
+    """Pick the Stan interface.
+
+    Parameters
+    ----------
+    backend : {"auto", "cmdstanpy", "pystan"}
+        ``"auto"`` gives ``"cmdstanpy"`` when a CmdStan installation is found and
+        ``"pystan"`` otherwise.
+
+    Returns
+    -------
+    str
+        ``"cmdstanpy"`` or ``"pystan"``.
+
+    Raises
+    ------
+    ValueError
+        ``backend`` is not one of :data:`BACKENDS`.
+    RuntimeError
+        ``"cmdstanpy"`` was asked for but no CmdStan installation was found.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"unknown Stan backend {backend!r}; allowed values: "
+            + ", ".join(repr(b) for b in BACKENDS)
+        )
+    if backend == "pystan":
+        return "pystan"
+    if backend == "cmdstanpy":
+        if not _cmdstan_available():
+            raise RuntimeError(
+                "backend='cmdstanpy' needs a CmdStan installation, and none was found "
+                "(cmdstanpy.cmdstan_path() failed; set CMDSTAN or run "
+                "cmdstanpy.install_cmdstan()). Use backend='pystan' or 'auto' instead."
+            )
+        return "cmdstanpy"
+    return "cmdstanpy" if _cmdstan_available() else "pystan"
+
+
+def _json_data(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Data dict as plain JSON-compatible Python values (lists, ints, floats).
+
+    The one place where NumPy inputs are converted for both backends.
+    """
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        arr = np.asarray(value)
+        if arr.dtype == np.bool_:
+            arr = arr.astype(np.int64)
+        if arr.dtype.kind not in "iuf":
+            raise TypeError(f"Stan data {key!r} must be numeric, got dtype {arr.dtype}")
+        if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+            raise ValueError(f"Stan data {key!r} contains NaN or infinite values")
+        out[key] = arr.tolist()
+    return out
+
+
+def _check_data(name: str, data: Mapping[str, Any]) -> None:
+    missing = [k for k in data_variables(name) if k not in data]
+    if missing:
+        raise ValueError(
+            f"data for Stan program {name!r} lacks {', '.join(missing)} "
+            f"(expected {', '.join(data_variables(name))})"
+        )
+
+
+def _ensure_event_loop_ok() -> None:
+    """pystan calls asyncio.run(); under Jupyter a loop is already running."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    import nest_asyncio
+
+    nest_asyncio.apply()
+
+
+def _versions(backend: str) -> dict[str, str]:
+    import scribe_stan
+
+    versions = {"scribe_stan": scribe_stan.__version__, "numpy": np.__version__}
+    if backend == "pystan":
+        import httpstan
+        import stan
+
+        versions["pystan"] = stan.__version__
+        versions["httpstan"] = httpstan.__version__
+        header = Path(httpstan.__file__).parent / "include" / "stan" / "version.hpp"
+        try:
+            text = header.read_text()
+            parts = [re.search(rf"#define STAN_{k} (\d+)", text).group(1)
+                     for k in ("MAJOR", "MINOR", "PATCH")]
+            versions["stan"] = ".".join(parts)
+        except (OSError, AttributeError):
+            pass
+    else:
+        import cmdstanpy
+
+        versions["cmdstanpy"] = cmdstanpy.__version__
+        try:
+            ver = cmdstanpy.cmdstan_version()
+            if ver is not None:
+                versions["cmdstan"] = ".".join(str(v) for v in ver)
+        except Exception:
+            pass
+    return versions
+
+
+def _pystan_model(name: str, data: Mapping[str, Any], seed: int):
+    import stan
+
+    _ensure_event_loop_ok()
+    return stan.build(program_code(name), data=_json_data(data), random_seed=int(seed))
+
+
+def _cmdstan_cache_root() -> Path:
+    return Path(os.environ.get("SCRIBE_STAN_CACHE", "~/.cache/scribe-stan")).expanduser()
+
+
+def _cmdstanpy_model(name: str):
+    import cmdstanpy
+
+    stem = _program_path(name).stem
+    directory = _cmdstan_cache_root() / program_hash(name)
+    directory.mkdir(parents=True, exist_ok=True)
+    stan_file = directory / f"{stem}.stan"
+    code = program_code(name)
+    if not stan_file.is_file() or stan_file.read_text() != code:
+        stan_file.write_text(code)
+    # cmdstanpy compiles only when the executable is missing or older than the file.
+    return cmdstanpy.CmdStanModel(stan_file=str(stan_file))
+
+
+def _pystan_posterior(fit, int_names: set[str]) -> tuple[dict, dict]:
+    """(chain, draw, *shape) arrays from a pystan Fit."""
+    n_chains = fit.num_chains
+    # fit[name] has shape (*shape, draws * chains) with flat index draw * chains + chain.
+    posterior = {}
+    for pname, dims in zip(fit.param_names, fit.dims):
+        dims = [int(v) for v in dims]
+        flat = np.asarray(fit[pname])
+        arr = flat.reshape(*dims, -1, n_chains)
+        arr = np.moveaxis(arr, (-1, -2), (0, 1))
+        posterior[pname] = arr.astype(np.int64) if pname in int_names else np.array(arr)
+    stats = {}
+    for ours, (theirs, dtype) in _SAMPLE_STATS.items():
+        if theirs in fit.sample_and_sampler_param_names:
+            arr = np.asarray(fit[theirs]).reshape(-1, n_chains).T
+            stats[ours] = arr.astype(dtype)
+    return posterior, stats
+
+
+def _cmdstanpy_posterior(fit, n_chains: int, int_names: set[str]) -> tuple[dict, dict]:
+    """(chain, draw, *shape) arrays from a cmdstanpy CmdStanMCMC."""
+    posterior = {}
+    for pname in fit.metadata.stan_vars:
+        arr = np.asarray(fit.stan_variable(pname))  # (chains * draws, *shape), chain-major
+        arr = arr.reshape(n_chains, -1, *arr.shape[1:])
+        posterior[pname] = arr.astype(np.int64) if pname in int_names else np.array(arr)
+    method_vars = fit.method_variables()  # name -> (draws, chains)
+    stats = {}
+    for ours, (theirs, dtype) in _SAMPLE_STATS.items():
+        if theirs in method_vars:
+            stats[ours] = np.asarray(method_vars[theirs]).T.astype(dtype)
+    return posterior, stats
+
+
+# --------------------------------------------------------------------------------------
+# Public calls
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class StanDraws:
+    """Draws of one Stan run, identical in shape for both backends.
+
+    Attributes
+    ----------
+    posterior : dict of str to ndarray
+        Every parameter, transformed parameter and generated quantity of the program,
+        each shaped ``(chain, draw, *stan_shape)`` (e.g. ``x``: ``(chain, draw, N, G)``,
+        ``y_rep``: int64 ``(chain, draw, N, G)``). Raw non-centred parameters
+        (``z``, ``eta_std``, ``W_diag``, ``W_lower``) are included as well.
+    sample_stats : dict of str to ndarray
+        ``(chain, draw)`` arrays ``lp`` (log density incl. Jacobian), ``diverging``
+        (bool), ``tree_depth`` (int), ``n_steps`` (int, leapfrog steps), ``energy``,
+        ``step_size``, ``acceptance_rate``.
+    backend : str
+        ``"pystan"`` or ``"cmdstanpy"``.
+    program : str
+        Program name, e.g. ``"pln"``.
+    stan_hash : str
+        SHA-256 of the resolved program code.
+    seed : int
+    versions : dict of str to str
+        Versions of scribe_stan, numpy, the Stan interface and Stan.
+    wall_time_s : float
+        Wall time of sampling (excluding the build).
+    config : dict
+        Sampler settings (chains, draws, warmup, adapt_delta, max_depth) and the
+        build wall time ``build_time_s``.
+    """
+
+    posterior: dict[str, np.ndarray]
+    sample_stats: dict[str, np.ndarray]
+    backend: str
+    program: str
+    stan_hash: str
+    seed: int
+    versions: dict[str, str]
+    wall_time_s: float
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_chains(self) -> int:
+        return int(next(iter(self.sample_stats.values())).shape[0])
+
+    @property
+    def num_draws(self) -> int:
+        return int(next(iter(self.sample_stats.values())).shape[1])
+
+
+def sample(
+    name: str,
+    data: Mapping[str, Any],
+    *,
+    backend: str = "auto",
+    chains: int = 4,
+    draws: int = 1000,
+    warmup: int = 1000,
+    seed: int = 0,
+    adapt_delta: float = 0.8,
+    max_depth: int = 10,
+    progress: bool = False,
+    inits: Mapping[str, Any] | list[Mapping[str, Any]] | None = None,
+) -> StanDraws:
+    """Run Stan's NUTS sampler (diagonal metric, adapted) on a program.
+
+    Parameters
+    ----------
+    name : str
+        Program in :data:`STAN_DIR`, e.g. ``"pln"`` or ``"pln_conditional"``.
+    data : mapping
+        The program's data (NumPy arrays or Python values), e.g. from
+        :func:`scribe_stan.models.pln.stan_data`. Its keys must cover the program's
+        data block.
+    backend : {"auto", "cmdstanpy", "pystan"}
+        See :func:`resolve_backend`.
+    chains, draws, warmup : int
+        Number of chains, saved draws per chain and warmup iterations per chain.
+    seed : int
+        Random seed (non-negative).
+    adapt_delta : float
+        Target acceptance rate of step-size adaptation, in (0, 1).
+    max_depth : int
+        Maximum tree depth.
+    progress : bool
+        Show sampler progress output.
+    inits : mapping or list of mappings, optional
+        Initial (constrained) parameter values, one mapping for all chains or one
+        per chain. Stan's default is uniform(-2, 2) on the unconstrained scale.
+
+    Returns
+    -------
+    StanDraws
+        Arrays shaped ``(chain, draw, ...)``.
+
+    Raises
+    ------
+    ValueError
+        Unknown backend or program name, missing data keys, non-finite data, or
+        sampler arguments out of range.
+    RuntimeError
+        The backend fails (compilation, data validation in Stan, sampling).
+    """
+    backend = resolve_backend(backend)
+    if chains < 1 or draws < 1 or warmup < 0:
+        raise ValueError(f"need chains >= 1, draws >= 1, warmup >= 0; got {chains}, {draws}, {warmup}")
+    if not 0.0 < adapt_delta < 1.0:
+        raise ValueError(f"adapt_delta must lie in (0, 1), got {adapt_delta}")
+    if seed < 0:
+        raise ValueError(f"seed must be non-negative, got {seed}")
+    _check_data(name, data)
+    code = program_code(name)
+    int_names = _int_outputs(code)
+    if inits is None:
+        init_list = None
+    elif isinstance(inits, Mapping):
+        init_list = [_json_data(inits) for _ in range(chains)]
+    else:
+        init_list = [_json_data(i) for i in inits]
+        if len(init_list) != chains:
+            raise ValueError(f"inits has {len(init_list)} entries for {chains} chains")
+
+    t0 = time.perf_counter()
+    if backend == "pystan":
+        model = _pystan_model(name, data, seed)
+        build_time = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        kwargs = dict(
+            num_chains=int(chains),
+            num_samples=int(draws),
+            num_warmup=int(warmup),
+            delta=float(adapt_delta),
+            max_depth=int(max_depth),
+            refresh=max(1, (draws + warmup) // 10) if progress else draws + warmup,
+        )
+        if init_list is not None:
+            kwargs["init"] = init_list
+        fit = model.sample(**kwargs)
+        wall = time.perf_counter() - t1
+        posterior, stats = _pystan_posterior(fit, int_names)
+    else:
+        model = _cmdstanpy_model(name)
+        build_time = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        fit = model.sample(
+            data=_json_data(data),
+            chains=int(chains),
+            iter_sampling=int(draws),
+            iter_warmup=int(warmup),
+            seed=int(seed),
+            adapt_delta=float(adapt_delta),
+            max_treedepth=int(max_depth),
+            inits=init_list,
+            show_progress=bool(progress),
+        )
+        wall = time.perf_counter() - t1
+        posterior, stats = _cmdstanpy_posterior(fit, int(chains), int_names)
+
+    return StanDraws(
+        posterior=posterior,
+        sample_stats=stats,
+        backend=backend,
+        program=_program_path(name).stem,
+        stan_hash=hashlib.sha256(code.encode()).hexdigest(),
+        seed=int(seed),
+        versions=_versions(backend),
+        wall_time_s=wall,
+        config=dict(chains=int(chains), draws=int(draws), warmup=int(warmup),
+                    adapt_delta=float(adapt_delta), max_depth=int(max_depth),
+                    build_time_s=build_time),
+    )
+
+
+def fixed_param(
+    name: str, data: Mapping[str, Any], *, backend: str = "auto", seed: int = 0
+) -> dict[str, np.ndarray]:
+    """One draw of a program's generated quantities, without sampling parameters.
+
+    For programs without parameters, e.g. ``pln_laplace``.
+
+    Parameters
+    ----------
+    name : str
+        Program name.
+    data : mapping
+        The program's data.
+    backend : {"auto", "cmdstanpy", "pystan"}
+    seed : int
+
+    Returns
+    -------
+    dict of str to ndarray
+        Each generated quantity (and transformed parameter) with its Stan shape, e.g.
+        ``log_marginal``: ``(N,)``.
+
+    Raises
+    ------
+    ValueError, RuntimeError
+        As for :func:`sample`.
+    """
+    backend = resolve_backend(backend)
+    _check_data(name, data)
+    int_names = _int_outputs(program_code(name))
+    if backend == "pystan":
+        model = _pystan_model(name, data, seed)
+        fit = model.fixed_param(num_chains=1, num_samples=1, refresh=1)
+        posterior = {}
+        for pname, dims in zip(fit.param_names, fit.dims):
+            arr = np.asarray(fit[pname]).reshape([int(v) for v in dims])
+            posterior[pname] = arr.astype(np.int64) if pname in int_names else np.array(arr)
+        return posterior
+    model = _cmdstanpy_model(name)
+    fit = model.sample(data=_json_data(data), fixed_param=True, chains=1,
+                       iter_sampling=1, seed=int(seed), show_progress=False)
+    out = {}
+    for pname in fit.metadata.stan_vars:
+        arr = np.asarray(fit.stan_variable(pname))[0]
+        out[pname] = arr.astype(np.int64) if pname in int_names else np.array(arr)
+    return out
+
+
+def log_prob(
+    name: str,
+    data: Mapping[str, Any],
+    params: Mapping[str, Any],
+    *,
+    backend: str = "auto",
+    jacobian: bool = False,
+) -> float:
+    """The program's log density at given constrained parameter values.
+
+    Parameters
+    ----------
+    name : str
+        Program name.
+    data : mapping
+        The program's data.
+    params : mapping
+        Values of every variable of the ``parameters`` block on the constrained
+        scale (e.g. for ``pln``: ``mu, W_diag, W_lower, d, z, eta_std``).
+    backend : {"auto", "cmdstanpy", "pystan"}
+    jacobian : bool
+        Add the log Jacobian of the constraining transforms (the density of the
+        unconstrained parameters). ``False`` gives the density written in the
+        ``model`` block.
+
+    Returns
+    -------
+    float
+        ``target`` with all constants (the programs use normalized ``_lpdf`` calls).
+
+    Raises
+    ------
+    ValueError, RuntimeError
+        As for :func:`sample`, or parameters missing / out of support.
+    """
+    backend = resolve_backend(backend)
+    _check_data(name, data)
+    pars = _json_data(params)
+    if backend == "pystan":
+        model = _pystan_model(name, data, 1)
+        upars = model.unconstrain_pars(pars)
+        return float(model.log_prob(upars, adjust_transform=bool(jacobian)))
+    model = _cmdstanpy_model(name)
+    frame = model.log_prob(params=pars, data=_json_data(data), jacobian=bool(jacobian))
+    return float(frame["lp__"].iloc[0])

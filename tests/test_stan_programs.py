@@ -1,0 +1,351 @@
+"""Stan programs of the pln model against the NumPy reference, and the Stan boundary.
+
+Sizes are tiny (N <= 10 cells, G <= 5 genes) so each build + run is quick; compiled
+models are cached by httpstan across runs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import linalg, special, stats
+
+from scribe_stan import stan as ss
+from scribe_stan.models import pln
+
+LOG_2PI = np.log(2.0 * np.pi)
+
+
+# --------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------
+
+
+def _sim(N=6, G=4, K=2, seed=3):
+    return pln.simulate(N, G, K, seed=seed, lib_target=60.0, sigma_M=0.5)
+
+
+def _capture(sim):
+    """Capture prior centred on the data so the eta >= 0 truncation matters."""
+    log_lib = np.log(sim["counts"].sum(axis=1))
+    return {"log_M0": float(log_lib.mean()), "sigma_M": 0.7}
+
+
+def _random_point(rng, N, G, K):
+    """Random (mu, W, d, x, eta) with W lower triangular and a positive diagonal."""
+    mu = 1.0 + 0.6 * rng.standard_normal(G)
+    W = np.tril(0.7 * rng.standard_normal((G, K)))
+    W[np.arange(K), np.arange(K)] = 0.3 + np.abs(W[np.arange(K), np.arange(K)])
+    d = rng.uniform(0.1, 0.6, G)
+    x = mu + 0.8 * rng.standard_normal((N, G))
+    eta = rng.uniform(0.05, 2.0, N)
+    return mu, W, d, x, eta
+
+
+def _noncentred(data, mu, W, d, x, eta):
+    """Stan's raw per-cell parameters (z, eta_std) for given x, eta; and log det L."""
+    L = np.linalg.cholesky(pln.covariance(W, d))
+    z = linalg.solve_triangular(L, (x - mu).T, lower=True).T
+    a = pln.capture_prior_mean(data["log_lib"], data["log_M0"])
+    eta_std = (eta - a) / data["sigma_M"]
+    return z, eta_std, np.log(np.diag(L)).sum()
+
+
+def _lower_entries(W):
+    """Strictly-lower entries of W column by column (Stan's W_lower order)."""
+    G, K = W.shape
+    return np.array([W[g, k] for k in range(K) for g in range(k + 1, G)])
+
+
+def _eval_dims(dims, data):
+    return tuple(int(eval(expr, {}, {k: data[k] for k in ("N", "G", "K")})) for expr in dims)
+
+
+# --------------------------------------------------------------------------------------
+# Programs and the data contract
+# --------------------------------------------------------------------------------------
+
+PROGRAMS = ["pln", "pln_conditional", "pln_laplace"]
+CONTRACT = ["N", "G", "K", "counts", "log_lib", "log_M0", "sigma_M"]
+
+
+def _builders(sim):
+    counts, cap = sim["counts"], _capture(sim)
+    return {
+        "pln": pln.stan_data(counts, sim["W"].shape[1], **cap),
+        "pln_conditional": pln.conditional_stan_data(counts, sim["mu"], sim["W"], sim["d"], **cap),
+        "pln_laplace": pln.laplace_stan_data(
+            counts, sim["mu"], sim["W"], sim["d"], sim["eta"], **cap),
+    }
+
+
+@pytest.mark.parametrize("name", PROGRAMS)
+def test_program_code_resolves_includes(name):
+    code = ss.program_code(name)
+    assert "#include" not in code
+    assert "pln_covariance" in code  # pulled in from functions/pln.stanfunctions
+    h = ss.program_hash(name)
+    assert len(h) == 64 and h == ss.program_hash(f"{name}.stan")
+
+
+def test_unknown_program_name():
+    with pytest.raises(ValueError, match="pln_conditional"):
+        ss.program_code("no_such_model")
+
+
+@pytest.mark.parametrize("name", PROGRAMS)
+def test_data_contract(name):
+    sim = _sim()
+    data = _builders(sim)[name]
+    declared = ss.data_variables(name)
+    assert list(declared)[: len(CONTRACT)] == CONTRACT
+    assert set(data) == set(declared), (sorted(data), sorted(declared))
+    for key, dims in declared.items():
+        assert np.shape(data[key]) == _eval_dims(dims, data), key
+    for key in ("N", "G", "K"):
+        assert isinstance(data[key], int)
+    assert np.issubdtype(np.asarray(data["counts"]).dtype, np.integer)
+    # the conversion handed to both backends: plain Python values
+    js = ss._json_data(data)
+    assert isinstance(js["counts"][0][0], int) and isinstance(js["log_lib"][0], float)
+
+
+def test_json_data_rejects_non_finite():
+    with pytest.raises(ValueError, match="log_lib"):
+        ss._json_data({"log_lib": np.array([1.0, np.nan])})
+
+
+# --------------------------------------------------------------------------------------
+# Log-density parity with the NumPy reference
+# --------------------------------------------------------------------------------------
+#
+# pln.stan is written in (mu, W_diag, W_lower, d, z, eta_std) with x_c = mu + L z_c and
+# eta = a + sigma_M eta_std. Without the constraint Jacobians its target is
+#
+#   log_joint(u, mu, W, d, x, eta)            (pln.log_joint: dense W, density in x, eta)
+#   + N log det L                             (std_normal(z_c) = log N(x_c) + log det L)
+#   + N log sigma_M                           (density of eta_std, not eta)
+#   + K log 2                                 (half-normal normalization of W_diag)
+#   + K (K - 1) / 2 * (1/2) log(2 pi)         (log_joint counts normal_lpdf(0) for the
+#                                              pinned upper-triangle zeros of W)
+#
+# The absolute values are compared (so every constant is checked), and the differences
+# between points (which move mu, W, d, x and eta: any change of a prior scale, of the
+# capture prior or of the likelihood would show).
+
+
+def _pln_offset(N, K, sigma_M, logdet_L):
+    return N * logdet_L + N * np.log(sigma_M) + K * np.log(2.0) + K * (K - 1) / 4.0 * LOG_2PI
+
+
+def test_pln_log_density_matches_numpy():
+    sim = _sim(N=5, G=4, K=2)
+    data = _builders(sim)["pln"]
+    N, G, K = data["N"], data["G"], data["K"]
+    rng = np.random.default_rng(11)
+    stan_lp, ref_lp = [], []
+    for _ in range(3):
+        mu, W, d, x, eta = _random_point(rng, N, G, K)
+        z, eta_std, logdet_L = _noncentred(data, mu, W, d, x, eta)
+        params = {"mu": mu, "W_diag": np.diag(W).copy(), "W_lower": _lower_entries(W),
+                  "d": d, "z": z, "eta_std": eta_std}
+        stan_lp.append(ss.log_prob("pln", data, params, backend="pystan", jacobian=False))
+        ref = pln.log_joint(data["counts"], mu, W, d, x, eta,
+                            log_M0=data["log_M0"], sigma_M=data["sigma_M"])
+        ref_lp.append(ref + _pln_offset(N, K, data["sigma_M"], logdet_L))
+    stan_lp, ref_lp = np.array(stan_lp), np.array(ref_lp)
+    np.testing.assert_allclose(stan_lp, ref_lp, rtol=1e-10, atol=0)
+    np.testing.assert_allclose(np.diff(stan_lp), np.diff(ref_lp),
+                               rtol=1e-8, atol=1e-8 * np.abs(ref_lp).max())
+    assert np.abs(np.diff(ref_lp)).min() > 1.0  # the points really differ
+
+
+def test_pln_conditional_log_density_matches_numpy():
+    sim = _sim(N=5, G=4, K=2)
+    rng = np.random.default_rng(12)
+    mu, W, d, _, _ = _random_point(rng, 5, 4, 2)
+    cap = _capture(sim)
+    data = pln.conditional_stan_data(sim["counts"], mu, W, d, **cap)
+    N = data["N"]
+    stan_lp, ref_lp = [], []
+    for _ in range(3):
+        _, _, _, x, eta = _random_point(rng, N, data["G"], data["K"])
+        z, eta_std, logdet_L = _noncentred(data, mu, W, d, x, eta)
+        stan_lp.append(ss.log_prob("pln_conditional", data, {"z": z, "eta_std": eta_std},
+                                   backend="pystan", jacobian=False))
+        a = pln.capture_prior_mean(data["log_lib"], data["log_M0"])
+        ref = (pln.log_lik_cells(data["counts"], x, eta).sum()
+               + pln.log_latent_prior_cells(x, mu, W, d).sum()
+               + pln.log_capture_prior(eta, a, data["sigma_M"]).sum())
+        # same as log_joint minus the prior of the (fixed) globals
+        full = pln.log_joint(data["counts"], mu, W, d, x, eta, **cap)
+        np.testing.assert_allclose(ref, full - pln.log_prior_globals(mu, W, d), rtol=1e-12)
+        ref_lp.append(ref + N * logdet_L + N * np.log(data["sigma_M"]))
+    stan_lp, ref_lp = np.array(stan_lp), np.array(ref_lp)
+    np.testing.assert_allclose(stan_lp, ref_lp, rtol=1e-10, atol=0)
+    np.testing.assert_allclose(np.diff(stan_lp), np.diff(ref_lp),
+                               rtol=1e-8, atol=1e-8 * np.abs(ref_lp).max())
+
+
+# --------------------------------------------------------------------------------------
+# Stan's embedded Laplace against a dense NumPy Laplace
+# --------------------------------------------------------------------------------------
+
+
+def dense_laplace_log_marginal(u, mu, Sigma, eta):
+    """log p(u) ~= loglik(x^) + log N(x^ | mu, Sigma) + G/2 log 2pi - 1/2 log det(-H).
+
+    Newton on x (dense Hessian H = -diag(exp(x - eta)) - Sigma^-1) to machine precision.
+    """
+    u = np.asarray(u, float)
+    G = u.size
+    P = np.linalg.inv(Sigma)
+    P = 0.5 * (P + P.T)
+
+    def objective(x):
+        v = x - eta
+        r = x - mu
+        return (u @ v - np.exp(v).sum() - special.gammaln(u + 1.0).sum()
+                - 0.5 * r @ P @ r)
+
+    x = mu.copy()
+    for _ in range(200):
+        lam = np.exp(x - eta)
+        grad = u - lam - P @ (x - mu)
+        neg_H = np.diag(lam) + P
+        step = np.linalg.solve(neg_H, grad)
+        t, f0 = 1.0, objective(x)
+        while objective(x + t * step) < f0 - 1e-14 * abs(f0) and t > 1e-8:
+            t *= 0.5
+        x = x + t * step
+        if np.max(np.abs(step)) < 1e-14 * (1.0 + np.max(np.abs(x))):
+            break
+    lam = np.exp(x - eta)
+    grad = u - lam - P @ (x - mu)
+    assert np.max(np.abs(grad)) < 1e-9
+    neg_H = np.diag(lam) + P
+    loglik = u @ (x - eta) - lam.sum() - special.gammaln(u + 1.0).sum()
+    log_prior = stats.multivariate_normal(mean=mu, cov=Sigma).logpdf(x)
+    _, logdet = np.linalg.slogdet(neg_H)
+    return loglik + log_prior + 0.5 * G * LOG_2PI - 0.5 * logdet
+
+
+def test_embedded_laplace_matches_dense_numpy():
+    sim = _sim(N=5, G=4, K=2, seed=5)
+    data = _builders(sim)["pln_laplace"]
+    out = ss.fixed_param("pln_laplace", data, backend="pystan")
+    assert out["log_marginal"].shape == (data["N"],)
+    Sigma = pln.covariance(data["W"], data["d"])
+    ref = np.array([
+        dense_laplace_log_marginal(data["counts"][c], data["mu"], Sigma, data["eta"][c])
+        for c in range(data["N"])
+    ])
+    np.testing.assert_allclose(out["log_marginal"], ref, rtol=1e-8, atol=0)
+
+
+# --------------------------------------------------------------------------------------
+# NUTS through `sample`
+# --------------------------------------------------------------------------------------
+
+STATS_KEYS = {"lp", "diverging", "tree_depth", "energy", "step_size", "acceptance_rate"}
+
+
+def _check_common(draws, counts, C=2, D=200):
+    N, G = np.shape(counts)
+    post = draws.posterior
+    assert post["x"].shape == (C, D, N, G)
+    assert post["eta"].shape == (C, D, N)
+    assert post["log_lik"].shape == (C, D, N)
+    assert post["y_rep"].shape == (C, D, N, G)
+    assert np.issubdtype(post["y_rep"].dtype, np.integer) and post["y_rep"].min() >= 0
+    assert np.all(post["eta"] >= 0)
+    assert STATS_KEYS <= set(draws.sample_stats)
+    for key, arr in draws.sample_stats.items():
+        assert arr.shape == (C, D), key
+    assert draws.sample_stats["diverging"].dtype == np.bool_
+    assert np.all(np.isfinite(draws.sample_stats["lp"]))
+    assert draws.backend == "pystan" and len(draws.stan_hash) == 64
+    assert draws.wall_time_s > 0 and "stan" in draws.versions
+    # generated log_lik agrees with the NumPy likelihood at the same draws
+    for c, d_ in [(0, 0), (1, D - 1)]:
+        np.testing.assert_allclose(
+            post["log_lik"][c, d_],
+            pln.log_lik_cells(counts, post["x"][c, d_], post["eta"][c, d_]),
+            rtol=1e-10)
+
+
+def test_nuts_pln_shapes():
+    sim = pln.simulate(10, 4, 1, seed=7, lib_target=200.0, sigma_M=0.5)
+    data = pln.stan_data(sim["counts"], 1, log_M0=sim["log_M0"], sigma_M=sim["sigma_M"])
+    draws = ss.sample("pln", data, backend="pystan", chains=2, draws=200, warmup=200, seed=1)
+    N, G, K = 10, 4, 1
+    post = draws.posterior
+    assert post["mu"].shape == (2, 200, G)
+    assert post["W"].shape == (2, 200, G, K)
+    assert post["d"].shape == (2, 200, G)
+    assert post["Sigma"].shape == (2, 200, G, G)
+    _check_common(draws, data["counts"])
+    # Sigma = W W' + diag(d) draw by draw, W pinned with positive diagonal
+    W, d = post["W"], post["d"]
+    Sigma = np.einsum("cdgk,cdhk->cdgh", W, W) + d[..., None] * np.eye(G)
+    np.testing.assert_allclose(post["Sigma"], Sigma, rtol=1e-12, atol=1e-12)
+    assert np.all(W[..., 0, 0] > 0)
+    # chains are separate runs: different draws, distinct chain order
+    assert not np.allclose(post["mu"][0], post["mu"][1])
+
+
+def test_nuts_pln_conditional_shapes():
+    sim = pln.simulate(10, 4, 1, seed=8, lib_target=200.0, sigma_M=0.5)
+    data = pln.conditional_stan_data(sim["counts"], sim["mu"], sim["W"], sim["d"],
+                                     log_M0=sim["log_M0"], sigma_M=sim["sigma_M"])
+    draws = ss.sample("pln_conditional", data, backend="pystan", chains=2, draws=200,
+                      warmup=200, seed=2)
+    assert "mu" not in draws.posterior and "Sigma" not in draws.posterior
+    _check_common(draws, data["counts"])
+
+
+def test_pystan_draw_order_matches_fit_internals():
+    """(chain, draw) reshaping of pystan output against the Fit's raw draw table."""
+    import stan
+
+    code = "parameters { vector[3] v; } model { target += normal_lpdf(v | 0, 1); }"
+    fit = stan.build(code, random_seed=1).sample(num_chains=3, num_samples=7, num_warmup=20)
+    posterior, stats_ = ss._pystan_posterior(fit, set())
+    raw = fit._draws  # (columns, draws, chains)
+    offset = len(fit.sample_and_sampler_param_names)
+    for c in range(3):
+        for dd in range(7):
+            np.testing.assert_array_equal(posterior["v"][c, dd], raw[offset:offset + 3, dd, c])
+            assert stats_["lp"][c, dd] == raw[0, dd, c]
+
+
+# --------------------------------------------------------------------------------------
+# Backend selection
+# --------------------------------------------------------------------------------------
+
+
+def test_unknown_backend_raises():
+    with pytest.raises(ValueError) as err:
+        ss.resolve_backend("stanio")
+    msg = str(err.value)
+    assert "stanio" in msg and all(b in msg for b in ("auto", "cmdstanpy", "pystan"))
+    with pytest.raises(ValueError, match="cmdstanpy"):
+        ss.sample("pln", {}, backend="nope")
+
+
+def test_backend_resolution():
+    assert ss.resolve_backend("pystan") == "pystan"
+    if ss._cmdstan_available():
+        assert ss.resolve_backend("auto") == "cmdstanpy"
+    else:
+        assert ss.resolve_backend("auto") == "pystan"
+        with pytest.raises(RuntimeError, match="CmdStan"):
+            ss.resolve_backend("cmdstanpy")
+
+
+def test_missing_data_key_is_named():
+    sim = _sim()
+    data = _builders(sim)["pln"]
+    del data["sigma_M"]
+    with pytest.raises(ValueError, match="sigma_M"):
+        ss.sample("pln", data, backend="pystan")
