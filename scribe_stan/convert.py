@@ -12,7 +12,8 @@ group                    variables (dims after ``chain, draw``)
                          ``Sigma (gene, gene_2)``, ``corr (gene, gene_2)``,
                          ``x (cell, gene)`` log-rates, ``eta (cell)`` capture
 ``sample_stats``         ``lp``, ``lp_approx``, ``diverging``, ``tree_depth``,
-                         ``energy``, ``step_size``, ``acceptance_rate`` (no extra dims)
+                         ``n_steps``, ``energy``, ``step_size``, ``acceptance_rate``
+                         (no extra dims)
 ``log_likelihood``       ``counts (cell)``: per-cell log likelihood
 ``posterior_predictive`` ``counts (cell, gene)``: replicated counts
 ``observed_data``        ``counts (cell, gene)``: observed counts (no sample dims)
@@ -71,6 +72,7 @@ VARIABLE_DIMS: dict[str, dict[str, tuple[str, ...]]] = {
         "lp_approx": (),
         "diverging": (),
         "tree_depth": (),
+        "n_steps": (),
         "energy": (),
         "step_size": (),
         "acceptance_rate": (),
@@ -170,7 +172,8 @@ def build_datatree(
         ``Sigma`` is given and ``corr`` is not, ``corr`` is computed from it.
     sample_stats : mapping of str to array_like, optional
         Per-draw statistics shaped ``(chain, draw)``: ``lp``, ``lp_approx``,
-        ``diverging``, ``tree_depth``, ``energy``, ``step_size``, ``acceptance_rate``.
+        ``diverging``, ``tree_depth``, ``n_steps`` (leapfrog steps), ``energy``,
+        ``step_size``, ``acceptance_rate``.
     log_likelihood : mapping, optional
         ``{"counts": (chain, draw, N)}`` per-cell log likelihood.
     posterior_predictive : mapping, optional
@@ -321,7 +324,10 @@ def to_datatree_from_stan(
     observed_counts : array_like, shape (N, G), optional
         Stored as ``observed_data["counts"]``.
     attrs : mapping, optional
-        Provenance; ``solver`` defaults to ``"hmc"``.
+        Provenance. Defaults are taken from ``draws`` where it has them (as
+        :class:`scribe_stan.stan.StanDraws` does): ``backend``, ``program``,
+        ``stan_hash``, ``seed``, ``wall_time_s`` and each ``versions[k]`` as
+        ``"<k>_version"``; ``solver`` defaults to ``"hmc"``. Entries given here win.
 
     Returns
     -------
@@ -340,7 +346,12 @@ def to_datatree_from_stan(
     sample_stats = {
         k: v for k, v in stats_in.items() if k in VARIABLE_DIMS["sample_stats"]
     }
-    stamped = {"solver": "hmc"}
+    stamped: dict[str, Any] = {"solver": "hmc"}
+    for key in ("backend", "program", "stan_hash", "seed", "wall_time_s"):
+        if hasattr(draws, key):
+            stamped[key] = getattr(draws, key)
+    for key, value in dict(getattr(draws, "versions", None) or {}).items():
+        stamped[key if str(key).endswith("version") else f"{key}_version"] = value
     stamped.update(attrs or {})
     return build_datatree(
         posterior=posterior,

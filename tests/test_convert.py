@@ -229,6 +229,10 @@ def test_loo_approximate_posterior_laplace_like():
 class _FakeStanResult:
     posterior: dict
     sample_stats: dict
+    backend: str = "cmdstanpy"
+    stan_hash: str = "deadbeef"
+    seed: int = 3
+    versions: dict = dataclasses.field(default_factory=lambda: {"cmdstan": "2.37.0"})
 
 
 def test_to_datatree_from_stan():
@@ -239,6 +243,7 @@ def test_to_datatree_from_stan():
     post["y_rep"] = inputs["posterior_predictive"]["counts"]
     post["z_raw"] = rng.normal(size=(4, 50, N, K))  # non-centred auxiliary: dropped
     stats = dict(inputs["sample_stats"])
+    stats["n_steps"] = np.full((4, 50), 7)
     stats["n_leapfrog"] = np.ones((4, 50))  # not in the table: dropped
     fake = _FakeStanResult(posterior=post, sample_stats=stats)
     t = to_datatree_from_stan(fake, cell_names=CELLS, gene_names=GENES,
@@ -251,7 +256,11 @@ def test_to_datatree_from_stan():
     np.testing.assert_array_equal(t["log_likelihood"]["counts"].values, post["log_lik"])
     np.testing.assert_array_equal(t["posterior_predictive"]["counts"].values, post["y_rep"])
     assert list(t["posterior"]["factor"].values) == list(range(K))
-    assert t.attrs["solver"] == "hmc" and t.attrs["backend"] == "pystan"
+    assert t.attrs["solver"] == "hmc" and t.attrs["backend"] == "pystan"  # attrs win
+    assert t.attrs["stan_hash"] == "deadbeef" and t.attrs["seed"] == 1
+    assert t["posterior"].attrs["cmdstan_version"] == "2.37.0"
+    assert "n_steps" in t["sample_stats"].data_vars
+    assert "n_leapfrog" not in t["sample_stats"].data_vars
     assert t["posterior"].sizes["chain"] == 4
 
 

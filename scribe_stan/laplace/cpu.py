@@ -406,51 +406,100 @@ def laplace_value_grad(counts, const, a, sigma_M, mu, W, d, Lc, x, eta, fix_eta,
 
 
 @njit(parallel=True, cache=True)
-def sample_cells(x, eta, sigma_M, W, d, eps_G, eps_K, eps_eta, fix_eta, out_x, out_eta):
+def sample_cells(counts, const, a, sigma_M, mu, W, d, Lc, x, eta, genes, eps_G, eps_K, eps_eta,
+                 out_x, out_eta, out_loglik, out_lp, out_lp_approx):
     """Draws from each cell's Gaussian N(z_hat, (-H)^{-1}) through the Woodbury square root.
 
     ``A^{-1} = B^{-1} + (h W) M^{-1} (h W)'`` is a sum of two PSD terms, so
-    ``y = eps_G / sqrt(B) + h * (W L_M^{-T} eps_K)`` has covariance A^{-1}; with eta
-    free, ``eta - eta_hat = xi / sqrt(s)`` and x adds ``phi (eta - eta_hat)``,
-    ``phi = A^{-1} lambda``, which reproduces the joint covariance (Schur complement).
+    ``y = eps_G / sqrt(B) + h * (W L_M^{-T} eps_K)`` has covariance A^{-1}; then
+    ``eta - eta_hat = xi / sqrt(s)`` and x adds ``phi (eta - eta_hat)`` with
+    ``phi = A^{-1} lambda``, which gives the joint covariance (Schur complement).
+    Each draw is formed over all G genes, so the per-cell log likelihood, the exact log
+    density ``lp`` (all constants) and the Gaussian's log density ``lp_approx`` are
+    exact; only the genes in ``genes`` are stored.
 
     Parameters
     ----------
-    x : (N, G), eta : (N,) modes;  eps_G : (S, N, G), eps_K : (S, N, K), eps_eta : (S, N)
-        standard normal variates.
-    out_x : (S, N, G), out_eta : (S, N) filled in place.
+    counts : (N, G) float64;  const : (N,) joint constants as in laplace_value_grad
+    x : (N, G), eta : (N,) modes;  genes : (Gs,) int64 indices of genes to store
+    eps_G : (S, N, G), eps_K : (S, N, K), eps_eta : (S, N) standard normal variates.
+    out_x : (S, N, Gs), out_eta, out_loglik, out_lp, out_lp_approx : (S, N), filled.
     """
     S, N, G = eps_G.shape
     K = W.shape[1]
+    Gs = genes.shape[0]
+    inv_d = 1.0 / d
     inv_sig2 = 1.0 / (sigma_M * sigma_M)
+    logdet_sigma = _chol_logdet(Lc, K)
+    for g in range(G):
+        logdet_sigma += math.log(d[g])
+    half_log_2pi = 0.5 * math.log(2.0 * math.pi)
     for c in prange(N):
+        u = counts[c]
         lam = np.empty(G)
         h = np.empty(G)
         invB = np.empty(G)
-        phi = np.zeros(G)
+        phi = np.empty(G)
+        dx = np.empty(G)
+        xs = np.empty(G)
+        r = np.empty(G)
+        alpha = np.empty(G)
         Lm = np.empty((K, K))
         tmpK = np.empty(K)
         tmpK2 = np.empty(K)
         _curvature(x[c], eta[c], W, d, G, K, lam, h, invB, Lm)
-        s = 1.0
-        if not fix_eta:
-            _a_inv_apply(lam, W, h, invB, Lm, G, K, tmpK, tmpK2, phi)
-            s = inv_sig2
-            for g in range(G):
-                s += lam[g] * (1.0 - phi[g])
+        _a_inv_apply(lam, W, h, invB, Lm, G, K, tmpK, tmpK2, phi)
+        s = inv_sig2
+        logdet_h = _chol_logdet(Lm, K) - logdet_sigma
+        for g in range(G):
+            s += lam[g] * (1.0 - phi[g])
+            logdet_h += math.log1p(lam[g] * d[g])
+        logdet_h += math.log(s)  # log det(-H) = log det A + log s
+        sum_lam = 0.0
+        for g in range(G):
+            sum_lam += lam[g]
+        # const holds -sum lgamma(u+1), the capture normalizer and +1/2 log 2 pi.
+        lp_const = const[c] - (G + 1) * half_log_2pi - 0.5 * logdet_sigma
+        lpa_const = -(G + 1) * half_log_2pi + 0.5 * logdet_h
         for i in range(S):
-            # L_M^{-T} eps_K: back substitution with the lower factor.
+            # L_M^{-T} eps_K by back substitution with the lower factor.
             for k in range(K - 1, -1, -1):
                 tt = eps_K[i, c, k]
                 for j in range(k + 1, K):
                     tt -= Lm[j, k] * tmpK[j]
                 tmpK[k] = tt / Lm[k, k]
-            de = 0.0
-            if not fix_eta:
-                de = eps_eta[i, c] / math.sqrt(s)
-            out_eta[i, c] = eta[c] + de
+            de = eps_eta[i, c] / math.sqrt(s)
+            e = eta[c] + de
+            lik = 0.0
+            quad_lam = 0.0
+            lam_dx = 0.0
             for g in range(G):
                 sg = 0.0
                 for k in range(K):
                     sg += W[g, k] * tmpK[k]
-                out_x[i, c, g] = x[c, g] + eps_G[i, c, g] * math.sqrt(invB[g]) + h[g] * sg + phi[g] * de
+                dx[g] = eps_G[i, c, g] * math.sqrt(invB[g]) + h[g] * sg + phi[g] * de
+                xs[g] = x[c, g] + dx[g]
+                v = xs[g] - e
+                lik += u[g] * v - math.exp(v)
+                r[g] = xs[g] - mu[g]
+                quad_lam += lam[g] * dx[g] * dx[g]
+                lam_dx += lam[g] * dx[g]
+            # log N(x | mu, Sigma) needs r' Sigma^{-1} r; the Gaussian needs dx' Sigma^{-1} dx.
+            _sigma_inv_apply(r, W, inv_d, Lc, G, K, tmpK, tmpK2, alpha)
+            q = 0.0
+            for g in range(G):
+                q += r[g] * alpha[g]
+            _sigma_inv_apply(dx, W, inv_d, Lc, G, K, tmpK, tmpK2, alpha)
+            qd = quad_lam
+            for g in range(G):
+                qd += dx[g] * alpha[g]
+            # dz' (-H) dz = dx' A dx - 2 de lambda'dx + (sum(lambda) + 1/sigma_M^2) de^2
+            qd += -2.0 * de * lam_dx + (sum_lam + inv_sig2) * de * de
+            out_eta[i, c] = e
+            out_loglik[i, c] = lik
+            for j in range(Gs):
+                out_x[i, c, j] = xs[genes[j]]
+            out_lp[i, c] = lp_const + lik - 0.5 * q - 0.5 * (e - a[c]) ** 2 * inv_sig2
+            if e < 0.0:
+                out_lp[i, c] = -np.inf  # outside the truncated prior's support
+            out_lp_approx[i, c] = lpa_const - 0.5 * qd

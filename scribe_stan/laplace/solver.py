@@ -147,22 +147,39 @@ class LaplaceProblem:
                                      _n_chunks())
         return out if grad else out[0]
 
-    def sample(self, mu, W, d, draws, rng):
-        """Draws ``(x, eta)`` from each cell's Gaussian at the stored modes.
+    def sample(self, mu, W, d, draws, rng, *, genes=None, block_bytes=2**28):
+        """Draws ``(x, eta)`` from each cell's Gaussian at the stored (converged) modes.
+
+        Parameters
+        ----------
+        mu, W, d : the globals the modes were computed at.
+        draws : int;  rng : numpy Generator.
+        genes : (Gs,) int indices of genes whose x draws are returned (default: all).
+        block_bytes : memory for standard-normal variates per block of draws.
 
         Returns
         -------
-        x : (draws, N, G), eta : (draws, N)
+        dict with ``x`` (draws, N, Gs), ``eta`` (draws, N), ``log_lik`` (draws, N: Poisson
+        log likelihood over all genes), ``lp`` (draws, N: exact log density of the draw
+        given the globals), ``lp_approx`` (draws, N: the Gaussian's log density).
         """
         N, G = self.shape
         K = W.shape[1]
-        out_x = np.empty((draws, N, G))
-        out_eta = np.empty((draws, N))
-        cpu.sample_cells(self.x, self.eta, self.sigma_M, np.ascontiguousarray(W, float),
-                         np.asarray(d, float), rng.standard_normal((draws, N, G)),
-                         rng.standard_normal((draws, N, K)), rng.standard_normal((draws, N)),
-                         False, out_x, out_eta)
-        return out_x, out_eta
+        mu, W, d = (np.ascontiguousarray(v, dtype=np.float64) for v in (mu, W, d))
+        genes = np.arange(G) if genes is None else np.asarray(genes, dtype=np.int64)
+        out = {"x": np.empty((draws, N, genes.size)),
+               **{k: np.empty((draws, N)) for k in ("eta", "log_lik", "lp", "lp_approx")}}
+        Lc = shared_factor(W, d)
+        block = max(1, min(draws, block_bytes // (8 * N * G)))
+        for start in range(0, draws, block):
+            stop = min(draws, start + block)
+            S = stop - start
+            cpu.sample_cells(self.counts, self._const_joint, self.a, self.sigma_M, mu, W, d, Lc,
+                             self.x, self.eta, genes, rng.standard_normal((S, N, G)),
+                             rng.standard_normal((S, N, K)), rng.standard_normal((S, N)),
+                             *(out[k][start:stop] for k in ("x", "eta", "log_lik", "lp",
+                                                            "lp_approx")))
+        return out
 
 
 def log_prior_and_grad(mu, W, d):
