@@ -2,6 +2,18 @@
 
 Stan programs are the reference specification (full HMC on small gene sets); Numba
 Newton-Woodbury Laplace solvers fit the same models at genome scale; ArviZ holds both.
+
+>>> import scribe_stan as ss
+>>> adata = ss.datasets.pbmc_donor_a()
+>>> fit = ss.fit(adata, model="pln", method="laplace", rank=10)   # doctest: +SKIP
+>>> tree = fit.to_datatree(draws=100, genes=20)                   # doctest: +SKIP
 """
 
 __version__ = "0.1.0"
+
+from scribe_stan import datasets
+from scribe_stan.api import HmcFit, LaplaceFit, fit
+from scribe_stan.compare import compare, plot_comparison
+
+__all__ = ["fit", "compare", "plot_comparison", "datasets", "LaplaceFit", "HmcFit",
+           "__version__"]

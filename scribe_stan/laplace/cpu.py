@@ -406,7 +406,7 @@ def laplace_value_grad(counts, const, a, sigma_M, mu, W, d, Lc, x, eta, fix_eta,
 
 
 @njit(parallel=True, cache=True)
-def sample_cells(counts, const, a, sigma_M, mu, W, d, Lc, x, eta, genes, eps_G, eps_K, eps_eta,
+def sample_cells(counts, const, lgam, a, sigma_M, mu, W, d, Lc, x, eta, genes, eps_G, eps_K, eps_eta,
                  out_x, out_eta, out_loglik, out_lp, out_lp_approx):
     """Draws from each cell's Gaussian N(z_hat, (-H)^{-1}) through the Woodbury square root.
 
@@ -421,6 +421,7 @@ def sample_cells(counts, const, a, sigma_M, mu, W, d, Lc, x, eta, genes, eps_G, 
     Parameters
     ----------
     counts : (N, G) float64;  const : (N,) joint constants as in laplace_value_grad
+    lgam : (N,) ``-sum_g lgamma(u_g + 1)``, completing the Poisson log likelihood
     x : (N, G), eta : (N,) modes;  genes : (Gs,) int64 indices of genes to store
     eps_G : (S, N, G), eps_K : (S, N, K), eps_eta : (S, N) standard normal variates.
     out_x : (S, N, Gs), out_eta, out_loglik, out_lp, out_lp_approx : (S, N), filled.
@@ -496,7 +497,7 @@ def sample_cells(counts, const, a, sigma_M, mu, W, d, Lc, x, eta, genes, eps_G, 
             # dz' (-H) dz = dx' A dx - 2 de lambda'dx + (sum(lambda) + 1/sigma_M^2) de^2
             qd += -2.0 * de * lam_dx + (sum_lam + inv_sig2) * de * de
             out_eta[i, c] = e
-            out_loglik[i, c] = lik
+            out_loglik[i, c] = lik + lgam[c]
             for j in range(Gs):
                 out_x[i, c, j] = xs[genes[j]]
             out_lp[i, c] = lp_const + lik - 0.5 * q - 0.5 * (e - a[c]) ** 2 * inv_sig2

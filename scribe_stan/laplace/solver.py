@@ -68,16 +68,20 @@ class LaplaceProblem:
         (the predicted gain in log density) is below this, after a full step.
     max_newton : int
         Newton iterations per cell per call.
+    log_lib : (N,) array, optional
+        Log library sizes (default: from ``counts``; pass the all-gene value when
+        ``counts`` is a gene subset).
     """
 
     def __init__(self, counts, *, log_M0=np.log(pln.M0_DEFAULT), sigma_M=pln.SIGMA_M_DEFAULT,
-                 newton_tol=1e-10, max_newton=100):
+                 newton_tol=1e-10, max_newton=100, log_lib=None):
         self.counts = np.ascontiguousarray(counts, dtype=np.float64)
         N, G = self.counts.shape
         self.sigma_M = float(sigma_M)
         self.log_M0 = float(log_M0)
-        lib = self.counts.sum(axis=1)
-        self.a = pln.capture_prior_mean(np.log(lib), self.log_M0)
+        if log_lib is None:
+            log_lib = np.log(self.counts.sum(axis=1))
+        self.a = pln.capture_prior_mean(log_lib, self.log_M0)
         lgam = -special.gammaln(self.counts + 1.0).sum(axis=1)
         self._const_x = lgam
         # capture prior normalization (truncation at 0) and the eta integral's 1/2 log 2 pi
@@ -174,7 +178,7 @@ class LaplaceProblem:
         for start in range(0, draws, block):
             stop = min(draws, start + block)
             S = stop - start
-            cpu.sample_cells(self.counts, self._const_joint, self.a, self.sigma_M, mu, W, d, Lc,
+            cpu.sample_cells(self.counts, self._const_joint, self._const_x, self.a, self.sigma_M, mu, W, d, Lc,
                              self.x, self.eta, genes, rng.standard_normal((S, N, G)),
                              rng.standard_normal((S, N, K)), rng.standard_normal((S, N)),
                              *(out[k][start:stop] for k in ("x", "eta", "log_lik", "lp",
@@ -256,6 +260,7 @@ class LaplaceSolution:
 
     Attributes
     ----------
+    problem : LaplaceProblem holding the data and the modes (for sampling).
     mu : (G,) log-rate means;  W : (G, K) loadings;  d : (G,) residual variances.
     modes : CellModes at the final globals.
     objective : float, final Laplace objective (log marginal + log prior, nats).
@@ -265,6 +270,7 @@ class LaplaceSolution:
     wall_time_s : float.
     """
 
+    problem: LaplaceProblem
     mu: np.ndarray
     W: np.ndarray
     d: np.ndarray
@@ -279,13 +285,15 @@ class LaplaceSolution:
 
 
 def fit_laplace(counts, K, *, log_M0=np.log(pln.M0_DEFAULT), sigma_M=pln.SIGMA_M_DEFAULT,
-                tol=1e-9, max_iter=1000, newton_tol=1e-10, init=None, seed=0, progress=None):
+                log_lib=None, tol=1e-9, max_iter=1000, newton_tol=1e-10, init=None, seed=0,
+                progress=None):
     """Fit the pln globals by maximizing the exact Laplace objective.
 
     Parameters
     ----------
     counts : (N, G) non-negative integer counts (validated).
     K : int, latent rank.
+    log_M0, sigma_M, log_lib : capture prior and library sizes (see LaplaceProblem).
     tol : float
         Relative objective tolerance of L-BFGS-B (``ftol``): stop when
         ``(f_k - f_{k+1}) / max(|f_k|, |f_{k+1}|, 1) <= tol``.
@@ -298,7 +306,8 @@ def fit_laplace(counts, K, *, log_M0=np.log(pln.M0_DEFAULT), sigma_M=pln.SIGMA_M
     LaplaceSolution
     """
     t0 = time.perf_counter()
-    problem = LaplaceProblem(counts, log_M0=log_M0, sigma_M=sigma_M, newton_tol=newton_tol)
+    problem = LaplaceProblem(counts, log_M0=log_M0, sigma_M=sigma_M, newton_tol=newton_tol,
+                             log_lib=log_lib)
     G = problem.shape[1]
     mu0, W0, d0 = init if init is not None else initial_globals(problem.counts, problem.a, K,
                                                                 seed=seed)
@@ -333,7 +342,8 @@ def fit_laplace(counts, K, *, log_M0=np.log(pln.M0_DEFAULT), sigma_M=pln.SIGMA_M
         warnings.warn(f"{int((~modes.converged).sum())} of {modes.converged.size} cells did not "
                       "converge in the per-cell Newton step; see fit.converged.", RuntimeWarning,
                       stacklevel=2)
-    return LaplaceSolution(mu=mu.copy(), W=W.copy(), d=d.copy(), modes=modes, objective=final,
+    return LaplaceSolution(problem=problem, mu=mu.copy(), W=W.copy(), d=d.copy(), modes=modes,
+                           objective=final,
                            n_iter=int(res.nit), n_eval=n_eval, success=bool(res.success),
                            message=str(res.message), history=history,
                            wall_time_s=time.perf_counter() - t0)

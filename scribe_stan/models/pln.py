@@ -51,7 +51,7 @@ def capture_prior_mean(log_lib, log_M0):
     return log_M0 - np.asarray(log_lib, dtype=float)
 
 
-def stan_data(counts, K, *, log_M0=np.log(M0_DEFAULT), sigma_M=SIGMA_M_DEFAULT):
+def stan_data(counts, K, *, log_M0=np.log(M0_DEFAULT), sigma_M=SIGMA_M_DEFAULT, log_lib=None):
     """Data dict for ``stan/pln.stan`` (full joint posterior).
 
     Parameters
@@ -61,6 +61,9 @@ def stan_data(counts, K, *, log_M0=np.log(M0_DEFAULT), sigma_M=SIGMA_M_DEFAULT):
         Latent rank, ``1 <= K < G``.
     log_M0, sigma_M : float
         Capture prior (see module docstring).
+    log_lib : (N,) array, optional
+        Log library sizes; default ``log(counts.sum(axis=1))``. Pass the library size
+        over all genes of the cell when ``counts`` holds a gene subset.
 
     Returns
     -------
@@ -74,7 +77,8 @@ def stan_data(counts, K, *, log_M0=np.log(M0_DEFAULT), sigma_M=SIGMA_M_DEFAULT):
         "G": int(G),
         "K": int(K),
         "counts": counts.astype(np.int64),
-        "log_lib": np.log(counts.sum(axis=1).astype(float)),
+        "log_lib": (np.log(counts.sum(axis=1).astype(float)) if log_lib is None
+                    else np.asarray(log_lib, dtype=float)),
         "log_M0": float(log_M0),
         "sigma_M": float(sigma_M),
     }
@@ -156,26 +160,33 @@ def log_joint(counts, mu, W, d, x, eta, *, log_M0=np.log(M0_DEFAULT), sigma_M=SI
     )
 
 
-def simulate(N, G, K, *, seed=0, mean_log_rate=1.0, loading_scale=0.4, d_value=0.2,
-             log_M0=np.log(M0_DEFAULT), sigma_M=0.3, lib_target=2000.0):
+def simulate(N, G, K, *, seed=0, lib_target=2000.0, mu_spread=0.8, loading_scale=0.4,
+             d_value=0.2, log_M0=np.log(M0_DEFAULT), sigma_M=0.3):
     """Simulate counts from the pln model with known truth.
 
-    eta_c is drawn around ``log(M0 / lib_target)`` so that library sizes are near
-    ``lib_target``; ``mu`` is placed so that mean counts are about ``exp(mean_log_rate)``.
+    ``mu`` is placed so that library sizes are near ``lib_target`` and eta_c is drawn
+    from ``Normal(log M0 - log lib_target, sigma_M)`` truncated at 0. That is exactly
+    the model's capture prior with the data input ``log_lib = log(lib_target)`` for
+    every cell (returned as ``log_lib``): fit with it to fit the generating model.
+    (With observed library sizes in place of ``lib_target`` the prior would centre on
+    data that eta itself produced, which no generative simulation can reproduce.)
 
     Returns
     -------
     dict
         ``counts`` (N, G) int64, ``mu`` (G,), ``W`` (G, K), ``d`` (G,), ``x`` (N, G),
-        ``eta`` (N,), ``log_M0``, ``sigma_M``.
+        ``eta`` (N,), ``log_lib`` (N,), ``log_M0``, ``sigma_M``.
     """
     rng = np.random.default_rng(seed)
     eta_center = log_M0 - np.log(lib_target)
-    eta = np.abs(eta_center + sigma_M * rng.standard_normal(N))
-    mu = eta_center + mean_log_rate + 0.8 * rng.standard_normal(G)
+    eta = stats.truncnorm.rvs(-eta_center / sigma_M, np.inf, loc=eta_center, scale=sigma_M,
+                              size=N, random_state=rng)
     W = loading_scale * rng.standard_normal((G, K))
     d = np.full(G, d_value)
+    log_share = mu_spread * rng.standard_normal(G)
+    log_share -= np.log(np.sum(np.exp(log_share + 0.5 * (np.sum(W**2, axis=1) + d))))
+    mu = eta_center + np.log(lib_target) + log_share
     x = mu + rng.standard_normal((N, K)) @ W.T + np.sqrt(d) * rng.standard_normal((N, G))
     counts = rng.poisson(np.exp(x - eta[:, None])).astype(np.int64)
     return {"counts": counts, "mu": mu, "W": W, "d": d, "x": x, "eta": eta,
-            "log_M0": log_M0, "sigma_M": sigma_M}
+            "log_lib": np.full(N, np.log(lib_target)), "log_M0": log_M0, "sigma_M": sigma_M}

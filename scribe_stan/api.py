@@ -1,0 +1,318 @@
+"""Public entry point :func:`fit` and its result objects (Laplace and HMC).
+
+Both results turn into one ArviZ DataTree shape (:mod:`scribe_stan.convert`), so they
+can be compared with :func:`scribe_stan.compare`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from scribe_stan import _validate, convert, stan
+from scribe_stan.laplace.solver import LaplaceSolution, fit_laplace
+from scribe_stan.models import MODELS, pln
+
+METHODS = ("laplace", "hmc")
+DEVICES = ("cpu", "auto")
+_MAX_TREE_ELEMENTS = 2 * 10**8  # per-cell draw elements in one tree (1.6 GB of float64)
+
+
+def _select_genes(ci, genes):
+    """Column indices into ``ci.counts`` for the ``genes`` argument of :func:`fit`."""
+    G = ci.counts.shape[1]
+    if genes is None:
+        return np.arange(G)
+    if isinstance(genes, (int, np.integer)) and not isinstance(genes, bool):
+        if not 2 <= genes <= G:
+            raise ValueError(f"genes={genes} must be between 2 and the number of non-zero "
+                             f"genes ({G}).")
+        order = np.argsort(-ci.counts.mean(axis=0), kind="stable")[:genes]
+        return np.sort(order)
+    names = pd.Index(list(genes))
+    missing = names.difference(ci.var_names)
+    if len(missing):
+        raise ValueError(f"genes not found (or all-zero and dropped): {list(missing[:5])}"
+                         f"{' ...' if len(missing) > 5 else ''}")
+    return ci.var_names.get_indexer(names)
+
+
+@dataclass
+class _Data:
+    counts: np.ndarray  # (N, G) int64 of the modelled genes
+    log_lib: np.ndarray  # (N,) over all non-zero genes of the input
+    obs_names: pd.Index
+    var_names: pd.Index
+    log_M0: float
+    sigma_M: float
+
+
+def _prepare(adata, layer, genes, M0, sigma_M):
+    ci = _validate.counts_from_anndata(adata, layer=layer)
+    cols = _select_genes(ci, genes)
+    return _Data(counts=np.ascontiguousarray(ci.counts[:, cols]),
+                 log_lib=np.log(ci.library_size.astype(float)),
+                 obs_names=ci.obs_names, var_names=ci.var_names[cols],
+                 log_M0=math.log(_validate.check_positive("M0", M0)),
+                 sigma_M=_validate.check_positive("sigma_M", sigma_M))
+
+
+@dataclass
+class LaplaceFit:
+    """Laplace fit of a model: global MAP of the Laplace marginal, per-cell Gaussians.
+
+    Attributes
+    ----------
+    model : str
+    mu : (G,) log-rate means (before capture);  W : (G, K) loadings;
+    d : (G,) residual log-rate variances.
+    x_hat : (N, G) per-cell mode of the log-rates;  eta_hat : (N,) mode of the capture
+        loss (capture efficiency ``exp(-eta)``).
+    converged : (N,) bool, the per-cell Newton step converged at the final globals.
+    eta_at_bound : (N,) bool, eta's mode sits on its bound 0.
+    n_newton : (N,) Newton iterations of the last E-step.
+    objective : float, final Laplace objective (nats);  n_iter : outer iterations;
+    success : bool and message : str from the outer optimizer.
+    obs_names, var_names : pandas.Index;  settings : dict of the arguments used.
+    """
+
+    model: str
+    solution: LaplaceSolution = field(repr=False)
+    data: _Data = field(repr=False)
+    settings: dict
+
+    mu = property(lambda self: self.solution.mu)
+    W = property(lambda self: self.solution.W)
+    d = property(lambda self: self.solution.d)
+    x_hat = property(lambda self: self.solution.modes.x)
+    eta_hat = property(lambda self: self.solution.modes.eta)
+    converged = property(lambda self: self.solution.modes.converged)
+    eta_at_bound = property(lambda self: self.solution.modes.at_bound)
+    n_newton = property(lambda self: self.solution.modes.n_iter)
+    objective = property(lambda self: self.solution.objective)
+    n_iter = property(lambda self: self.solution.n_iter)
+    success = property(lambda self: self.solution.success)
+    message = property(lambda self: self.solution.message)
+    obs_names = property(lambda self: self.data.obs_names)
+    var_names = property(lambda self: self.data.var_names)
+
+    @property
+    def Sigma(self):
+        """Dense covariance ``W W' + diag(d)`` (G x G) of the log-rates."""
+        return pln.covariance(self.W, self.d)
+
+    def _gene_index(self, genes):
+        if genes is None:
+            return np.arange(len(self.var_names))
+        if isinstance(genes, (int, np.integer)):
+            order = np.argsort(-self.data.counts.mean(axis=0), kind="stable")[:int(genes)]
+            return np.sort(order)
+        idx = self.var_names.get_indexer(pd.Index(list(genes)))
+        if (idx < 0).any():
+            raise ValueError("genes not in the fit: "
+                             f"{[g for g, i in zip(genes, idx) if i < 0][:5]}")
+        return idx
+
+    def to_datatree(self, draws=500, *, genes=None, seed=None):
+        """ArviZ DataTree of the Laplace posterior (one chain of independent draws).
+
+        Per-cell latents ``(x, eta)`` are drawn from each cell's Gaussian
+        ``N(z_hat, (-H)^{-1})`` through the Woodbury square root; globals are point
+        estimates repeated over draws. ``sample_stats`` carries ``lp`` (exact log
+        density of the draw given the globals, summed over cells) and ``lp_approx``
+        (the Gaussian's log density), so :func:`arviz_stats.loo_approximate_posterior`
+        applies. ``log_likelihood`` is over all fitted genes.
+
+        Parameters
+        ----------
+        draws : int
+        genes : None, int or list of str
+            Genes whose ``x``, ``Sigma`` and replicated counts are stored: all (default),
+            the ``n`` highest-mean ones, or those names. At genome scale pass a subset:
+            ``draws * cells * genes`` above 2e8 raises ``ValueError``.
+        seed : int, optional (default: the fit's seed)
+
+        Returns
+        -------
+        xarray.DataTree
+        """
+        idx = self._gene_index(genes)
+        N = len(self.obs_names)
+        if draws * N * idx.size > _MAX_TREE_ELEMENTS:
+            raise ValueError(f"draws*cells*genes = {draws}*{N}*{idx.size} exceeds "
+                             f"{_MAX_TREE_ELEMENTS:.0e}; pass genes=<int or names> or fewer "
+                             "draws.")
+        rng = np.random.default_rng(self.settings["seed"] if seed is None else seed)
+        problem = self.solution.problem
+        smp = problem.sample(self.mu, self.W, self.d, draws, rng, genes=idx)
+        W = self.W[idx]
+        Sigma = W @ W.T + np.diag(self.d[idx])
+        rep = lambda a: np.broadcast_to(a, (1, draws) + a.shape)  # noqa: E731
+        rate = np.exp(np.minimum(smp["x"] - smp["eta"][..., None], 20.7))
+        posterior = {"mu": rep(self.mu[idx]), "W": rep(W), "d": rep(self.d[idx]),
+                     "Sigma": rep(Sigma), "x": smp["x"][None], "eta": smp["eta"][None]}
+        return convert.build_datatree(
+            posterior=posterior,
+            sample_stats={"lp": smp["lp"].sum(axis=1)[None],
+                          "lp_approx": smp["lp_approx"].sum(axis=1)[None]},
+            log_likelihood={"counts": smp["log_lik"][None]},
+            posterior_predictive={"counts": rng.poisson(rate)[None]},
+            observed_data={"counts": self.data.counts[:, idx]},
+            cell_names=self.obs_names, gene_names=self.var_names[idx],
+            n_factors=self.W.shape[1],
+            attrs={"solver": "laplace", "backend": "numba-cpu", "model": self.model,
+                   "seed": self.settings["seed"], "draws": draws,
+                   "stan_hash": stan.program_hash(self.model),
+                   "objective": self.objective, "outer_iterations": self.n_iter,
+                   "cells_converged": int(self.converged.sum())})
+
+    def to_anndata(self, adata, *, key_added=None):
+        """Copy of ``adata`` with the fit's results under new keys.
+
+        ``obs[f"{key}_eta"]`` capture-loss mode, ``obs[f"{key}_capture_efficiency"]``
+        ``exp(-eta)``, ``obs[f"{key}_converged"]``; ``obsm[f"{key}_x"]`` (N, G_fit)
+        log-rate modes; ``var[f"{key}_mu"]``, ``var[f"{key}_d"]`` and
+        ``varm[f"{key}_W"]`` (NaN for genes not fitted); ``uns[key]`` the settings,
+        objective, iteration counts and fitted gene names. ``key`` defaults to the
+        model name. The input ``adata`` is not modified.
+        """
+        key = key_added or self.model
+        out = adata.copy()
+        pos = out.var_names.get_indexer(self.var_names)
+        G, K = len(out.var_names), self.W.shape[1]
+        mu, d, W = np.full(G, np.nan), np.full(G, np.nan), np.full((G, K), np.nan)
+        mu[pos], d[pos], W[pos] = self.mu, self.d, self.W
+        out.obs[f"{key}_eta"] = self.eta_hat
+        out.obs[f"{key}_capture_efficiency"] = np.exp(-self.eta_hat)
+        out.obs[f"{key}_converged"] = self.converged
+        out.obsm[f"{key}_x"] = self.x_hat.copy()
+        out.var[f"{key}_mu"], out.var[f"{key}_d"] = mu, d
+        out.varm[f"{key}_W"] = W
+        out.uns[key] = {**{k: v for k, v in self.settings.items() if v is not None},
+                        "objective": self.objective, "outer_iterations": self.n_iter,
+                        "optimizer_success": self.success,
+                        "cells_converged": int(self.converged.sum()),
+                        "genes": np.asarray(self.var_names, dtype=str)}
+        return out
+
+
+@dataclass
+class HmcFit:
+    """Stan NUTS fit of a model on (usually) a small gene set.
+
+    Attributes
+    ----------
+    model : str;  program : str, the Stan program run (full joint or conditional).
+    draws : scribe_stan.stan.StanDraws
+    obs_names, var_names : pandas.Index;  settings : dict.
+    """
+
+    model: str
+    program: str
+    draws: stan.StanDraws = field(repr=False)
+    data: _Data = field(repr=False)
+    settings: dict
+
+    obs_names = property(lambda self: self.data.obs_names)
+    var_names = property(lambda self: self.data.var_names)
+
+    def to_datatree(self):
+        """ArviZ DataTree of the NUTS draws (same shape as the Laplace tree)."""
+        return convert.to_datatree_from_stan(
+            self.draws, cell_names=self.obs_names, gene_names=self.var_names,
+            observed_counts=self.data.counts,
+            attrs={"solver": "hmc", "model": self.model, "program": self.program})
+
+
+def fit(adata, *, model="pln", method="laplace", rank=10, layer=None, genes=None,
+        M0=pln.M0_DEFAULT, sigma_M=pln.SIGMA_M_DEFAULT, seed=0, device="cpu", tol=1e-9,
+        max_iter=1000, progress=True, backend="auto", chains=4, draws=1000, warmup=1000,
+        adapt_delta=0.9, conditional_on=None):
+    """Fit a count model to an AnnData with the Laplace solver or Stan HMC.
+
+    Parameters
+    ----------
+    adata : anndata.AnnData
+        Cells x genes raw UMI counts in ``.X`` or ``.layers[layer]`` (dense or sparse).
+        Never modified. All-zero genes are dropped with a warning.
+    model : {"pln"}
+    method : {"laplace", "hmc"}
+    rank : int
+        Latent rank K, ``1 <= K < G``.
+    layer : str, optional
+    genes : None, int or list of str
+        Genes to model: all (default), the ``n`` highest-mean ones, or those names.
+        Library sizes (capture prior) always use all genes of the cell.
+    M0, sigma_M : float
+        Capture prior: median total mRNA per cell and log-scale sd
+        (defaults and sources in :mod:`scribe_stan.models.pln`).
+    seed : int
+    device : {"cpu", "auto"}
+        Laplace compute device (the CUDA backend is not built yet).
+    tol, max_iter : outer-optimizer tolerance and iterations (Laplace).
+    progress : bool, show a tqdm bar.
+    backend : {"auto", "cmdstanpy", "pystan"}
+        Stan interface (HMC).
+    chains, draws, warmup, adapt_delta : NUTS settings (HMC).
+    conditional_on : LaplaceFit, optional
+        HMC only: sample the per-cell latents with the globals fixed at this fit's
+        values (``stan/pln_conditional.stan``), the exact target the Laplace step
+        approximates. Genes and cells must match.
+
+    Returns
+    -------
+    LaplaceFit or HmcFit
+
+    Raises
+    ------
+    ValueError
+        Unknown model, method, device or backend; invalid counts (see
+        :func:`scribe_stan._validate.counts_from_anndata`); rank out of range.
+    TypeError
+        ``adata`` is not an AnnData.
+    """
+    _validate.check_choice("model", model, tuple(MODELS))
+    _validate.check_choice("method", method, METHODS)
+    _validate.check_choice("device", device, DEVICES)
+    if method == "hmc":
+        stan.resolve_backend(backend)
+    data = _prepare(adata, layer, genes, M0, sigma_M)
+    K = _validate.check_rank(rank, data.counts.shape[1])
+    settings = {"model": model, "method": method, "rank": K, "layer": layer, "M0": float(M0),
+                "sigma_M": float(sigma_M), "seed": int(seed)}
+    if method == "laplace":
+        from tqdm.auto import tqdm
+
+        with tqdm(total=max_iter, desc=f"{model} Laplace", unit="it", disable=not progress,
+                  leave=False) as bar:
+            sol = fit_laplace(data.counts, K, log_M0=data.log_M0, sigma_M=data.sigma_M,
+                              log_lib=data.log_lib, tol=tol, max_iter=max_iter, seed=seed,
+                              progress=bar)
+        settings.update(device="cpu", tol=tol, max_iter=max_iter)
+        return LaplaceFit(model=model, solution=sol, data=data, settings=settings)
+
+    capture = {"log_M0": data.log_M0, "sigma_M": data.sigma_M, "log_lib": data.log_lib}
+    if conditional_on is not None:
+        if not (conditional_on.var_names.equals(data.var_names)
+                and conditional_on.obs_names.equals(data.obs_names)):
+            raise ValueError("conditional_on was fitted on other cells or genes; pass the "
+                             "same adata/genes to both fits.")
+        program = pln.CONDITIONAL_STAN_FILE.removesuffix(".stan")
+        stan_data = pln.conditional_stan_data(data.counts, conditional_on.mu,
+                                              conditional_on.W, conditional_on.d, **capture)
+    else:
+        program = model
+        stan_data = pln.stan_data(data.counts, K, **capture)
+    settings.update(backend=stan.resolve_backend(backend), chains=chains, draws=draws,
+                    warmup=warmup, adapt_delta=adapt_delta, program=program)
+    draws_ = stan.sample(program, stan_data, backend=backend, chains=chains, draws=draws,
+                         warmup=warmup, seed=seed, adapt_delta=adapt_delta, progress=progress)
+    n_div = int(np.sum(draws_.sample_stats["diverging"]))
+    if n_div:
+        warnings.warn(f"{n_div} divergent transitions in {program}; see the tree's "
+                      "sample_stats.diverging.", RuntimeWarning, stacklevel=2)
+    return HmcFit(model=model, program=program, draws=draws_, data=data, settings=settings)
