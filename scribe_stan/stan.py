@@ -434,11 +434,12 @@ def _cmdstanpy_posterior(fit, n_chains: int, int_names: set[str]) -> tuple[dict,
         arr = np.asarray(fit.stan_variable(pname))  # (chains * draws, *shape), chain-major
         arr = arr.reshape(n_chains, -1, *arr.shape[1:])
         posterior[pname] = arr.astype(np.int64) if pname in int_names else np.array(arr)
-    method_vars = fit.method_variables()  # name -> (draws, chains)
+    method_vars = fit.method_variables()  # name -> (draws, chains[, 1])
     stats = {}
     for ours, (theirs, dtype) in _SAMPLE_STATS.items():
         if theirs in method_vars:
-            stats[ours] = np.asarray(method_vars[theirs]).T.astype(dtype)
+            arr = np.asarray(method_vars[theirs])
+            stats[ours] = arr.reshape(arr.shape[0], arr.shape[1]).T.astype(dtype)
     return posterior, stats
 
 

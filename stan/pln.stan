@@ -39,9 +39,9 @@ transformed parameters {
   matrix[N, G] x = pln_latent(mu, cholesky_decompose(Sigma), z);
 }
 model {
-  target += pln_globals_log_prior(mu, W_diag, W_lower, d);
+  target += pln_globals_lpdf(mu | W_diag, W_lower, d);
   target += std_normal_lpdf(to_vector(z));
-  target += pln_capture_std_log_prior(eta_std, eta_std_lower);
+  target += pln_capture_std_lpdf(eta_std | eta_std_lower);
   target += sum(pln_log_lik(counts, x, eta));
 }
 generated quantities {

@@ -32,7 +32,7 @@ transformed parameters {
 }
 model {
   target += std_normal_lpdf(to_vector(z));
-  target += pln_capture_std_log_prior(eta_std, eta_std_lower);
+  target += pln_capture_std_lpdf(eta_std | eta_std_lower);
   target += sum(pln_log_lik(counts, x, eta));
 }
 generated quantities {

@@ -349,3 +349,31 @@ def test_missing_data_key_is_named():
     del data["sigma_M"]
     with pytest.raises(ValueError, match="sigma_M"):
         ss.sample("pln", data, backend="pystan")
+
+
+def test_cmdstanpy_conversion_shapes():
+    """cmdstanpy output (chain-major flat draws, (draws, chains) diagnostics) is mapped
+    to the same (chain, draw, ...) layout as pystan's (no CmdStan needed)."""
+    C, D, N, G = 3, 5, 2, 4
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((C, D, N, G))
+    y_rep = rng.integers(0, 9, (C, D, N, G)).astype(float)
+    lp = rng.standard_normal((C, D))
+
+    class FakeFit:
+        class metadata:
+            stan_vars = {"x": None, "y_rep": None}
+
+        def stan_variable(self, name):
+            return {"x": x, "y_rep": y_rep}[name].reshape(C * D, N, G)
+
+        def method_variables(self):
+            return {"lp__": lp.T, "divergent__": np.zeros((D, C)),
+                    "treedepth__": np.full((D, C, 1), 3.0)}
+
+    post, stats_ = ss._cmdstanpy_posterior(FakeFit(), C, {"y_rep"})
+    np.testing.assert_array_equal(post["x"], x)
+    assert post["y_rep"].dtype == np.int64 and post["y_rep"].shape == (C, D, N, G)
+    np.testing.assert_array_equal(stats_["lp"], lp)
+    assert stats_["diverging"].dtype == np.bool_ and stats_["diverging"].shape == (C, D)
+    assert stats_["tree_depth"].shape == (C, D)

@@ -36,10 +36,14 @@ import math
 import numpy as np
 from numba import njit, prange
 
+# Reassociation and contraction let the length-K^2 loops vectorize; NaN/Inf semantics
+# are kept (no 'nnan'/'ninf') because the line search tests for non-finite values.
+_FAST = {"reassoc", "contract", "nsz", "arcp"}
+
 # ---------------------------------------------------------------- small dense helpers
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", fastmath=_FAST)
 def _cholesky_inplace(M, K):
     """Lower Cholesky factor of the SPD K x K matrix M, in place. False if not SPD."""
     for j in range(K):
@@ -61,7 +65,7 @@ def _cholesky_inplace(M, K):
     return True
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", fastmath=_FAST)
 def _chol_solve(L, b, K, out):
     """Solve (L L') out = b for a K-vector b."""
     for i in range(K):
@@ -76,7 +80,7 @@ def _chol_solve(L, b, K, out):
         out[i] = t / L[i, i]
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", fastmath=_FAST)
 def _chol_logdet(L, K):
     s = 0.0
     for k in range(K):
@@ -84,7 +88,7 @@ def _chol_logdet(L, K):
     return s
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", fastmath=_FAST)
 def _sigma_inv_apply(v, W, inv_d, Lc, G, K, tmpK, tmpK2, out):
     """out = Sigma^{-1} v with Sigma = W W' + diag(d), via the shared K x K factor Lc."""
     for k in range(K):
@@ -102,7 +106,7 @@ def _sigma_inv_apply(v, W, inv_d, Lc, G, K, tmpK, tmpK2, out):
         out[g] -= inv_d[g] * s
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", fastmath=_FAST)
 def _a_inv_apply(v, W, h, invB, Lm, G, K, tmpK, tmpK2, out):
     """out = A^{-1} v = v/B + h * (W M^{-1} W' (h * v)) (Woodbury)."""
     for k in range(K):
@@ -119,13 +123,16 @@ def _a_inv_apply(v, W, h, invB, Lm, G, K, tmpK, tmpK2, out):
         out[g] = v[g] * invB[g] + h[g] * s
 
 
-@njit(cache=True, inline="always")
-def _curvature(x, eta, W, d, G, K, lam, h, invB, Lm):
-    """Fill lambda, h, 1/B and the Cholesky factor of M at (x, eta). False if M fails."""
-    for k in range(K):
-        for j in range(K):
-            Lm[k, j] = 0.0
-        Lm[k, k] = 1.0
+@njit(cache=True, inline="always", fastmath=_FAST)
+def _curvature(x, eta, W, d, WW, G, K, lam, h, invB, Mf, Lm):
+    """Fill lambda, h, 1/B and the Cholesky factor of M at (x, eta). False if M fails.
+
+    ``WW[g, k*K + j] = W[g, k] W[g, j]`` turns the G x K^2 work of forming M into one
+    contiguous (vectorizable) loop per gene.
+    """
+    KK = K * K
+    for kj in range(KK):
+        Mf[kj] = 0.0
     for g in range(G):
         lg = math.exp(x[g] - eta)
         lam[g] = lg
@@ -133,14 +140,16 @@ def _curvature(x, eta, W, d, G, K, lam, h, invB, Lm):
         h[g] = hg
         invB[g] = d[g] * hg  # 1 / (lambda + 1/d)
         wg = lg * hg
-        for k in range(K):
-            wk = wg * W[g, k]
-            for j in range(k + 1):
-                Lm[k, j] += wk * W[g, j]
-    return _cholesky_inplace(Lm, K)  # reads the lower triangle only
+        for kj in range(KK):
+            Mf[kj] += wg * WW[g, kj]
+    for k in range(K):
+        for j in range(K):
+            Lm[k, j] = Mf[k * K + j]
+        Lm[k, k] += 1.0
+    return _cholesky_inplace(Lm, K)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", fastmath=_FAST)
 def _log_density(u, x, eta, mu, W, inv_d, Lc, a, inv_sig2, G, K, r, alpha, tmpK, tmpK2):
     """f(x, eta) without z-independent constants; fills r = x - mu, alpha = Sigma^{-1} r."""
     lik = 0.0
@@ -158,9 +167,9 @@ def _log_density(u, x, eta, mu, W, inv_d, Lc, a, inv_sig2, G, K, r, alpha, tmpK,
 # ---------------------------------------------------------------- per-cell Newton
 
 
-@njit(cache=True)
-def _newton_cell(u, a, inv_sig2, mu, W, d, inv_d, Lc, x, eta0, fix_eta, tol, max_iter,
-                 ws_G, ws_K, Lm):
+@njit(cache=True, fastmath=_FAST)
+def _newton_cell(u, a, inv_sig2, mu, W, d, WW, inv_d, Lc, x, eta0, fix_eta, tol, max_iter,
+                 ws_G, ws_K, Mf, Lm):
     """Projected damped Newton on (x, eta) for one cell; x updated in place.
 
     Returns (eta, n_iter, converged, at_bound). With ``fix_eta`` only x moves.
@@ -174,7 +183,7 @@ def _newton_cell(u, a, inv_sig2, mu, W, d, inv_d, Lc, x, eta0, fix_eta, tol, max
     at_bound = False
     f, _ = _log_density(u, x, eta, mu, W, inv_d, Lc, a, inv_sig2, G, K, r, alpha, tmpK, tmpK2)
     for it in range(max_iter):
-        if not _curvature(x, eta, W, d, G, K, lam, h, invB, Lm):
+        if not _curvature(x, eta, W, d, WW, G, K, lam, h, invB, Mf, Lm):
             return eta, it, False, at_bound
         sum_lam = 0.0
         resid = 0.0
@@ -231,8 +240,8 @@ def _newton_cell(u, a, inv_sig2, mu, W, d, inv_d, Lc, x, eta0, fix_eta, tol, max
     return eta, max_iter, False, at_bound
 
 
-@njit(parallel=True, cache=True)
-def newton_all(counts, a, sigma_M, mu, W, d, Lc, x, eta, fix_eta, tol, max_iter, n_chunks):
+@njit(parallel=True, cache=True, fastmath=_FAST)
+def newton_all(counts, a, sigma_M, mu, W, d, WW, Lc, x, eta, fix_eta, tol, max_iter, n_chunks):
     """Per-cell Newton for all cells in parallel; x (N, G) and eta (N,) updated in place.
 
     ``n_chunks`` work blocks (a few per thread) balance cells of unequal cost.
@@ -250,9 +259,11 @@ def newton_all(counts, a, sigma_M, mu, W, d, Lc, x, eta, fix_eta, tol, max_iter,
         ws_G = np.empty((9, G))
         ws_K = np.empty((2, K))
         Lm = np.empty((K, K))
+        Mf = np.empty(K * K)
         for c in range(ch * N // n_chunks, (ch + 1) * N // n_chunks):
-            e, it, ok, bd = _newton_cell(counts[c], a[c], inv_sig2, mu, W, d, inv_d, Lc, x[c],
-                                         eta[c], fix_eta, tol, max_iter, ws_G, ws_K, Lm)
+            e, it, ok, bd = _newton_cell(counts[c], a[c], inv_sig2, mu, W, d, WW, inv_d, Lc,
+                                         x[c], eta[c], fix_eta, tol, max_iter, ws_G, ws_K, Mf,
+                                         Lm)
             eta[c] = e
             n_iter[c] = it
             converged[c] = ok
@@ -263,8 +274,8 @@ def newton_all(counts, a, sigma_M, mu, W, d, Lc, x, eta, fix_eta, tol, max_iter,
 # ---------------------------------------------------------------- value and gradient
 
 
-@njit(parallel=True, cache=True)
-def laplace_value_grad(counts, const, a, sigma_M, mu, W, d, Lc, x, eta, fix_eta, want_grad,
+@njit(parallel=True, cache=True, fastmath=_FAST)
+def laplace_value_grad(counts, const, a, sigma_M, mu, W, d, WW, Lc, x, eta, fix_eta, want_grad,
                        n_chunks):
     """Laplace log marginal per cell at the modes (x, eta), and its exact theta-gradient.
 
@@ -295,6 +306,8 @@ def laplace_value_grad(counts, const, a, sigma_M, mu, W, d, Lc, x, eta, fix_eta,
     acc_mu = np.zeros((n_chunks, G))
     acc_d = np.zeros((n_chunks, G))
     acc_W = np.zeros((n_chunks, G, K))
+    # sum_c (lambda h)_g M_c^{-1}, contracted with W at the end (gradient of log det M)
+    acc_R = np.zeros((n_chunks, G, K * K)) if want_grad else np.zeros((1, 1, 1))
     for ch in prange(n_chunks):
         lam = np.empty(G)
         h = np.empty(G)
@@ -306,7 +319,9 @@ def laplace_value_grad(counts, const, a, sigma_M, mu, W, d, Lc, x, eta, fix_eta,
         wx = np.empty(G)
         beta = np.empty(G)
         gam = np.empty(G)
-        Y = np.empty((G, K))  # W M^{-1}
+        Minv = np.empty(K * K)
+        Mf = np.empty(K * K)
+        unit = np.empty(K)
         Lm = np.empty((K, K))
         tmpK = np.empty(K)
         tmpK2 = np.empty(K)
@@ -317,7 +332,7 @@ def laplace_value_grad(counts, const, a, sigma_M, mu, W, d, Lc, x, eta, fix_eta,
             u = counts[c]
             xc = x[c]
             e = eta[c]
-            _curvature(xc, e, W, d, G, K, lam, h, invB, Lm)
+            _curvature(xc, e, W, d, WW, G, K, lam, h, invB, Mf, Lm)
             f, q = _log_density(u, xc, e, mu, W, inv_d, Lc, a[c], inv_sig2, G, K, r, alpha,
                                 tmpK, tmpK2)
             lik_f = f + 0.5 * q + 0.5 * (e - a[c]) ** 2 * inv_sig2
@@ -335,27 +350,28 @@ def laplace_value_grad(counts, const, a, sigma_M, mu, W, d, Lc, x, eta, fix_eta,
             value[c] = val
             if not want_grad:
                 continue
-            # Y = W M^{-1} (rows solved one at a time), q_g = W_g M^{-1} W_g'.
-            for g in range(G):
-                for k in range(K):
-                    tmpK[k] = W[g, k]
-                _chol_solve(Lm, tmpK, K, tmpK2)
-                for k in range(K):
-                    Y[g, k] = tmpK2[k]
-            # t_g = lambda_g Var_q(v_g): derivative of log det(-H) along v.
+            # M^{-1} column by column (K^3), then q_g = W_g M^{-1} W_g' = WW[g] . Minv
+            for k in range(K):
+                for j in range(K):
+                    unit[j] = 0.0
+                unit[k] = 1.0
+                _chol_solve(Lm, unit, K, tmpK2)
+                for j in range(K):
+                    Minv[k * K + j] = tmpK2[j]
             for g in range(G):
                 qg = 0.0
-                for k in range(K):
-                    qg += W[g, k] * Y[g, k]
+                for kj in range(K * K):
+                    qg += WW[g, kj] * Minv[kj]
+                # t_g = lambda_g Var_q(v_g): derivative of log det(-H) along v.
                 var_v = invB[g] + h[g] * h[g] * qg
                 if not fix_eta:
                     var_v += (phi[g] - 1.0) ** 2 / s
                 t[g] = lam[g] * var_v
-                # Explicit partial of -1/2 log det(Sigma A) w.r.t. d_g.
+                # Explicit partials of -1/2 log det(Sigma A) w.r.t. d_g and (via acc_R) W.
                 wg = lam[g] * h[g]
                 acc_d[ch, g] += -0.5 * wg + 0.5 * wg * wg * qg
-                for k in range(K):
-                    acc_W[ch, g, k] -= wg * Y[g, k]
+                for kj in range(K * K):
+                    acc_R[ch, g, kj] += wg * Minv[kj]
             # Adjoint w_x = -1/2 [(-H)^{-1} J' t]_x.
             _a_inv_apply(t, W, h, invB, Lm, G, K, tmpK, tmpK2, wx)
             if not fix_eta:
@@ -402,11 +418,18 @@ def laplace_value_grad(counts, const, a, sigma_M, mu, W, d, Lc, x, eta, fix_eta,
         g_mu += acc_mu[ch]
         g_d += acc_d[ch]
         g_W += acc_W[ch]
+        if want_grad:
+            for g in range(G):
+                for k in range(K):
+                    sk = 0.0
+                    for j in range(K):
+                        sk += W[g, j] * acc_R[ch, g, j * K + k]
+                    g_W[g, k] -= sk
     return value, g_mu, g_W, g_d
 
 
-@njit(parallel=True, cache=True)
-def sample_cells(counts, const, lgam, a, sigma_M, mu, W, d, Lc, x, eta, genes, eps_G, eps_K, eps_eta,
+@njit(parallel=True, cache=True, fastmath=_FAST)
+def sample_cells(counts, const, lgam, a, sigma_M, mu, W, d, WW, Lc, x, eta, genes, eps_G, eps_K, eps_eta,
                  out_x, out_eta, out_loglik, out_lp, out_lp_approx):
     """Draws from each cell's Gaussian N(z_hat, (-H)^{-1}) through the Woodbury square root.
 
@@ -446,9 +469,10 @@ def sample_cells(counts, const, lgam, a, sigma_M, mu, W, d, Lc, x, eta, genes, e
         r = np.empty(G)
         alpha = np.empty(G)
         Lm = np.empty((K, K))
+        Mf = np.empty(K * K)
         tmpK = np.empty(K)
         tmpK2 = np.empty(K)
-        _curvature(x[c], eta[c], W, d, G, K, lam, h, invB, Lm)
+        _curvature(x[c], eta[c], W, d, WW, G, K, lam, h, invB, Mf, Lm)
         _a_inv_apply(lam, W, h, invB, Lm, G, K, tmpK, tmpK2, phi)
         s = inv_sig2
         logdet_h = _chol_logdet(Lm, K) - logdet_sigma
@@ -504,3 +528,25 @@ def sample_cells(counts, const, lgam, a, sigma_M, mu, W, d, Lc, x, eta, genes, e
             if e < 0.0:
                 out_lp[i, c] = -np.inf  # outside the truncated prior's support
             out_lp_approx[i, c] = lpa_const - 0.5 * qd
+
+
+@njit(parallel=True, cache=True, fastmath=_FAST)
+def log_density_cells(counts, a, sigma_M, mu, W, d, Lc, x, eta):
+    """Per-cell ``sum_g [u v - exp(v)] - 1/2 r' Sigma^{-1} r - (eta - a)^2 / (2 sigma_M^2)``.
+
+    The z-dependent part of the joint log density of (x_c, eta_c) given the globals;
+    :meth:`scribe_stan.laplace.solver.LaplaceProblem.log_joint` adds the constants.
+    """
+    N, G = counts.shape
+    K = W.shape[1]
+    inv_d = 1.0 / d
+    inv_sig2 = 1.0 / (sigma_M * sigma_M)
+    out = np.empty(N)
+    for c in prange(N):
+        r = np.empty(G)
+        alpha = np.empty(G)
+        tmpK = np.empty(K)
+        tmpK2 = np.empty(K)
+        out[c], _ = _log_density(counts[c], x[c], eta[c], mu, W, inv_d, Lc, a[c], inv_sig2, G,
+                                 K, r, alpha, tmpK, tmpK2)
+    return out

@@ -29,6 +29,11 @@ def _n_chunks():
     return 8 * numba.get_num_threads()
 
 
+def pair_products(W):
+    """``WW[g, k*K + j] = W[g, k] W[g, j]``, shape (G, K*K): see cpu._curvature."""
+    return np.ascontiguousarray((W[:, :, None] * W[:, None, :]).reshape(W.shape[0], -1))
+
+
 def shared_factor(W, d):
     """Lower Cholesky factor of ``C = I_K + W' diag(1/d) W`` (shared by all cells)."""
     C = np.eye(W.shape[1]) + (W / d[:, None]).T @ W
@@ -110,7 +115,8 @@ class LaplaceProblem:
             self.eta = np.array(eta, dtype=np.float64)
         Lc = shared_factor(W, d)
         self.n_iter, self.converged, self.at_bound = cpu.newton_all(
-            self.counts, self.a, self.sigma_M, mu, W, d, Lc, self.x, self.eta, fix,
+            self.counts, self.a, self.sigma_M, mu, W, d, pair_products(W), Lc, self.x, self.eta,
+            fix,
             self.newton_tol, self.max_newton, _n_chunks())
         if not np.all(self.converged):
             # A restart from the data-driven start rescues cells stranded by a bad warm start.
@@ -118,7 +124,8 @@ class LaplaceProblem:
             if not fix:
                 self.eta[bad] = np.maximum(self.a[bad], 0.0)
             self.x[bad] = np.log(self.counts[bad] + 0.5) + self.eta[bad, None]
-            it, ok, bd = cpu.newton_all(self.counts[bad], self.a[bad], self.sigma_M, mu, W, d, Lc,
+            it, ok, bd = cpu.newton_all(self.counts[bad], self.a[bad], self.sigma_M, mu, W, d,
+                                        pair_products(W), Lc,
                                         xb := self.x[bad], eb := self.eta[bad], fix,
                                         self.newton_tol, 10 * self.max_newton, _n_chunks())
             self.x[bad], self.eta[bad] = xb, eb
@@ -146,10 +153,29 @@ class LaplaceProblem:
         self.modes(mu, W, d, eta=eta)
         fix = eta is not None
         const = self._const_x if fix else self._const_joint
+        # the gradient pass costs the same for every cell: one block per thread
         out = cpu.laplace_value_grad(self.counts, const, self.a, self.sigma_M, mu, W, d,
-                                     shared_factor(W, d), self.x, self.eta, fix, grad,
-                                     _n_chunks())
+                                     pair_products(W), shared_factor(W, d), self.x, self.eta,
+                                     fix, grad, numba.get_num_threads())
         return out if grad else out[0]
+
+    def log_joint(self, mu, W, d, x, eta):
+        """Exact ``log p(u_c, x_c, eta_c | mu, W, d)`` per cell (all constants), (N,).
+
+        Parameters
+        ----------
+        x : (N, G) log-rates;  eta : (N,) capture losses (>= 0).
+        """
+        mu, W, d = (np.ascontiguousarray(v, dtype=np.float64) for v in (mu, W, d))
+        Lc = shared_factor(W, d)
+        G = self.shape[1]
+        logdet_sigma = np.sum(np.log(d)) + 2 * np.sum(np.log(np.diag(Lc)))
+        core = cpu.log_density_cells(self.counts, self.a, self.sigma_M, mu, W, d, Lc,
+                                     np.ascontiguousarray(x, dtype=np.float64),
+                                     np.ascontiguousarray(eta, dtype=np.float64))
+        # _const_joint carries +1/2 log 2 pi for the eta integral: take it back out.
+        return (core + self._const_joint - 0.5 * np.log(2 * np.pi)
+                - 0.5 * G * np.log(2 * np.pi) - 0.5 * logdet_sigma)
 
     def sample(self, mu, W, d, draws, rng, *, genes=None, block_bytes=2**28):
         """Draws ``(x, eta)`` from each cell's Gaussian at the stored (converged) modes.
@@ -178,7 +204,8 @@ class LaplaceProblem:
         for start in range(0, draws, block):
             stop = min(draws, start + block)
             S = stop - start
-            cpu.sample_cells(self.counts, self._const_joint, self._const_x, self.a, self.sigma_M, mu, W, d, Lc,
+            cpu.sample_cells(self.counts, self._const_joint, self._const_x, self.a, self.sigma_M,
+                             mu, W, d, pair_products(W), Lc,
                              self.x, self.eta, genes, rng.standard_normal((S, N, G)),
                              rng.standard_normal((S, N, K)), rng.standard_normal((S, N)),
                              *(out[k][start:stop] for k in ("x", "eta", "log_lik", "lp",

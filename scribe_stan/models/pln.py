@@ -9,7 +9,7 @@ Model (``stan/pln.stan`` is the reference specification)::
 ``exp(-eta_c)`` is the capture efficiency of cell ``c``, ``L_c`` its library size and
 ``M0`` the prior median total mRNA per cell.
 
-Priors on the globals (identical in ``stan/functions/pln_priors.stanfunctions``):
+Priors on the globals (identical in ``stan/functions/pln.stanfunctions``):
 
 * ``mu_g ~ Normal(MU_LOC, MU_SCALE)``: log-rate before capture; weakly informative.
 * ``W[g, k] ~ Normal(0, W_SCALE)``: loadings.

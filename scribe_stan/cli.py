@@ -1,0 +1,565 @@
+"""Command-line interface: ``scribe-stan fit | hmc | validate`` (also ``python -m scribe_stan``).
+
+Every subcommand reads an ``.h5ad`` file of raw UMI counts (cells x genes, in ``.X`` or a
+``--layer``), or the literal ``pbmc_donor_a`` for the real data shipped in the package
+(:func:`scribe_stan.datasets.pbmc_donor_a`). The input file is only read, never written.
+
+* ``fit``: Laplace fit at any scale. Writes ``fit.to_anndata(adata)`` to ``--out`` and a
+  DataTree of Laplace draws on a few genes next to it (zarr), and prints a one-line JSON
+  summary.
+* ``hmc``: Stan NUTS (full joint posterior) on the highest-mean genes of (optionally) the
+  first cells. Writes ``OUTDIR/hmc.tree.zarr`` and ``OUTDIR/diagnostics.json``, and prints
+  the diagnostics (R-hat, bulk/tail ESS, divergences, wall time).
+* ``validate``: Laplace vs Stan on one small subset: Laplace fit, full-joint NUTS,
+  and NUTS of the per-cell latents conditional on the Laplace globals; prints and saves
+  :func:`scribe_stan.compare` tables and a :func:`scribe_stan.plot_comparison` figure.
+
+Bad input (missing file, unknown model/backend/layer, invalid counts, rank out of range,
+...) prints one line ``scribe-stan: error: ...`` to stderr and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from scribe_stan import __version__, _validate
+from scribe_stan.models import MODELS, pln
+from scribe_stan.stan import BACKENDS
+
+__all__ = ["main", "build_parser", "hmc_diagnostics"]
+
+PROG = "scribe-stan"
+#: Names accepted in place of an INPUT path (functions of :mod:`scribe_stan.datasets`).
+DATASETS = ("pbmc_donor_a",)
+_MODELS = tuple(MODELS)
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keep the hand-wrapped examples; append a default unless the help names one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" not in text and action.option_strings
+                and not any(action.default is v for v in (None, False, argparse.SUPPRESS))):
+            text += " (default: %(default)s)"
+        return text
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------
+
+
+def _log(args, msg: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _data_name(path: str) -> str:
+    return path if path in DATASETS else Path(path).stem
+
+
+def _load(path: str, cells: int | None = None):
+    """AnnData from an .h5ad path or a shipped dataset name; first ``cells`` rows."""
+    import anndata
+
+    from scribe_stan import datasets
+
+    if path in DATASETS:
+        adata = getattr(datasets, path)()
+    else:
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(
+                f"input file {path!r} not found; give an .h5ad file or one of the shipped "
+                f"datasets: {', '.join(DATASETS)}"
+            )
+        if p.is_dir():
+            raise ValueError(f"input {path!r} is a directory; expected an .h5ad file")
+        try:
+            adata = anndata.read_h5ad(p)
+        except Exception as exc:  # h5py/anndata raise OSError, KeyError, ...
+            raise ValueError(f"cannot read {path!r} as .h5ad: {exc}") from exc
+    if cells is not None:
+        if cells < 1:
+            raise ValueError(f"--cells must be >= 1; got {cells}")
+        if cells < adata.n_obs:
+            adata = adata[:cells].copy()
+    return adata
+
+
+def _check_choices(args) -> None:
+    _validate.check_choice("model", args.model, _MODELS)
+    if hasattr(args, "backend"):
+        _validate.check_choice("backend", args.backend, BACKENDS)
+
+
+def _positive_int(name: str, value: int, minimum: int = 1) -> int:
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {value}")
+    return value
+
+
+def _write_tree(tree, path: Path) -> Path:
+    """Save a DataTree as zarr (any suffix but ``.nc``) or netCDF (``.nc``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".nc":
+        try:
+            tree.to_netcdf(path)
+        except (ValueError, ImportError) as exc:
+            raise ValueError(
+                f"cannot write netCDF {str(path)!r} ({exc}); install h5netcdf or netCDF4, "
+                "or give a .zarr path"
+            ) from exc
+    else:
+        if path.exists():
+            import shutil
+
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        import warnings
+
+        with warnings.catch_warnings():  # zarr 3 notes consolidated metadata is an extension
+            warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+            tree.to_zarr(path, mode="w")
+    return path
+
+
+def hmc_diagnostics(tree) -> dict:
+    """R-hat, ESS and divergences of an HMC tree (posterior group).
+
+    Parameters
+    ----------
+    tree : xarray.DataTree
+        From :meth:`scribe_stan.HmcFit.to_datatree`.
+
+    Returns
+    -------
+    dict
+        ``max_rhat_Sigma`` (rank-normalized split R-hat, max over the entries of
+        ``Sigma``), ``max_rhat`` (over every element of every posterior variable),
+        ``min_ess_bulk``, ``min_ess_tail`` (over every element), ``divergences``
+        (count over chains and draws), ``chains``, ``draws``. Constant elements (the
+        unit diagonal of ``corr``) have undefined R-hat/ESS and are ignored.
+    """
+    import numpy as np
+    import arviz_stats
+
+    def extreme(result, fn):
+        ds = result.to_dataset() if hasattr(result, "to_dataset") else result
+        vals = [np.asarray(v.values, dtype=float).ravel() for v in ds.data_vars.values()]
+        vals = np.concatenate(vals) if vals else np.array([np.nan])
+        return float(fn(vals)) if np.isfinite(vals).any() else float("nan")
+
+    rhat = arviz_stats.rhat(tree)
+    post = tree["posterior"]
+    out = {
+        "max_rhat_Sigma": extreme(arviz_stats.rhat(tree, var_names=["Sigma"]), np.nanmax)
+        if "Sigma" in post.data_vars else float("nan"),
+        "max_rhat": extreme(rhat, np.nanmax),
+        "min_ess_bulk": extreme(arviz_stats.ess(tree, method="bulk"), np.nanmin),
+        "min_ess_tail": extreme(arviz_stats.ess(tree, method="tail"), np.nanmin),
+        "divergences": int(tree["sample_stats"]["diverging"].values.sum())
+        if "sample_stats" in tree.children
+        and "diverging" in tree["sample_stats"].data_vars else 0,
+        "chains": int(post.sizes["chain"]),
+        "draws": int(post.sizes["draw"]),
+    }
+    return out
+
+
+def _round(d: dict, digits: int = 4) -> dict:
+    return {k: (round(v, digits) if isinstance(v, float) and math.isfinite(v) else v)
+            for k, v in d.items()}
+
+
+def _print_json(d: dict) -> None:
+    print(json.dumps(_round(d), default=str), flush=True)
+
+
+# --------------------------------------------------------------------------------------
+# subcommands
+# --------------------------------------------------------------------------------------
+
+
+def _parse_tree_genes(value: str):
+    if value == "all":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {value!r}")
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {value!r}")
+    return n
+
+
+def cmd_fit(args) -> int:
+    """``scribe-stan fit``: Laplace fit, results to a new .h5ad and a DataTree."""
+    import scribe_stan as ss
+
+    _check_choices(args)
+    out = Path(args.out)
+    if args.input not in DATASETS and out.resolve() == Path(args.input).resolve():
+        raise ValueError("--out must differ from INPUT (the input file is never overwritten)")
+    _positive_int("--max-iter", args.max_iter)
+    if args.draws < 0:
+        raise ValueError(f"--draws must be >= 0 (0: no tree); got {args.draws}")
+    tree_path = Path(args.tree) if args.tree else out.with_suffix(".tree.zarr")
+
+    t0 = time.perf_counter()
+    adata = _load(args.input)
+    _log(args, f"[fit] {_data_name(args.input)}: {adata.n_obs} cells x {adata.n_vars} genes")
+    t_fit = time.perf_counter()
+    fit = ss.fit(adata, model=args.model, method="laplace", rank=args.rank, layer=args.layer,
+                 genes=args.genes, M0=args.M0, sigma_M=args.sigma_M, seed=args.seed,
+                 device=args.device, tol=args.tol, max_iter=args.max_iter,
+                 progress=not args.quiet)
+    fit_wall = time.perf_counter() - t_fit
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fit.to_anndata(adata, key_added=args.key_added).write_h5ad(out)
+    summary = {
+        "command": "fit", "model": args.model, "input": args.input,
+        "cells": len(fit.obs_names), "genes": len(fit.var_names), "rank": fit.W.shape[1],
+        "objective": float(fit.objective), "outer_iterations": int(fit.n_iter),
+        "optimizer_success": bool(fit.success),
+        "cells_converged": int(fit.converged.sum()), "cells_total": int(fit.converged.size),
+        "fit_wall_s": fit_wall, "out": str(out),
+    }
+    if args.draws > 0:
+        tree = fit.to_datatree(args.draws, genes=args.tree_genes)
+        _write_tree(tree, tree_path)
+        summary["tree"] = str(tree_path)
+    summary["wall_s"] = time.perf_counter() - t0
+    _print_json(summary)
+    return 0
+
+
+def _hmc_fit(adata, args, *, genes, conditional_on=None):
+    import scribe_stan as ss
+
+    return ss.fit(adata, model=args.model, method="hmc", rank=args.rank, layer=args.layer,
+                  genes=genes, M0=args.M0, sigma_M=args.sigma_M, seed=args.seed,
+                  backend=args.backend, chains=args.chains, draws=args.draws,
+                  warmup=args.warmup, adapt_delta=args.adapt_delta,
+                  progress=not args.quiet, conditional_on=conditional_on)
+
+
+def _check_sampler_args(args) -> None:
+    _positive_int("--genes", args.genes, 2)
+    _positive_int("--chains", args.chains)
+    _positive_int("--draws", args.draws)
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0; got {args.warmup}")
+    if not 0 < args.adapt_delta < 1:
+        raise ValueError(f"--adapt-delta must lie in (0, 1); got {args.adapt_delta}")
+
+
+def cmd_hmc(args) -> int:
+    """``scribe-stan hmc``: Stan NUTS on a small gene set, tree and diagnostics."""
+    _check_choices(args)
+    _check_sampler_args(args)
+    outdir = Path(args.out or f"hmc-{_data_name(args.input)}-{args.model}")
+    t0 = time.perf_counter()
+    adata = _load(args.input, args.cells)
+    _log(args, f"[hmc] {_data_name(args.input)}: {adata.n_obs} cells, {args.genes} "
+               f"highest-mean genes, K={args.rank}, {args.chains} chains x {args.draws} draws")
+    fit = _hmc_fit(adata, args, genes=args.genes)
+    tree = fit.to_datatree()
+    diag = hmc_diagnostics(tree)
+    cfg = fit.draws.config
+    summary = {
+        "command": "hmc", "model": args.model, "program": fit.program,
+        "backend": fit.draws.backend, "input": args.input,
+        "cells": len(fit.obs_names), "genes": len(fit.var_names), "rank": args.rank,
+        **diag, "warmup": args.warmup, "seed": args.seed,
+        "build_s": cfg.get("build_time_s"), "sampling_s": fit.draws.wall_time_s,
+    }
+    outdir.mkdir(parents=True, exist_ok=True)
+    tree_path = _write_tree(tree, outdir / "hmc.tree.zarr")
+    summary["tree"] = str(tree_path)
+    summary["wall_s"] = time.perf_counter() - t0
+    (outdir / "diagnostics.json").write_text(json.dumps(_round(summary), indent=2) + "\n")
+    _print_json(summary)
+    return 0
+
+
+def cmd_validate(args) -> int:
+    """``scribe-stan validate``: Laplace vs full-joint and conditional NUTS on a subset."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    from tqdm import tqdm
+
+    import scribe_stan as ss
+
+    _check_choices(args)
+    _check_sampler_args(args)
+    _positive_int("--laplace-draws", args.laplace_draws)
+    outdir = Path(args.out or f"validate-{_data_name(args.input)}-{args.model}")
+    t0 = time.perf_counter()
+    adata = _load(args.input, args.cells)
+    _log(args, f"[validate] {_data_name(args.input)}: {adata.n_obs} cells, {args.genes} "
+               f"highest-mean genes, K={args.rank}")
+    times, diags = {}, {}
+    steps = ["Laplace fit", "full-joint NUTS", "conditional NUTS", "compare + plot"]
+    with tqdm(total=len(steps), desc="validate", unit="step", disable=args.quiet,
+              file=sys.stderr) as bar:
+        def step(i):
+            bar.set_description(f"validate: {steps[i]}")
+            return time.perf_counter()
+
+        t = step(0)
+        lap = ss.fit(adata, model=args.model, method="laplace", rank=args.rank,
+                     layer=args.layer, genes=args.genes, M0=args.M0, sigma_M=args.sigma_M,
+                     seed=args.seed, tol=args.tol, max_iter=args.max_iter, progress=False)
+        lap_tree = lap.to_datatree(draws=args.laplace_draws)
+        times["laplace_s"] = time.perf_counter() - t
+        bar.update()
+
+        t = step(1)
+        full = _hmc_fit(adata, args, genes=args.genes)
+        full_tree = full.to_datatree()
+        diags["full"] = hmc_diagnostics(full_tree)
+        times["hmc_full_s"] = time.perf_counter() - t
+        bar.update()
+
+        t = step(2)
+        cond = _hmc_fit(adata, args, genes=args.genes, conditional_on=lap)
+        cond_tree = cond.to_datatree()
+        diags["conditional"] = hmc_diagnostics(cond_tree)
+        times["hmc_conditional_s"] = time.perf_counter() - t
+        bar.update()
+
+        t = step(3)
+        tables = {
+            "conditional": ss.compare(lap_tree, cond_tree, var_names=["x", "eta"]),
+            "full": ss.compare(lap_tree, full_tree, var_names=["Sigma", "corr"]),
+        }
+        details = {
+            "conditional": ss.compare(lap_tree, cond_tree, var_names=["x", "eta"],
+                                      detail=True),
+            "full": ss.compare(lap_tree, full_tree, var_names=["Sigma", "corr"],
+                               detail=True),
+        }
+        outdir.mkdir(parents=True, exist_ok=True)
+        for key in tables:
+            tables[key].to_csv(outdir / f"compare_{key}.csv")
+            details[key].to_csv(outdir / f"compare_{key}_detail.csv")
+        fig = ss.plot_comparison(lap_tree, cond_tree, var_names=("eta", "x"))
+        fig.savefig(outdir / "comparison.png", dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        if args.save_trees:
+            for name, tr in (("laplace", lap_tree), ("hmc", full_tree),
+                             ("hmc_conditional", cond_tree)):
+                _write_tree(tr, outdir / f"{name}.tree.zarr")
+        times["compare_s"] = time.perf_counter() - t
+        bar.update()
+
+    with pd.option_context("display.width", 140, "display.max_columns", 20,
+                           "display.precision", 3):
+        print("Laplace vs conditional NUTS (per-cell latents at the Laplace globals):")
+        print(tables["conditional"].to_string())
+        print()
+        print("Laplace (point estimates) vs full-joint NUTS (globals):")
+        print(tables["full"].to_string())
+        print()
+    summary = {
+        "command": "validate", "model": args.model, "input": args.input,
+        "cells": len(lap.obs_names), "genes": len(lap.var_names), "rank": args.rank,
+        "laplace_cells_converged": int(lap.converged.sum()),
+        **{f"full_{k}": v for k, v in diags["full"].items()},
+        **{f"conditional_{k}": v for k, v in diags["conditional"].items()},
+        **times, "wall_s": time.perf_counter() - t0, "out": str(outdir),
+    }
+    (outdir / "summary.json").write_text(json.dumps(_round(summary), indent=2) + "\n")
+    _print_json(summary)
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# parser
+# --------------------------------------------------------------------------------------
+
+_INPUT_HELP = ("AnnData .h5ad file of raw UMI counts (cells x genes), or "
+               "'pbmc_donor_a' for the real PBMC data shipped in the package")
+
+_FIT_EXAMPLES = """\
+Fits the globals (mu, W, d) by maximizing the exact Laplace marginal likelihood and
+gives every cell a Gaussian posterior around its mode (x_hat, eta_hat). Results are
+written to a copy of the input (the input file is never modified):
+  obs:  <key>_eta, <key>_capture_efficiency, <key>_converged
+  obsm: <key>_x (log-rate modes, cells x fitted genes)
+  var:  <key>_mu, <key>_d;  varm: <key>_W;  uns: <key> (settings, objective, genes)
+and an ArviZ DataTree of --draws Laplace draws on the --tree-genes highest-mean genes.
+
+examples:
+  scribe-stan fit pbmc_donor_a --model pln --rank 10 --out pbmc_pln.h5ad
+  scribe-stan fit cells.h5ad --layer counts --genes 2000 --rank 16 --out fit.h5ad \\
+      --tree fit_tree.zarr --draws 200 --tree-genes 50
+"""
+
+_HMC_EXAMPLES = """\
+Runs Stan's NUTS on the full joint posterior (globals and per-cell latents) of the N
+highest-mean genes: ground truth for small problems. Writes OUTDIR/hmc.tree.zarr (ArviZ
+DataTree, same shape as the Laplace tree) and OUTDIR/diagnostics.json, and prints max
+R-hat (Sigma entries and all posterior variables), min bulk/tail ESS, the number of
+divergences and the wall time. The Stan program is compiled once and cached.
+
+examples:
+  scribe-stan hmc pbmc_donor_a --model pln --genes 20 --cells 200 --rank 2 --out hmc_out
+  scribe-stan hmc cells.h5ad --genes 10 --chains 2 --draws 500 --backend pystan
+"""
+
+_VALIDATE_EXAMPLES = """\
+On one subset (first --cells cells, --genes highest-mean genes):
+  1. Laplace fit;
+  2. full-joint NUTS (globals and latents);
+  3. NUTS of the per-cell latents with the globals fixed at the Laplace values
+     (the exact target of the per-cell Laplace approximation).
+Prints compare(laplace, conditional NUTS) for x and eta and compare(laplace, full NUTS)
+for Sigma and corr; writes the tables (summary and per element) as CSV, the overlaid
+marginals as OUTDIR/comparison.png, and OUTDIR/summary.json.
+
+examples:
+  scribe-stan validate pbmc_donor_a --model pln --genes 20
+  scribe-stan validate cells.h5ad --genes 10 --cells 100 --chains 2 --draws 500 --out val
+"""
+
+
+def _add_common(p, *, model=True):
+    p.add_argument("input", metavar="INPUT", help=_INPUT_HELP)
+    if model:
+        p.add_argument("--model", default="pln",
+                       help=f"count model; one of: {', '.join(_MODELS)}")
+    p.add_argument("--layer", default=None,
+                   help="read counts from adata.layers[LAYER] instead of adata.X")
+    p.add_argument("--M0", type=float, default=pln.M0_DEFAULT,
+                   help="capture prior: median total mRNA molecules per cell")
+    p.add_argument("--sigma-M", dest="sigma_M", type=float, default=pln.SIGMA_M_DEFAULT,
+                   help="capture prior: log-scale sd of the capture loss eta")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def _add_laplace(p):
+    p.add_argument("--tol", type=float, default=1e-9,
+                   help="relative objective tolerance of the outer L-BFGS-B")
+    p.add_argument("--max-iter", dest="max_iter", type=int, default=1000,
+                   help="maximum outer (L-BFGS-B) iterations")
+
+
+def _add_sampler(p, *, cells=None):
+    p.add_argument("--genes", type=int, default=20,
+                   help="number of highest-mean genes to model")
+    p.add_argument("--cells", type=int, default=cells,
+                   help="use only the first CELLS cells" + (" (default: all)" if cells is None else ""))
+    p.add_argument("--rank", type=int, default=2, help="latent rank K (1 <= K < genes)")
+    p.add_argument("--chains", type=int, default=4, help="NUTS chains")
+    p.add_argument("--draws", type=int, default=1000, help="saved draws per chain")
+    p.add_argument("--warmup", type=int, default=1000, help="warmup iterations per chain")
+    p.add_argument("--adapt-delta", dest="adapt_delta", type=float, default=0.9,
+                   help="target acceptance rate of step-size adaptation")
+    p.add_argument("--backend", default="auto",
+                   help="Stan interface: " + ", ".join(BACKENDS) + " (auto: cmdstanpy if "
+                        "CmdStan is installed, else pystan)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``scribe-stan`` argument parser (subcommands ``fit``, ``hmc``, ``validate``)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, formatter_class=_Formatter,
+        description="Bayesian models of single-cell RNA-seq counts: Numba Laplace "
+                    "solvers at genome scale, Stan NUTS as the reference.",
+        epilog="examples:\n"
+               "  scribe-stan fit pbmc_donor_a --model pln --rank 10 --out pbmc_pln.h5ad\n"
+               "  scribe-stan hmc pbmc_donor_a --model pln --genes 20 --cells 200 --out hmc\n"
+               "  scribe-stan validate pbmc_donor_a --model pln --genes 20\n"
+               "Run 'scribe-stan COMMAND --help' for the options of each command.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("fit", help="Laplace fit; results to a new .h5ad and a DataTree",
+                       description="Laplace fit of a count model.\n\n" + _FIT_EXAMPLES,
+                       formatter_class=_Formatter)
+    _add_common(p)
+    p.add_argument("--rank", type=int, default=10, help="latent rank K (1 <= K < genes)")
+    p.add_argument("--out", required=True, metavar="OUT.h5ad",
+                   help="output .h5ad: a copy of the input with the results added")
+    p.add_argument("--genes", type=int, default=None,
+                   help="model only the GENES highest-mean genes (default: all non-zero "
+                        "genes)")
+    p.add_argument("--device", default="cpu", help="Laplace compute device: cpu or auto")
+    _add_laplace(p)
+    p.add_argument("--key-added", dest="key_added", default=None,
+                   help="prefix of the result keys in the output (default: the model name)")
+    p.add_argument("--tree", default=None, metavar="PATH",
+                   help="where to save the DataTree: .zarr, or .nc (needs a netCDF "
+                        "backend) (default: OUT with suffix .tree.zarr)")
+    p.add_argument("--draws", type=int, default=100,
+                   help="Laplace draws in the DataTree (0: do not write a tree)")
+    p.add_argument("--tree-genes", dest="tree_genes", type=_parse_tree_genes, default=20,
+                   help="genes (highest mean) stored in the tree: a number or 'all'")
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("hmc", help="Stan NUTS on a small gene set (reference posterior)",
+                       description="Stan NUTS on the full joint posterior.\n\n"
+                                   + _HMC_EXAMPLES,
+                       formatter_class=_Formatter)
+    _add_common(p)
+    _add_sampler(p)
+    p.add_argument("--out", default=None, metavar="OUTDIR",
+                   help="output directory (default: hmc-<data>-<model>, <data> the INPUT "
+                        "file stem)")
+    p.set_defaults(func=cmd_hmc)
+
+    p = sub.add_parser("validate", help="Laplace vs full-joint and conditional NUTS",
+                       description="Check the Laplace posterior against Stan NUTS.\n\n"
+                                   + _VALIDATE_EXAMPLES,
+                       formatter_class=_Formatter)
+    _add_common(p)
+    _add_sampler(p, cells=200)
+    _add_laplace(p)
+    p.add_argument("--laplace-draws", dest="laplace_draws", type=int, default=1000,
+                   help="Laplace draws used in the comparison")
+    p.add_argument("--save-trees", dest="save_trees", action="store_true",
+                   help="also save the three DataTrees as OUTDIR/*.tree.zarr")
+    p.add_argument("--out", default=None, metavar="OUTDIR",
+                   help="output directory (default: validate-<data>-<model>)")
+    p.set_defaults(func=cmd_validate)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Run the ``scribe-stan`` command line.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Arguments after the program name (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        Exit status: 0 on success, 2 for bad input (the message goes to stderr as one
+        line ``scribe-stan: error: ...``). Usage errors exit 2 through argparse.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        msg = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"{PROG}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
