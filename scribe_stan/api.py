@@ -229,7 +229,7 @@ class HmcFit:
 
 
 def fit(adata, *, model="pln", method="laplace", rank=10, layer=None, genes=None,
-        M0=pln.M0_DEFAULT, sigma_M=pln.SIGMA_M_DEFAULT, seed=0, device="cpu", tol=1e-9,
+        M0=pln.M0_DEFAULT, sigma_M=pln.SIGMA_M_DEFAULT, seed=0, device="cpu", tol=1e-8,
         max_iter=1000, progress=True, backend="auto", chains=4, draws=1000, warmup=1000,
         adapt_delta=0.9, conditional_on=None):
     """Fit a count model to an AnnData with the Laplace solver or Stan HMC.

@@ -331,7 +331,7 @@ class LaplaceSolution:
 
 
 def fit_laplace(counts, K, *, log_M0=np.log(pln.M0_DEFAULT), sigma_M=pln.SIGMA_M_DEFAULT,
-                log_lib=None, tol=1e-9, max_iter=1000, newton_tol=1e-10, init=None, seed=0,
+                log_lib=None, tol=1e-8, max_iter=1000, newton_tol=1e-10, init=None, seed=0,
                 progress=None, precondition=True):
     """Fit the pln globals by maximizing the exact Laplace objective.
 
