@@ -261,7 +261,7 @@ def fit(adata, *, model="pln", method="laplace", rank=10, layer=None, genes=None
     conditional_on : LaplaceFit, optional
         HMC only: sample the per-cell latents with the globals fixed at this fit's
         values (``stan/pln_conditional.stan``), the exact target the Laplace step
-        approximates. Genes and cells must match.
+        approximates. Genes and cells must match; ``rank`` is taken from the fit.
 
     Returns
     -------
@@ -281,6 +281,8 @@ def fit(adata, *, model="pln", method="laplace", rank=10, layer=None, genes=None
     if method == "hmc":
         stan.resolve_backend(backend)
     data = _prepare(adata, layer, genes, M0, sigma_M)
+    if conditional_on is not None:
+        rank = conditional_on.W.shape[1]  # the globals fix the rank
     K = _validate.check_rank(rank, data.counts.shape[1])
     settings = {"model": model, "method": method, "rank": K, "layer": layer, "M0": float(M0),
                 "sigma_M": float(sigma_M), "seed": int(seed)}
