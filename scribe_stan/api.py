@@ -51,11 +51,21 @@ class _Data:
     sigma_M: float
 
 
-def _prepare(adata, layer, genes, M0, sigma_M):
+def _library_size(ci, library_size):
+    if library_size is None:
+        return ci.library_size.astype(float)
+    lib = np.asarray(library_size, dtype=float).reshape(-1)
+    if lib.shape != (ci.counts.shape[0],) or not np.all(np.isfinite(lib) & (lib > 0)):
+        raise ValueError(f"library_size must be {ci.counts.shape[0]} positive finite values "
+                         f"(one per cell); got shape {np.shape(library_size)}")
+    return lib
+
+
+def _prepare(adata, layer, genes, M0, sigma_M, library_size=None):
     ci = _validate.counts_from_anndata(adata, layer=layer)
     cols = _select_genes(ci, genes)
     return _Data(counts=np.ascontiguousarray(ci.counts[:, cols]),
-                 log_lib=np.log(ci.library_size.astype(float)),
+                 log_lib=np.log(_library_size(ci, library_size)),
                  obs_names=ci.obs_names, var_names=ci.var_names[cols],
                  log_M0=math.log(_validate.check_positive("M0", M0)),
                  sigma_M=_validate.check_positive("sigma_M", sigma_M))
@@ -229,7 +239,7 @@ class HmcFit:
 
 
 def fit(adata, *, model="pln", method="laplace", rank=10, layer=None, genes=None,
-        M0=pln.M0_DEFAULT, sigma_M=pln.SIGMA_M_DEFAULT, seed=0, device="cpu", tol=1e-8,
+        library_size=None, M0=pln.M0_DEFAULT, sigma_M=pln.SIGMA_M_DEFAULT, seed=0, device="cpu", tol=1e-8,
         max_iter=1000, progress=True, backend="auto", chains=4, draws=1000, warmup=1000,
         adapt_delta=0.9, conditional_on=None):
     """Fit a count model to an AnnData with the Laplace solver or Stan HMC.
@@ -247,6 +257,10 @@ def fit(adata, *, model="pln", method="laplace", rank=10, layer=None, genes=None
     genes : None, int or list of str
         Genes to model: all (default), the ``n`` highest-mean ones, or those names.
         Library sizes (capture prior) always use all genes of the cell.
+    library_size : (N,) array of positive floats, optional
+        Library sizes L_c for the capture prior, e.g. totals over a larger gene set than
+        ``adata`` holds, or the design value of a simulation. Default: the counts of
+        ``adata`` summed over all its genes.
     M0, sigma_M : float
         Capture prior: median total mRNA per cell and log-scale sd
         (defaults and sources in :mod:`scribe_stan.models.pln`).
@@ -280,7 +294,7 @@ def fit(adata, *, model="pln", method="laplace", rank=10, layer=None, genes=None
     _validate.check_choice("device", device, DEVICES)
     if method == "hmc":
         stan.resolve_backend(backend)
-    data = _prepare(adata, layer, genes, M0, sigma_M)
+    data = _prepare(adata, layer, genes, M0, sigma_M, library_size)
     if conditional_on is not None:
         rank = conditional_on.W.shape[1]  # the globals fix the rank
     K = _validate.check_rank(rank, data.counts.shape[1])

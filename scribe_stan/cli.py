@@ -173,12 +173,17 @@ def hmc_diagnostics(tree) -> dict:
 
 
 def _round(d: dict, digits: int = 4) -> dict:
-    return {k: (round(v, digits) if isinstance(v, float) and math.isfinite(v) else v)
-            for k, v in d.items()}
+    """Floats rounded for printing; NaN/inf (undefined diagnostics) become JSON null."""
+    def one(v):
+        if isinstance(v, float):
+            return round(v, digits) if math.isfinite(v) else None
+        return v
+
+    return {k: one(v) for k, v in d.items()}
 
 
 def _print_json(d: dict) -> None:
-    print(json.dumps(_round(d), default=str), flush=True)
+    print(json.dumps(_round(d), default=str, allow_nan=False), flush=True)
 
 
 # --------------------------------------------------------------------------------------
@@ -353,7 +358,9 @@ def cmd_validate(args) -> int:
         for key in tables:
             tables[key].to_csv(outdir / f"compare_{key}.csv")
             details[key].to_csv(outdir / f"compare_{key}_detail.csv")
-        fig = ss.plot_comparison(lap_tree, cond_tree, var_names=("eta", "x"))
+        # panel titles carry cell barcodes and gene names: 3 wide panels per row
+        fig = ss.plot_comparison(lap_tree, cond_tree, var_names=("eta", "x"), col_wrap=3,
+                                 figsize=(18, 15))
         fig.savefig(outdir / "comparison.png", dpi=120, bbox_inches="tight")
         plt.close(fig)
         if args.save_trees:
