@@ -21,6 +21,7 @@ Bad input (missing file, unknown model/backend/layer, invalid counts, rank out o
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import sys
@@ -28,7 +29,8 @@ import time
 from pathlib import Path
 
 from scribe_stan import __version__, _validate
-from scribe_stan.models import MODELS, pln
+from scribe_stan.api import fit as _api_fit
+from scribe_stan.models import MODELS
 from scribe_stan.stan import BACKENDS
 
 __all__ = ["main", "build_parser", "hmc_diagnostics"]
@@ -448,18 +450,23 @@ def _add_common(p, *, model=True):
                        help=f"count model; one of: {', '.join(_MODELS)}")
     p.add_argument("--layer", default=None,
                    help="read counts from adata.layers[LAYER] instead of adata.X")
-    p.add_argument("--M0", type=float, default=pln.M0_DEFAULT,
+    p.add_argument("--M0", type=float, default=_fit_default("M0"),
                    help="capture prior: median total mRNA molecules per cell")
-    p.add_argument("--sigma-M", dest="sigma_M", type=float, default=pln.SIGMA_M_DEFAULT,
+    p.add_argument("--sigma-M", dest="sigma_M", type=float, default=_fit_default("sigma_M"),
                    help="capture prior: log-scale sd of the capture loss eta")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
+def _fit_default(name):
+    """Default of a :func:`scribe_stan.fit` argument (one source for the CLI defaults)."""
+    return inspect.signature(_api_fit).parameters[name].default
+
+
 def _add_laplace(p):
-    p.add_argument("--tol", type=float, default=1e-9,
+    p.add_argument("--tol", type=float, default=_fit_default("tol"),
                    help="relative objective tolerance of the outer L-BFGS-B")
-    p.add_argument("--max-iter", dest="max_iter", type=int, default=1000,
+    p.add_argument("--max-iter", dest="max_iter", type=int, default=_fit_default("max_iter"),
                    help="maximum outer (L-BFGS-B) iterations")
 
 

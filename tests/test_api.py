@@ -4,8 +4,6 @@ Small simulated pln data (``scribe_stan.models.pln.simulate``) wrapped in AnnDat
 Laplace fit here takes seconds.
 """
 
-import re
-import warnings
 
 import anndata as ad
 import numpy as np
