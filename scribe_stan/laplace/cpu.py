@@ -89,38 +89,32 @@ def _chol_logdet(L, K):
 
 
 @njit(cache=True, inline="always", fastmath=_FAST)
-def _sigma_inv_apply(v, W, inv_d, Lc, G, K, tmpK, tmpK2, out):
-    """out = Sigma^{-1} v with Sigma = W W' + diag(d), via the shared K x K factor Lc."""
+def _woodbury_apply(v, W, diag, scale, sign, L, G, K, tmpK, tmpK2, out):
+    """out = diag * v + sign * scale * (W (L L')^{-1} W' (scale * v)), O(G K + K^2)."""
     for k in range(K):
         tmpK[k] = 0.0
     for g in range(G):
-        vg = v[g] * inv_d[g]
-        out[g] = vg
+        sv = scale[g] * v[g]
         for k in range(K):
-            tmpK[k] += W[g, k] * vg
-    _chol_solve(Lc, tmpK, K, tmpK2)
+            tmpK[k] += W[g, k] * sv
+    _chol_solve(L, tmpK, K, tmpK2)
     for g in range(G):
         s = 0.0
         for k in range(K):
             s += W[g, k] * tmpK2[k]
-        out[g] -= inv_d[g] * s
+        out[g] = diag[g] * v[g] + sign * scale[g] * s
+
+
+@njit(cache=True, inline="always", fastmath=_FAST)
+def _sigma_inv_apply(v, W, inv_d, Lc, G, K, tmpK, tmpK2, out):
+    """out = Sigma^{-1} v = v/d - (W/d) C^{-1} W'(v/d), C = Lc Lc' shared by all cells."""
+    _woodbury_apply(v, W, inv_d, inv_d, -1.0, Lc, G, K, tmpK, tmpK2, out)
 
 
 @njit(cache=True, inline="always", fastmath=_FAST)
 def _a_inv_apply(v, W, h, invB, Lm, G, K, tmpK, tmpK2, out):
-    """out = A^{-1} v = v/B + h * (W M^{-1} W' (h * v)) (Woodbury)."""
-    for k in range(K):
-        tmpK[k] = 0.0
-    for g in range(G):
-        hv = h[g] * v[g]
-        for k in range(K):
-            tmpK[k] += W[g, k] * hv
-    _chol_solve(Lm, tmpK, K, tmpK2)
-    for g in range(G):
-        s = 0.0
-        for k in range(K):
-            s += W[g, k] * tmpK2[k]
-        out[g] = v[g] * invB[g] + h[g] * s
+    """out = A^{-1} v = v/B + h * (W M^{-1} W' (h * v)) with M = Lm Lm'."""
+    _woodbury_apply(v, W, invB, h, 1.0, Lm, G, K, tmpK, tmpK2, out)
 
 
 @njit(cache=True, inline="always", fastmath=_FAST)
