@@ -144,6 +144,14 @@ def test_unknown_names_raise_with_allowed_values(sim, fmt, kwargs, pattern):
     assert_unchanged(adata, before)
 
 
+@pytest.mark.parametrize("lib", [np.ones(N - 1), np.r_[np.ones(N - 1), 0.0],
+                                 np.r_[np.ones(N - 1), np.nan]], ids=["shape", "zero", "nan"])
+def test_bad_library_size_raises(sim, lib):
+    adata = make_adata(sim["counts"])
+    with pytest.raises(ValueError, match=rf"library_size must be {N} positive finite values"):
+        ss.fit(adata, rank=K, library_size=lib, progress=False)
+
+
 def test_not_an_anndata_raises_type_error(sim):
     with pytest.raises(TypeError, match="adata must be an anndata.AnnData; got ndarray"):
         ss.fit(sim["counts"], rank=K, progress=False)
