@@ -127,7 +127,7 @@ class LaplaceProblem:
             it, ok, bd = cpu.newton_all(self.counts[bad], self.a[bad], self.sigma_M, mu, W, d,
                                         pair_products(W), Lc,
                                         xb := self.x[bad], eb := self.eta[bad], fix,
-                                        self.newton_tol, 10 * self.max_newton, _n_chunks())
+                                        self.newton_tol, self.max_newton, _n_chunks())
             self.x[bad], self.eta[bad] = xb, eb
             self.n_iter[bad] += it
             self.converged[bad], self.at_bound[bad] = ok, bd
@@ -332,7 +332,7 @@ class LaplaceSolution:
 
 def fit_laplace(counts, K, *, log_M0=np.log(pln.M0_DEFAULT), sigma_M=pln.SIGMA_M_DEFAULT,
                 log_lib=None, tol=1e-8, max_iter=1000, newton_tol=1e-10, init=None, seed=0,
-                progress=None, precondition=True):
+                progress=None, precondition=True, max_unconverged=0.01):
     """Fit the pln globals by maximizing the exact Laplace objective.
 
     Parameters
@@ -348,6 +348,9 @@ def fit_laplace(counts, K, *, log_M0=np.log(pln.M0_DEFAULT), sigma_M=pln.SIGMA_M
     progress : tqdm-like object with ``update``/``set_postfix``, optional.
     precondition : bool
         Optimize in coordinates scaled by :func:`diagonal_scaling` (default).
+    max_unconverged : float
+        Trial points of the outer line search where a larger fraction of cells fails
+        the Newton step are rejected (objective +inf).
 
     Returns
     -------
@@ -364,12 +367,18 @@ def fit_laplace(counts, K, *, log_M0=np.log(pln.M0_DEFAULT), sigma_M=pln.SIGMA_M
     scale = (diagonal_scaling(problem, mu0, W0, d0) if precondition
              else np.ones(G * (K + 2)))
 
+    good = {"x": problem.x.copy(), "eta": problem.eta.copy()}
+
     def fun(theta_scaled):
+        # A line-search trial far from the data can leave many cells unconverged; reject
+        # it (L-BFGS-B then backtracks) and keep the last good modes as warm starts.
         nonlocal n_eval
         n_eval += 1
         value, grad = objective(problem, theta_scaled / scale, K)
-        if not np.isfinite(value):
+        if not np.isfinite(value) or np.mean(~problem.converged) > max_unconverged:
+            problem.x[:], problem.eta[:] = good["x"], good["eta"]
             return np.inf, np.zeros_like(theta_scaled)
+        good["x"][:], good["eta"][:] = problem.x, problem.eta
         return -value, -grad / scale
 
     def callback(intermediate_result):
@@ -378,8 +387,12 @@ def fit_laplace(counts, K, *, log_M0=np.log(pln.M0_DEFAULT), sigma_M=pln.SIGMA_M
             progress.update(1)
             progress.set_postfix(objective=f"{history[-1]:.6g}")
 
-    res = optimize.minimize(fun, pack(mu0, W0, d0) * scale, jac=True, method="L-BFGS-B",
-                            callback=callback,
+    # Box on mu and log d keeps trial points where exp(x - eta) stays finite.
+    lower = np.concatenate([np.full(G, -50.0), np.full(G * K, -np.inf), np.full(G, np.log(1e-6))])
+    upper = np.concatenate([np.full(G, 50.0), np.full(G * K, np.inf), np.full(G, np.log(1e2))])
+    theta0 = np.clip(pack(mu0, W0, d0), lower, upper)
+    res = optimize.minimize(fun, theta0 * scale, jac=True, method="L-BFGS-B",
+                            bounds=list(zip(lower * scale, upper * scale)), callback=callback,
                             options={"maxiter": max_iter, "ftol": tol, "gtol": 1e-6,
                                      "maxcor": 20, "maxls": 40})
     theta = res.x / scale
