@@ -257,8 +257,10 @@ def diagonal_scaling(problem, mu, W, d):
     lam = np.exp(problem.x - problem.eta[:, None])
     sig = np.sum(W**2, axis=1) + d
     w = lam / (1.0 + lam * sig)
-    info = np.maximum(w.sum(axis=0), 1e-3)
-    info_d = np.maximum(0.5 * np.sum((w * d) ** 2, axis=0), 1e-3)
+    # Floor at 1: coordinates of nearly silent genes are never stretched, so a unit
+    # step of the optimizer never moves them by more than one natural unit.
+    info = np.maximum(w.sum(axis=0), 1.0)
+    info_d = np.maximum(0.5 * np.sum((w * d) ** 2, axis=0), 1.0)
     K = W.shape[1]
     return np.sqrt(np.concatenate([info, np.repeat(info, K), info_d]))
 
@@ -349,8 +351,8 @@ def fit_laplace(counts, K, *, log_M0=np.log(pln.M0_DEFAULT), sigma_M=pln.SIGMA_M
     precondition : bool
         Optimize in coordinates scaled by :func:`diagonal_scaling` (default).
     max_unconverged : float
-        Trial points of the outer line search where a larger fraction of cells fails
-        the Newton step are rejected (objective +inf).
+        After an evaluation where a larger fraction of cells fails the Newton step, the
+        next one warm-starts from the last good modes.
 
     Returns
     -------
@@ -370,15 +372,17 @@ def fit_laplace(counts, K, *, log_M0=np.log(pln.M0_DEFAULT), sigma_M=pln.SIGMA_M
     good = {"x": problem.x.copy(), "eta": problem.eta.copy()}
 
     def fun(theta_scaled):
-        # A line-search trial far from the data can leave many cells unconverged; reject
-        # it (L-BFGS-B then backtracks) and keep the last good modes as warm starts.
+        # A line-search trial far from the data can strand cells; their modes are not
+        # kept as warm starts (the line search backtracks on the poor value it sees).
         nonlocal n_eval
         n_eval += 1
         value, grad = objective(problem, theta_scaled / scale, K)
         if not np.isfinite(value) or np.mean(~problem.converged) > max_unconverged:
             problem.x[:], problem.eta[:] = good["x"], good["eta"]
+        else:
+            good["x"][:], good["eta"][:] = problem.x, problem.eta
+        if not np.isfinite(value):
             return np.inf, np.zeros_like(theta_scaled)
-        good["x"][:], good["eta"][:] = problem.x, problem.eta
         return -value, -grad / scale
 
     def callback(intermediate_result):
