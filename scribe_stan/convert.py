@@ -10,7 +10,9 @@ group                    variables (dims after ``chain, draw``)
 =======================  ==============================================================
 ``posterior``            ``mu (gene)``, ``d (gene)``, ``W (gene, factor)``,
                          ``Sigma (gene, gene_2)``, ``corr (gene, gene_2)``,
-                         ``x (cell, gene)`` log-rates, ``eta (cell)`` capture
+                         ``x (cell, gene)`` log-rates, ``eta (cell)`` capture,
+                         ``r (gene)`` NB dispersion, ``m (gene)`` nbvcp log mean,
+                         ``W_perp (gene, factor)`` gauge-invariant loadings
 ``sample_stats``         ``lp``, ``lp_approx``, ``diverging``, ``tree_depth``,
                          ``n_steps``, ``energy``, ``step_size``, ``acceptance_rate``
                          (no extra dims)
@@ -66,6 +68,9 @@ VARIABLE_DIMS: dict[str, dict[str, tuple[str, ...]]] = {
         "corr": ("gene", "gene_2"),
         "x": ("cell", "gene"),
         "eta": ("cell",),
+        "r": ("gene",),
+        "m": ("gene",),
+        "W_perp": ("gene", "factor"),
     },
     "sample_stats": {
         "lp": (),
