@@ -4,10 +4,12 @@
 //   x_c     ~ multi_normal(mu, Sigma),  Sigma = W W' + diag(d)
 //   u[c, g] ~ poisson(exp(x[c, g] - eta_c))
 //
-// Priors (see scribe_stan/models/pln.py): mu ~ normal(0, 10), loadings ~ normal(0, 1)
-// (pinned lower triangular, positive diagonal: half-normal on the diagonal),
-// d ~ gamma(2, 4). Both x and eta are non-centred. Every term is added with an
-// explicit, normalized _lpdf/_lpmf so the log density keeps all constants.
+// Priors (see scribe_stan/models/pln.py and loadings.py): mu ~ normal(0, 10),
+// d ~ gamma(2, 4); loadings pinned lower triangular with a positive diagonal, with
+// either iid normal(0, 1) entries or a columnwise shrinkage prior on W_perp with
+// column scales tau (loadings_prior 1-3, for adaptive rank). Both x and eta are
+// non-centred. Every term is added with an explicit, normalized _lpdf/_lpmf so the
+// log density keeps all constants.
 functions {
   #include functions/pln.stanfunctions
 }
@@ -19,6 +21,7 @@ data {
   vector[N] log_lib;  // log library sizes
   real log_M0;  // log prior median total mRNA per cell
   real<lower=0> sigma_M;  // capture prior scale
+  int<lower=0, upper=3> loadings_prior;  // 0 normal, 1 gaussian, 2 horseshoe, 3 neg
 }
 transformed data {
   vector[N] a = log_M0 - log_lib;  // prior location of eta
@@ -29,6 +32,7 @@ parameters {
   vector<lower=0>[K] W_diag;
   vector[K * G - (K * (K + 1)) %/% 2] W_lower;
   vector<lower=0>[G] d;
+  vector<lower=1e-3>[loadings_prior > 0 ? K : 0] tau;  // loadings column scales
   matrix[N, G] z;  // latent innovations
   vector<lower=eta_std_lower>[N] eta_std;  // standardized capture
 }
@@ -39,7 +43,7 @@ transformed parameters {
   matrix[N, G] x = pln_latent(mu, cholesky_decompose(Sigma), z);
 }
 model {
-  target += pln_globals_lpdf(mu | W_diag, W_lower, d);
+  target += pln_globals_lpdf(mu | d, W, W_diag, W_lower, tau, loadings_prior);
   target += std_normal_lpdf(to_vector(z));
   target += pln_capture_std_lpdf(eta_std | eta_std_lower);
   target += sum(pln_log_lik(counts, x, eta));

@@ -12,7 +12,8 @@ Model (``stan/pln.stan`` is the reference specification)::
 Priors on the globals (identical in ``stan/functions/pln.stanfunctions``):
 
 * ``mu_g ~ Normal(MU_LOC, MU_SCALE)``: log-rate before capture; weakly informative.
-* ``W[g, k] ~ Normal(0, W_SCALE)``: loadings.
+* ``W[g, k] ~ Normal(0, W_SCALE)``: loadings (default), or a columnwise shrinkage prior
+  on the gauge-invariant loadings for adaptive rank (:mod:`scribe_stan.models.loadings`).
 * ``d_g ~ Gamma(D_SHAPE, D_RATE)`` (shape, rate): residual log-rate variance. Shape 2
   makes the density vanish at 0, so MAP estimates of variances stay off the boundary
   (Chung et al. 2013, Psychometrika 78:685, doi:10.1007/s11336-013-9328-2).
@@ -32,6 +33,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import special, stats
 
+from scribe_stan.models import loadings
+
 NAME = "pln"
 STAN_FILE = "pln.stan"
 CONDITIONAL_STAN_FILE = "pln_conditional.stan"
@@ -41,7 +44,7 @@ M0_DEFAULT = 1.0e5
 SIGMA_M_DEFAULT = 1.0
 MU_LOC = 0.0
 MU_SCALE = 10.0
-W_SCALE = 1.0
+W_SCALE = loadings.W_SCALE
 D_SHAPE = 2.0
 D_RATE = 4.0
 
@@ -51,7 +54,8 @@ def capture_prior_mean(log_lib, log_M0):
     return log_M0 - np.asarray(log_lib, dtype=float)
 
 
-def stan_data(counts, K, *, log_M0=np.log(M0_DEFAULT), sigma_M=SIGMA_M_DEFAULT, log_lib=None):
+def stan_data(counts, K, *, log_M0=np.log(M0_DEFAULT), sigma_M=SIGMA_M_DEFAULT, log_lib=None,
+              loadings_prior="normal"):
     """Data dict for ``stan/pln.stan`` (full joint posterior).
 
     Parameters
@@ -64,12 +68,28 @@ def stan_data(counts, K, *, log_M0=np.log(M0_DEFAULT), sigma_M=SIGMA_M_DEFAULT, 
     log_lib : (N,) array, optional
         Log library sizes; default ``log(counts.sum(axis=1))``. Pass the library size
         over all genes of the cell when ``counts`` holds a gene subset.
+    loadings_prior : str
+        One of :data:`scribe_stan.models.loadings.PRIORS`.
 
     Returns
     -------
     dict
-        Keys ``N, G, K, counts, log_lib, log_M0, sigma_M``: the data-block contract.
+        Keys ``N, G, K, counts, log_lib, log_M0, sigma_M, loadings_prior`` (an int
+        code): the data-block contract.
+
+    Raises
+    ------
+    ValueError
+        Unknown ``loadings_prior``.
     """
+    data = _capture_data(counts, K, log_M0=log_M0, sigma_M=sigma_M, log_lib=log_lib)
+    data["loadings_prior"] = loadings.STAN_CODES[loadings.check_prior(loadings_prior)]
+    return data
+
+
+def _capture_data(counts, K, *, log_M0=np.log(M0_DEFAULT), sigma_M=SIGMA_M_DEFAULT,
+                  log_lib=None):
+    """Sizes, counts and capture-prior inputs shared by every pln program."""
     counts = np.asarray(counts)
     N, G = counts.shape
     return {
@@ -87,7 +107,7 @@ def stan_data(counts, K, *, log_M0=np.log(M0_DEFAULT), sigma_M=SIGMA_M_DEFAULT, 
 def conditional_stan_data(counts, mu, W, d, **capture):
     """Data dict for ``stan/pln_conditional.stan``: :func:`stan_data` plus ``mu, W, d``."""
     W = np.asarray(W, dtype=float)
-    data = stan_data(counts, W.shape[1], **capture)
+    data = _capture_data(counts, W.shape[1], **capture)
     data.update(mu=np.asarray(mu, float), W=W, d=np.asarray(d, float))
     return data
 
@@ -104,11 +124,16 @@ def laplace_stan_data(counts, mu, W, d, eta, **capture):
 # --------------------------------------------------------------------------------------
 
 
-def log_prior_globals(mu, W, d):
-    """Log prior density of the globals (normalized), summed to a float."""
+def log_prior_globals(mu, W, d, *, tau=None, loadings_prior="normal"):
+    """Log prior density of the globals (normalized), summed to a float.
+
+    ``tau`` (K,) are the loadings column scales of a shrinkage ``loadings_prior``
+    (see :mod:`scribe_stan.models.loadings`); unused for "normal".
+    """
+    log_tau = np.zeros(0) if tau is None else np.log(np.asarray(tau, dtype=float))
     return (
         stats.norm.logpdf(mu, MU_LOC, MU_SCALE).sum()
-        + stats.norm.logpdf(W, 0.0, W_SCALE).sum()
+        + loadings.log_prior_and_grad(W, log_tau, loadings_prior)[0]
         + stats.gamma.logpdf(d, D_SHAPE, scale=1.0 / D_RATE).sum()
     )
 
@@ -139,12 +164,14 @@ def log_latent_prior_cells(x, mu, W, d):
     return stats.multivariate_normal(mean=mu, cov=Sigma).logpdf(np.atleast_2d(x)).reshape(-1)
 
 
-def log_joint(counts, mu, W, d, x, eta, *, log_M0=np.log(M0_DEFAULT), sigma_M=SIGMA_M_DEFAULT):
-    """Exact joint log density ``log p(u, x, eta, mu, W, d)`` (all constants included).
+def log_joint(counts, mu, W, d, x, eta, *, log_M0=np.log(M0_DEFAULT), sigma_M=SIGMA_M_DEFAULT,
+              tau=None, loadings_prior="normal"):
+    """Exact joint log density ``log p(u, x, eta, mu, W, d[, tau])`` (all constants).
 
     Parameters
     ----------
     counts : (N, G) int;  mu : (G,);  W : (G, K);  d : (G,) > 0;  x : (N, G);  eta : (N,)
+    tau : (K,) loadings column scales, for a shrinkage ``loadings_prior`` only.
 
     Returns
     -------
@@ -153,7 +180,7 @@ def log_joint(counts, mu, W, d, x, eta, *, log_M0=np.log(M0_DEFAULT), sigma_M=SI
     counts = np.asarray(counts)
     a = capture_prior_mean(np.log(counts.sum(axis=1)), log_M0)
     return float(
-        log_prior_globals(mu, W, d)
+        log_prior_globals(mu, W, d, tau=tau, loadings_prior=loadings_prior)
         + log_lik_cells(counts, x, eta).sum()
         + log_latent_prior_cells(x, mu, W, d).sum()
         + log_capture_prior(eta, a, sigma_M).sum()
