@@ -15,7 +15,7 @@ import pandas as pd
 
 from scribe_stan import _validate, convert, stan
 from scribe_stan.laplace.solver import LaplaceSolution, fit_laplace
-from scribe_stan.models import MODELS, pln
+from scribe_stan.models import MODELS, loadings, pln
 
 METHODS = ("laplace", "hmc")
 DEVICES = ("cpu", "auto")
@@ -85,6 +85,8 @@ class LaplaceFit:
     converged : (N,) bool, the per-cell Newton step converged at the final globals.
     eta_at_bound : (N,) bool, eta's mode sits on its bound 0.
     n_newton : (N,) Newton iterations of the last E-step.
+    W_perp : (G, K) gauge-invariant loadings;  gauge : dict of parallel/perpendicular
+        loadings norms;  effective_rank : int (see :mod:`scribe_stan.models.loadings`).
     objective : float, final Laplace objective (nats);  n_iter : outer iterations;
     success : bool and message : str from the outer optimizer.
     obs_names, var_names : pandas.Index;  settings : dict of the arguments used.
@@ -114,6 +116,21 @@ class LaplaceFit:
     def Sigma(self):
         """Dense covariance ``W W' + diag(d)`` (G x G) of the log-rates."""
         return pln.covariance(self.W, self.d)
+
+    @property
+    def W_perp(self):
+        """Gauge-invariant loadings (G, K): ``W`` with column means over genes removed."""
+        return loadings.w_perp(self.W)
+
+    @property
+    def gauge(self):
+        """Parallel vs perpendicular loadings norms (:func:`loadings.gauge_diagnostics`)."""
+        return loadings.gauge_diagnostics(self.W)
+
+    @property
+    def effective_rank(self):
+        """Latent directions with RMS loading >= 0.05 (:func:`loadings.effective_rank`)."""
+        return loadings.effective_rank(self.W)
 
     def _gene_index(self, genes):
         if genes is None:
@@ -163,7 +180,8 @@ class LaplaceFit:
         Sigma = W @ W.T + np.diag(self.d[idx])
         rep = lambda a: np.broadcast_to(a, (1, draws) + a.shape)  # noqa: E731
         rate = np.exp(np.minimum(smp["x"] - smp["eta"][..., None], 20.7))
-        posterior = {"mu": rep(self.mu[idx]), "W": rep(W), "d": rep(self.d[idx]),
+        posterior = {"mu": rep(self.mu[idx]), "W": rep(W), "W_perp": rep(self.W_perp[idx]),
+                     "d": rep(self.d[idx]),
                      "Sigma": rep(Sigma), "x": smp["x"][None], "eta": smp["eta"][None]}
         return convert.build_datatree(
             posterior=posterior,
@@ -185,9 +203,10 @@ class LaplaceFit:
 
         ``obs[f"{key}_eta"]`` capture-loss mode, ``obs[f"{key}_capture_efficiency"]``
         ``exp(-eta)``, ``obs[f"{key}_converged"]``; ``obsm[f"{key}_x"]`` (N, G_fit)
-        log-rate modes; ``var[f"{key}_mu"]``, ``var[f"{key}_d"]`` and
-        ``varm[f"{key}_W"]`` (NaN for genes not fitted); ``uns[key]`` the settings,
-        objective, iteration counts and fitted gene names. ``key`` defaults to the
+        log-rate modes; ``var[f"{key}_mu"]``, ``var[f"{key}_d"]``,
+        ``varm[f"{key}_W"]`` and ``varm[f"{key}_W_perp"]`` (NaN for genes not fitted);
+        ``uns[key]`` the settings, objective, iteration counts, effective rank, gauge
+        ratio and fitted gene names. ``key`` defaults to the
         model name. The input ``adata`` is not modified.
         """
         key = key_added or self.model
@@ -202,10 +221,15 @@ class LaplaceFit:
         out.obsm[f"{key}_x"] = self.x_hat.copy()
         out.var[f"{key}_mu"], out.var[f"{key}_d"] = mu, d
         out.varm[f"{key}_W"] = W
+        W_perp = np.full((G, K), np.nan)
+        W_perp[pos] = self.W_perp
+        out.varm[f"{key}_W_perp"] = W_perp
         out.uns[key] = {**{k: v for k, v in self.settings.items() if v is not None},
                         "objective": self.objective, "outer_iterations": self.n_iter,
                         "optimizer_success": self.success,
                         "cells_converged": int(self.converged.sum()),
+                        "effective_rank": self.effective_rank,
+                        "gauge_ratio": self.gauge["ratio"],
                         "genes": np.asarray(self.var_names, dtype=str)}
         return out
 

@@ -346,6 +346,9 @@ def to_datatree_from_stan(
     y_rep = post_in.get("y_rep")
     if "W" in posterior:
         n_factors = np.shape(posterior["W"])[-1]
+        # gauge-invariant loadings: column means over genes removed, draw by draw
+        W = np.asarray(posterior["W"])
+        posterior.setdefault("W_perp", W - W.mean(axis=-2, keepdims=True))
     else:
         n_factors = 0
     sample_stats = {

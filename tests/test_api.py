@@ -210,7 +210,23 @@ def test_fit_result_shapes(lap):
     assert list(fit.var_names) == list(adata.var_names)
 
 
-def test_to_anndata_returns_copy_with_new_keys(lap):
+def test_gauge_invariant_loadings_and_effective_rank(lap):
+    adata, fit = lap
+    np.testing.assert_allclose(fit.W_perp, fit.W - fit.W.mean(axis=0), atol=1e-15)
+    gauge = fit.gauge
+    assert gauge["norm_perp"] == pytest.approx(np.linalg.norm(fit.W_perp))
+    assert gauge["norm_parallel"] == pytest.approx(np.sqrt(G) * np.linalg.norm(fit.W.mean(0)))
+    assert 0 <= fit.effective_rank <= K
+    out = fit.to_anndata(adata)
+    np.testing.assert_array_equal(out.varm["pln_W_perp"], fit.W_perp)
+    assert out.uns["pln"]["effective_rank"] == fit.effective_rank
+    tree = fit.to_datatree(draws=3, genes=["gene1", "gene4"])
+    # W_perp removes the means over all fitted genes, not over the stored subset
+    idx = list(adata.var_names).index("gene4")
+    np.testing.assert_allclose(tree["posterior"]["W_perp"].values[0, 0, 1], fit.W_perp[idx])
+
+
+
     adata, fit = lap
     before = snapshot(adata)
     out = fit.to_anndata(adata)

@@ -138,6 +138,10 @@ def test_subset_posterior_and_missing_groups():
     assert set(t.children) == {"posterior", "sample_stats"}
     assert "x" not in t["posterior"].data_vars
     assert "corr" in t["posterior"].data_vars
+    W = post["W"]
+    np.testing.assert_allclose(t["posterior"]["W_perp"].values,
+                               W - W.mean(axis=-2, keepdims=True))
+    assert t["posterior"]["W_perp"].dims == ("chain", "draw", "gene", "factor")
 
 
 def test_unknown_variable_lists_known():
