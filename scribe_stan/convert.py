@@ -71,6 +71,17 @@ VARIABLE_DIMS: dict[str, dict[str, tuple[str, ...]]] = {
         "r": ("gene",),
         "m": ("gene",),
         "W_perp": ("gene", "factor"),
+        # lnm / lnmvcp: ALR coordinates (reference gene left out), CLR summaries, totals
+        "mu_alr": ("gene_alr",),
+        "d_alr": ("gene_alr",),
+        "W_alr": ("gene_alr", "factor"),
+        "Sigma_alr": ("gene_alr", "gene_alr_2"),
+        "y": ("cell", "gene_alr"),
+        "mu_clr": ("gene",),
+        "Sigma_clr": ("gene", "gene_2"),
+        "corr_clr": ("gene", "gene_2"),
+        "m_T": (),
+        "r_T": (),
     },
     "sample_stats": {
         "lp": (),
@@ -165,6 +176,7 @@ def build_datatree(
     gene_names,
     n_factors: int,
     attrs: Mapping[str, Any] | None = None,
+    reference_gene: str | None = None,
 ) -> xr.DataTree:
     """Assemble draws from any solver into the standard ArviZ ``DataTree``.
 
@@ -191,6 +203,9 @@ def build_datatree(
         Coordinate of the ``gene`` and ``gene_2`` dims (e.g. ``adata.var_names``).
     n_factors : int
         Latent rank K; coordinate ``factor = 0 .. K-1``.
+    reference_gene : str, optional
+        ALR reference gene (lnm, lnmvcp), one of ``gene_names``: the ``gene_alr`` and
+        ``gene_alr_2`` dims are ``gene_names`` without it. Needed for ALR variables.
     attrs : mapping, optional
         Provenance (``solver``, ``backend``, ``seed``, ``stan_hash``, ...), stamped on
         the root and on the ``posterior`` group together with version strings from
@@ -228,6 +243,12 @@ def build_datatree(
         "gene_2": genes,
         "factor": np.arange(n_factors),
     }
+    if reference_gene is not None:
+        if str(reference_gene) not in set(genes.tolist()):
+            raise ValueError(f"reference_gene {reference_gene!r} is not among gene_names")
+        alr = genes[genes != str(reference_gene)]
+        sizes.update(gene_alr=alr.size, gene_alr_2=alr.size)
+        coords.update(gene_alr=alr, gene_alr_2=alr)
 
     inputs = {
         "posterior": posterior,
@@ -256,6 +277,10 @@ def build_datatree(
         out = {}
         for name, values in group_in.items():
             arr = np.asarray(values)
+            missing = [dim for dim in known[name] if dim not in sizes]
+            if missing:
+                raise ValueError(f"{group}/{name} has dims {missing}; pass reference_gene "
+                                 "to build_datatree for ALR variables")
             event = tuple(sizes[dim] for dim in known[name])
             lead = 2 if has_sample else 0
             expected_desc = (("chain", "draw") if has_sample else ()) + known[name]
