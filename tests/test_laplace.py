@@ -6,7 +6,7 @@ import pytest
 from scipy import stats
 
 from scribe_stan.laplace import reference as ref
-from scribe_stan.laplace.solver import LaplaceProblem, fit_laplace, objective, pack
+from scribe_stan.laplace.solver import LaplaceProblem, OuterLayout, fit_laplace, objective
 from scribe_stan.models import pln
 
 
@@ -78,14 +78,15 @@ def test_woodbury_draws_match_dense_covariance_and_densities():
 def test_outer_gradient_matches_finite_differences():
     sim, mu, W, d = _problem(5, N=6, G=5, K=2)
     P = LaplaceProblem(sim["counts"], sigma_M=0.5, newton_tol=1e-14, log_lib=sim["log_lib"])
-    theta = pack(mu, W, d)
-    _, grad = objective(P, theta, 2)
+    layout = OuterLayout(5, 2)
+    theta = layout.pack(mu, W, d)
+    _, grad = objective(P, theta, layout)
     h = 1e-5
     fd = np.empty_like(theta)
     for i in range(theta.size):
         e = np.zeros_like(theta)
         e[i] = h
-        fd[i] = (objective(P, theta + e, 2)[0] - objective(P, theta - e, 2)[0]) / (2 * h)
+        fd[i] = (objective(P, theta + e, layout)[0] - objective(P, theta - e, layout)[0]) / (2 * h)
     np.testing.assert_allclose(grad, fd, rtol=1e-6, atol=1e-6 * np.abs(fd).max())
 
 

@@ -1,13 +1,21 @@
-"""Numba CPU kernels of the per-cell Newton-Woodbury Laplace step for the pln model.
+"""Numba CPU kernels of the per-cell Newton-Woodbury Laplace step (pln and nbln).
 
-Per cell c with counts u (G,), capture prior location a and scale sigma_M, the latent
+Per cell c with counts u (G,), eta prior location a_c and scale sigma_c, the latent
 ``z = (x, eta)`` has the log density (dropping terms constant in z)::
 
-    f(x, eta) = sum_g [u_g v_g - exp(v_g)] - 1/2 (x - mu)' Sigma^{-1} (x - mu)
-                - (eta - a)^2 / (2 sigma_M^2),          v = x - eta,  lambda = exp(v)
+    f(x, eta) = sum_g l_g(v_g) - 1/2 (x - mu)' Sigma^{-1} (x - mu)
+                - (eta - a_c)^2 / (2 sigma_c^2),          v = x - eta,
 
-and its negative Hessian is ``-H = [[A, -lambda], [-lambda', c]]`` with
-``A = diag(lambda) + Sigma^{-1}`` and ``c = sum(lambda) + 1/sigma_M^2``.
+with the NegBinomial2 log likelihood in the log mean ``v`` (``m = exp(v)``, inverse
+dispersion ``phi_g = 1/r_g``; ``phi_g = 0`` is exactly the Poisson pln model)::
+
+    l_g(v) = u v - (u + 1/phi) log(1 + phi m)     (Poisson: u v - m)
+    l_g'(v) = (u - m) / (1 + phi m)
+    lambda_g = -l_g''(v) = m (1 + phi u) / (1 + phi m)^2 > 0
+
+so f is concave in z for every phi >= 0 and Newton keeps a negative definite Hessian.
+Its negative Hessian is ``-H = [[A, -lambda], [-lambda', c]]`` with
+``A = diag(lambda) + Sigma^{-1}`` and ``c = sum(lambda) + 1/sigma_c^2``.
 With ``Sigma = W W' + diag(d)`` all solves with A use the Woodbury identity::
 
     A^{-1} v = v / B + h * (W M^{-1} W' (h * v)),
@@ -23,8 +31,14 @@ Outer gradient (Margossian et al. 2020, "Hamiltonian Monte Carlo using an adjoin
 differentiated Laplace approximation", NeurIPS, arXiv:2004.12550): the Laplace value
 ``F(theta) = f(z_hat) + consts - 1/2 log det(-H)`` has total derivative
 ``dF = partial_theta F + w' partial_theta grad_z f`` with the adjoint
-``w = -1/2 (-H)^{-1} J' t``, ``t_g = lambda_g Var_q(v_g)`` (the derivative of the
-log-determinant along the mode) and ``J = [I, -1]`` mapping z to v.
+``w = -1/2 (-H)^{-1} J' t``, ``t_g = (d lambda_g / d v_g) Var_q(v_g)`` (the derivative
+of the log-determinant along the mode) and ``J = [I, -1]`` mapping z to v.
+
+Kernel interface (shared with the CUDA backend): every public kernel takes ``inv_r``
+(G,), the inverse dispersions, right after ``d``, and a per-cell eta prior scale
+``sigma`` (N,) beside the per-cell location ``a`` (N,); the eta prior is
+Normal(a_c, sigma_c) truncated to eta >= 0. z-independent terms of the likelihood
+(``lgamma`` terms) are the caller's, passed in per-cell constants.
 
 All kernels assume valid input (checked in scribe_stan._validate).
 """
@@ -118,17 +132,36 @@ def _a_inv_apply(v, W, h, invB, Lm, G, K, tmpK, tmpK2, out):
 
 
 @njit(cache=True, inline="always", fastmath=_FAST)
-def _curvature(x, eta, W, d, WW, G, K, lam, h, invB, Mf, Lm):
-    """Fill lambda, h, 1/B and the Cholesky factor of M at (x, eta). False if M fails.
+def _obs_loglik(u, v, phi):
+    """v-dependent part of the NegBinomial2 log pmf at log mean v (Poisson at phi = 0)."""
+    if phi == 0.0:
+        return u * v - math.exp(v)
+    return u * v - (u + 1.0 / phi) * math.log1p(phi * math.exp(v))
 
-    ``WW[g, k*K + j] = W[g, k] W[g, j]`` turns the G x K^2 work of forming M into one
-    contiguous (vectorizable) loop per gene.
+
+@njit(cache=True, inline="always", fastmath=_FAST)
+def _obs_score_curv(u, v, phi):
+    """(m, dl/dv, -d2l/dv2) of the NegBinomial2 log pmf at log mean v (phi = 1/r)."""
+    m = math.exp(v)
+    if phi == 0.0:
+        return m, u - m, m
+    q = 1.0 + phi * m
+    return m, (u - m) / q, m * (1.0 + phi * u) / (q * q)
+
+
+@njit(cache=True, inline="always", fastmath=_FAST)
+def _curvature(u, x, eta, inv_r, W, d, WW, G, K, score, lam, h, invB, Mf, Lm):
+    """Fill the score dl/dv, lambda, h, 1/B and the Cholesky factor of M at (x, eta).
+
+    False if the Cholesky factorization of M fails. ``WW[g, k*K + j] = W[g, k] W[g, j]``
+    turns the G x K^2 work of forming M into one contiguous (vectorizable) loop per gene.
     """
     KK = K * K
     for kj in range(KK):
         Mf[kj] = 0.0
     for g in range(G):
-        lg = math.exp(x[g] - eta)
+        _, sg, lg = _obs_score_curv(u[g], x[g] - eta, inv_r[g])
+        score[g] = sg
         lam[g] = lg
         hg = 1.0 / (1.0 + lg * d[g])
         h[g] = hg
@@ -144,12 +177,12 @@ def _curvature(x, eta, W, d, WW, G, K, lam, h, invB, Mf, Lm):
 
 
 @njit(cache=True, inline="always", fastmath=_FAST)
-def _log_density(u, x, eta, mu, W, inv_d, Lc, a, inv_sig2, G, K, r, alpha, tmpK, tmpK2):
+def _log_density(u, x, eta, mu, W, inv_d, inv_r, Lc, a, inv_sig2, G, K, r, alpha, tmpK,
+                 tmpK2):
     """f(x, eta) without z-independent constants; fills r = x - mu, alpha = Sigma^{-1} r."""
     lik = 0.0
     for g in range(G):
-        v = x[g] - eta
-        lik += u[g] * v - math.exp(v)
+        lik += _obs_loglik(u[g], x[g] - eta, inv_r[g])
         r[g] = x[g] - mu[g]
     _sigma_inv_apply(r, W, inv_d, Lc, G, K, tmpK, tmpK2, alpha)
     q = 0.0
@@ -162,8 +195,8 @@ def _log_density(u, x, eta, mu, W, inv_d, Lc, a, inv_sig2, G, K, r, alpha, tmpK,
 
 
 @njit(cache=True, fastmath=_FAST)
-def _newton_cell(u, a, inv_sig2, mu, W, d, WW, inv_d, Lc, x, eta0, fix_eta, tol, max_iter,
-                 ws_G, ws_K, Mf, Lm):
+def _newton_cell(u, a, inv_sig2, mu, W, d, inv_r, WW, inv_d, Lc, x, eta0, fix_eta, tol,
+                 max_iter, ws_G, ws_K, Mf, Lm):
     """Projected damped Newton on (x, eta) for one cell; x updated in place.
 
     Returns (eta, n_iter, converged, at_bound). With ``fix_eta`` only x moves.
@@ -171,20 +204,21 @@ def _newton_cell(u, a, inv_sig2, mu, W, d, WW, inv_d, Lc, x, eta0, fix_eta, tol,
     G, K = W.shape
     lam, h, invB, gx, r, alpha, dx, phi = (ws_G[0], ws_G[1], ws_G[2], ws_G[3], ws_G[4],
                                            ws_G[5], ws_G[6], ws_G[7])
-    xn = ws_G[8]
+    xn, score = ws_G[8], ws_G[9]
     tmpK, tmpK2 = ws_K[0], ws_K[1]
     eta = eta0
     at_bound = False
-    f, _ = _log_density(u, x, eta, mu, W, inv_d, Lc, a, inv_sig2, G, K, r, alpha, tmpK, tmpK2)
+    f, _ = _log_density(u, x, eta, mu, W, inv_d, inv_r, Lc, a, inv_sig2, G, K, r, alpha, tmpK,
+                        tmpK2)
     for it in range(max_iter):
-        if not _curvature(x, eta, W, d, WW, G, K, lam, h, invB, Mf, Lm):
+        if not _curvature(u, x, eta, inv_r, W, d, WW, G, K, score, lam, h, invB, Mf, Lm):
             return eta, it, False, at_bound
         sum_lam = 0.0
         resid = 0.0
         for g in range(G):
-            gx[g] = u[g] - lam[g] - alpha[g]
+            gx[g] = score[g] - alpha[g]
             sum_lam += lam[g]
-            resid += u[g] - lam[g]
+            resid += score[g]
         g_eta = -resid - (eta - a) * inv_sig2
         _a_inv_apply(gx, W, h, invB, Lm, G, K, tmpK, tmpK2, dx)  # psi = A^{-1} gx
         d_eta = 0.0
@@ -215,15 +249,16 @@ def _newton_cell(u, a, inv_sig2, mu, W, d, WW, inv_d, Lc, x, eta0, fix_eta, tol,
             en = eta + t * d_eta
             if en < 0.0:
                 en = 0.0
-            fn, _ = _log_density(u, xn, en, mu, W, inv_d, Lc, a, inv_sig2, G, K, r, alpha,
-                                 tmpK, tmpK2)
+            fn, _ = _log_density(u, xn, en, mu, W, inv_d, inv_r, Lc, a, inv_sig2, G, K, r,
+                                 alpha, tmpK, tmpK2)
             if math.isfinite(fn) and fn >= f + 1e-4 * t * dec - 1e-12 * abs(f):
                 accepted = True
                 break
             t *= 0.5
         if not accepted:
             # Restore alpha for x (the line search overwrote it) and stop.
-            _log_density(u, x, eta, mu, W, inv_d, Lc, a, inv_sig2, G, K, r, alpha, tmpK, tmpK2)
+            _log_density(u, x, eta, mu, W, inv_d, inv_r, Lc, a, inv_sig2, G, K, r, alpha, tmpK,
+                         tmpK2)
             return eta, it + 1, dec < 1e3 * tol, at_bound
         for g in range(G):
             x[g] = xn[g]
@@ -235,29 +270,40 @@ def _newton_cell(u, a, inv_sig2, mu, W, d, WW, inv_d, Lc, x, eta0, fix_eta, tol,
 
 
 @njit(parallel=True, cache=True, fastmath=_FAST)
-def newton_all(counts, a, sigma_M, mu, W, d, WW, Lc, x, eta, fix_eta, tol, max_iter, n_chunks):
+def newton_all(counts, a, sigma, mu, W, d, inv_r, WW, Lc, x, eta, fix_eta, tol, max_iter,
+               n_chunks):
     """Per-cell Newton for all cells in parallel; x (N, G) and eta (N,) updated in place.
 
-    ``n_chunks`` work blocks (a few per thread) balance cells of unequal cost.
-    Returns (n_iter (N,) int64, converged (N,) bool, at_bound (N,) bool).
+    Parameters
+    ----------
+    counts : (N, G) float64;  a, sigma : (N,) eta prior location and scale per cell
+    mu : (G,);  W : (G, K);  d : (G,);  inv_r : (G,) inverse dispersions (0: Poisson)
+    WW : (G, K*K) pair products of W;  Lc : (K, K) Cholesky factor of I + W' W / d
+    x : (N, G), eta : (N,) starting points, overwritten with the modes
+    fix_eta : bool, hold eta at its given values;  tol, max_iter : Newton stopping rule
+    n_chunks : work blocks (a few per thread) that balance cells of unequal cost.
+
+    Returns
+    -------
+    n_iter (N,) int64, converged (N,) bool, at_bound (N,) bool.
     """
     N, G = counts.shape
     K = W.shape[1]
     inv_d = 1.0 / d
-    inv_sig2 = 1.0 / (sigma_M * sigma_M)
     n_iter = np.zeros(N, np.int64)
     converged = np.zeros(N, np.bool_)
     at_bound = np.zeros(N, np.bool_)
     n_chunks = max(1, min(N, n_chunks))
     for ch in prange(n_chunks):
-        ws_G = np.empty((9, G))
+        ws_G = np.empty((10, G))
         ws_K = np.empty((2, K))
         Lm = np.empty((K, K))
         Mf = np.empty(K * K)
         for c in range(ch * N // n_chunks, (ch + 1) * N // n_chunks):
-            e, it, ok, bd = _newton_cell(counts[c], a[c], inv_sig2, mu, W, d, WW, inv_d, Lc,
-                                         x[c], eta[c], fix_eta, tol, max_iter, ws_G, ws_K, Mf,
-                                         Lm)
+            inv_sig2 = 1.0 / (sigma[c] * sigma[c])
+            e, it, ok, bd = _newton_cell(counts[c], a[c], inv_sig2, mu, W, d, inv_r, WW, inv_d,
+                                         Lc, x[c], eta[c], fix_eta, tol, max_iter, ws_G, ws_K,
+                                         Mf, Lm)
             eta[c] = e
             n_iter[c] = it
             converged[c] = ok
@@ -269,40 +315,53 @@ def newton_all(counts, a, sigma_M, mu, W, d, WW, Lc, x, eta, fix_eta, tol, max_i
 
 
 @njit(parallel=True, cache=True, fastmath=_FAST)
-def laplace_value_grad(counts, const, a, sigma_M, mu, W, d, WW, Lc, x, eta, fix_eta, want_grad,
-                       n_chunks):
+def laplace_value_grad(counts, const, a, sigma, mu, W, d, inv_r, WW, Lc, x, eta, fix_eta,
+                       want_grad, n_chunks):
     """Laplace log marginal per cell at the modes (x, eta), and its exact theta-gradient.
 
     Parameters
     ----------
     counts : (N, G) float64
     const : (N,) float64
-        Per-cell constants: ``-sum_g lgamma(u_g + 1)`` plus, unless ``fix_eta``, the
-        capture prior's ``-1/2 log(2 pi sigma_M^2) - log Phi(a / sigma_M)`` and the
-        ``1/2 log(2 pi)`` of the eta integral.
+        Per-cell z-independent terms: the likelihood's
+        ``sum_g [lgamma(u + r) - lgamma(r) - lgamma(u + 1) - u log r]``
+        (``-sum_g lgamma(u + 1)`` for Poisson) plus, unless ``fix_eta``, the eta prior's
+        ``-1/2 log(2 pi sigma_c^2) - log Phi(a_c / sigma_c)`` and the ``1/2 log(2 pi)``
+        of the eta integral.
+    a, sigma : (N,) eta prior location and scale per cell.
+    mu : (G,);  W : (G, K);  d : (G,);  inv_r : (G,) inverse dispersions (0: Poisson).
+    WW : (G, K*K);  Lc : (K, K) as in :func:`newton_all`.
     x, eta : modes from :func:`newton_all` (same ``fix_eta``).
     fix_eta : bool
         True: marginalize x only at the given eta (Stan's embedded Laplace target).
         False: marginalize (x, eta) jointly.
+    want_grad : bool;  n_chunks : int, work blocks.
 
     Returns
     -------
     value : (N,) Laplace log marginal of each cell
     g_mu : (G,), g_W : (G, K), g_d : (G,)
         Gradient of ``sum(value)`` (zeros unless ``want_grad``).
+    g_log_r : (G,)
+        Gradient of ``sum(value)`` w.r.t. ``log r_g = -log inv_r_g`` through the
+        v-dependent likelihood, the curvature in the log-determinant and the mode;
+        the gradient of the z-independent terms in ``const``,
+        ``sum_c [r (psi(u + r) - psi(r)) - u]``, is the caller's. Zero where
+        ``inv_r == 0``. (Output appended beyond the shared kernel contract.)
     """
     N, G = counts.shape
     K = W.shape[1]
     inv_d = 1.0 / d
-    inv_sig2 = 1.0 / (sigma_M * sigma_M)
     value = np.empty(N)
     n_chunks = max(1, min(N, n_chunks))
     acc_mu = np.zeros((n_chunks, G))
     acc_d = np.zeros((n_chunks, G))
+    acc_r = np.zeros((n_chunks, G))
     acc_W = np.zeros((n_chunks, G, K))
     # sum_c (lambda h)_g M_c^{-1}, contracted with W at the end (gradient of log det M)
     acc_R = np.zeros((n_chunks, G, K * K)) if want_grad else np.zeros((1, 1, 1))
     for ch in prange(n_chunks):
+        score = np.empty(G)
         lam = np.empty(G)
         h = np.empty(G)
         invB = np.empty(G)
@@ -310,6 +369,7 @@ def laplace_value_grad(counts, const, a, sigma_M, mu, W, d, WW, Lc, x, eta, fix_
         alpha = np.empty(G)
         phi = np.empty(G)
         t = np.empty(G)
+        var_v = np.empty(G)
         wx = np.empty(G)
         beta = np.empty(G)
         gam = np.empty(G)
@@ -326,9 +386,10 @@ def laplace_value_grad(counts, const, a, sigma_M, mu, W, d, WW, Lc, x, eta, fix_
             u = counts[c]
             xc = x[c]
             e = eta[c]
-            _curvature(xc, e, W, d, WW, G, K, lam, h, invB, Mf, Lm)
-            f, q = _log_density(u, xc, e, mu, W, inv_d, Lc, a[c], inv_sig2, G, K, r, alpha,
-                                tmpK, tmpK2)
+            inv_sig2 = 1.0 / (sigma[c] * sigma[c])
+            _curvature(u, xc, e, inv_r, W, d, WW, G, K, score, lam, h, invB, Mf, Lm)
+            f, q = _log_density(u, xc, e, mu, W, inv_d, inv_r, Lc, a[c], inv_sig2, G, K, r,
+                                alpha, tmpK, tmpK2)
             lik_f = f + 0.5 * q + 0.5 * (e - a[c]) ** 2 * inv_sig2
             logdet = _chol_logdet(Lm, K)
             for g in range(G):
@@ -356,18 +417,26 @@ def laplace_value_grad(counts, const, a, sigma_M, mu, W, d, WW, Lc, x, eta, fix_
                 qg = 0.0
                 for kj in range(K * K):
                     qg += WW[g, kj] * Minv[kj]
-                # t_g = lambda_g Var_q(v_g): derivative of log det(-H) along v.
-                var_v = invB[g] + h[g] * h[g] * qg
+                vg = invB[g] + h[g] * h[g] * qg
                 if not fix_eta:
-                    var_v += (phi[g] - 1.0) ** 2 / s
-                t[g] = lam[g] * var_v
+                    vg += (phi[g] - 1.0) ** 2 / s
+                var_v[g] = vg
+                # t_g = (d lambda_g / d v_g) Var_q(v_g): derivative of log det(-H) along v;
+                # d lambda / d v = lambda (1 - phi m) / (1 + phi m) (= lambda for Poisson).
+                pg = inv_r[g]
+                if pg == 0.0:
+                    t[g] = lam[g] * vg
+                else:
+                    pm = pg * math.exp(xc[g] - e)
+                    t[g] = lam[g] * (1.0 - pm) / (1.0 + pm) * vg
                 # Explicit partials of -1/2 log det(Sigma A) w.r.t. d_g and (via acc_R) W.
                 wg = lam[g] * h[g]
                 acc_d[ch, g] += -0.5 * wg + 0.5 * wg * wg * qg
                 for kj in range(K * K):
                     acc_R[ch, g, kj] += wg * Minv[kj]
-            # Adjoint w_x = -1/2 [(-H)^{-1} J' t]_x.
+            # Adjoint w = -1/2 (-H)^{-1} J' t: x part in wx, eta part w_eta.
             _a_inv_apply(t, W, h, invB, Lm, G, K, tmpK, tmpK2, wx)
+            w_eta = 0.0
             if not fix_eta:
                 d_eta = 0.0
                 for g in range(G):
@@ -375,8 +444,22 @@ def laplace_value_grad(counts, const, a, sigma_M, mu, W, d, WW, Lc, x, eta, fix_
                 d_eta /= s
                 for g in range(G):
                     wx[g] += phi[g] * d_eta
+                w_eta = -0.5 * d_eta
             for g in range(G):
                 wx[g] *= -0.5
+            # log r_g enters through l_g only: explicit d l / d log r, the curvature in
+            # -1/2 log det(-H), and the score in grad_z f (weighted by the adjoint).
+            for g in range(G):
+                pg = inv_r[g]
+                if pg == 0.0:
+                    continue
+                ug = u[g]
+                m = math.exp(xc[g] - e)
+                q1 = 1.0 + pg * m
+                dlik = m * (1.0 + pg * ug) / q1 - math.log1p(pg * m) / pg
+                dlam = -pg * m * (ug * q1 - 2.0 * m * (1.0 + pg * ug)) / (q1 * q1 * q1)
+                dscore = pg * (ug - m) * m / (q1 * q1)
+                acc_r[ch, g] += dlik - 0.5 * var_v[g] * dlam + (wx[g] - w_eta) * dscore
             _sigma_inv_apply(wx, W, inv_d, Lc, G, K, tmpK, tmpK2, beta)
             if not fix_eta:
                 _sigma_inv_apply(phi, W, inv_d, Lc, G, K, tmpK, tmpK2, gam)
@@ -407,10 +490,12 @@ def laplace_value_grad(counts, const, a, sigma_M, mu, W, d, WW, Lc, x, eta, fix_
                 acc_d[ch, g] += dd
     g_mu = np.zeros(G)
     g_d = np.zeros(G)
+    g_log_r = np.zeros(G)
     g_W = np.zeros((G, K))
     for ch in range(n_chunks):
         g_mu += acc_mu[ch]
         g_d += acc_d[ch]
+        g_log_r += acc_r[ch]
         g_W += acc_W[ch]
         if want_grad:
             for g in range(G):
@@ -419,12 +504,12 @@ def laplace_value_grad(counts, const, a, sigma_M, mu, W, d, WW, Lc, x, eta, fix_
                     for j in range(K):
                         sk += W[g, j] * acc_R[ch, g, j * K + k]
                     g_W[g, k] -= sk
-    return value, g_mu, g_W, g_d
+    return value, g_mu, g_W, g_d, g_log_r
 
 
 @njit(parallel=True, cache=True, fastmath=_FAST)
-def sample_cells(counts, const, lgam, a, sigma_M, mu, W, d, WW, Lc, x, eta, genes, eps_G, eps_K, eps_eta,
-                 out_x, out_eta, out_loglik, out_lp, out_lp_approx):
+def sample_cells(counts, const, lgam, a, sigma, mu, W, d, inv_r, WW, Lc, x, eta, genes, eps_G,
+                 eps_K, eps_eta, out_x, out_eta, out_loglik, out_lp, out_lp_approx):
     """Draws from each cell's Gaussian N(z_hat, (-H)^{-1}) through the Woodbury square root.
 
     ``A^{-1} = B^{-1} + (h W) M^{-1} (h W)'`` is a sum of two PSD terms, so
@@ -438,7 +523,9 @@ def sample_cells(counts, const, lgam, a, sigma_M, mu, W, d, WW, Lc, x, eta, gene
     Parameters
     ----------
     counts : (N, G) float64;  const : (N,) joint constants as in laplace_value_grad
-    lgam : (N,) ``-sum_g lgamma(u_g + 1)``, completing the Poisson log likelihood
+    lgam : (N,) the likelihood's z-independent terms (``const`` without the eta prior's),
+        completing the per-cell log likelihood
+    a, sigma : (N,) eta prior location and scale;  inv_r : (G,) inverse dispersions
     x : (N, G), eta : (N,) modes;  genes : (Gs,) int64 indices of genes to store
     eps_G : (S, N, G), eps_K : (S, N, K), eps_eta : (S, N) standard normal variates.
     out_x : (S, N, Gs), out_eta, out_loglik, out_lp, out_lp_approx : (S, N), filled.
@@ -447,13 +534,14 @@ def sample_cells(counts, const, lgam, a, sigma_M, mu, W, d, WW, Lc, x, eta, gene
     K = W.shape[1]
     Gs = genes.shape[0]
     inv_d = 1.0 / d
-    inv_sig2 = 1.0 / (sigma_M * sigma_M)
     logdet_sigma = _chol_logdet(Lc, K)
     for g in range(G):
         logdet_sigma += math.log(d[g])
     half_log_2pi = 0.5 * math.log(2.0 * math.pi)
     for c in prange(N):
         u = counts[c]
+        inv_sig2 = 1.0 / (sigma[c] * sigma[c])
+        score = np.empty(G)
         lam = np.empty(G)
         h = np.empty(G)
         invB = np.empty(G)
@@ -466,7 +554,7 @@ def sample_cells(counts, const, lgam, a, sigma_M, mu, W, d, WW, Lc, x, eta, gene
         Mf = np.empty(K * K)
         tmpK = np.empty(K)
         tmpK2 = np.empty(K)
-        _curvature(x[c], eta[c], W, d, WW, G, K, lam, h, invB, Mf, Lm)
+        _curvature(u, x[c], eta[c], inv_r, W, d, WW, G, K, score, lam, h, invB, Mf, Lm)
         _a_inv_apply(lam, W, h, invB, Lm, G, K, tmpK, tmpK2, phi)
         s = inv_sig2
         logdet_h = _chol_logdet(Lm, K) - logdet_sigma
@@ -477,7 +565,7 @@ def sample_cells(counts, const, lgam, a, sigma_M, mu, W, d, WW, Lc, x, eta, gene
         sum_lam = 0.0
         for g in range(G):
             sum_lam += lam[g]
-        # const holds -sum lgamma(u+1), the capture normalizer and +1/2 log 2 pi.
+        # const holds the likelihood's constants, the eta prior normalizer and +1/2 log 2 pi.
         lp_const = const[c] - (G + 1) * half_log_2pi - 0.5 * logdet_sigma
         lpa_const = -(G + 1) * half_log_2pi + 0.5 * logdet_h
         for i in range(S):
@@ -498,8 +586,7 @@ def sample_cells(counts, const, lgam, a, sigma_M, mu, W, d, WW, Lc, x, eta, gene
                     sg += W[g, k] * tmpK[k]
                 dx[g] = eps_G[i, c, g] * math.sqrt(invB[g]) + h[g] * sg + phi[g] * de
                 xs[g] = x[c, g] + dx[g]
-                v = xs[g] - e
-                lik += u[g] * v - math.exp(v)
+                lik += _obs_loglik(u[g], xs[g] - e, inv_r[g])
                 r[g] = xs[g] - mu[g]
                 quad_lam += lam[g] * dx[g] * dx[g]
                 lam_dx += lam[g] * dx[g]
@@ -512,7 +599,7 @@ def sample_cells(counts, const, lgam, a, sigma_M, mu, W, d, WW, Lc, x, eta, gene
             qd = quad_lam
             for g in range(G):
                 qd += dx[g] * alpha[g]
-            # dz' (-H) dz = dx' A dx - 2 de lambda'dx + (sum(lambda) + 1/sigma_M^2) de^2
+            # dz' (-H) dz = dx' A dx - 2 de lambda'dx + (sum(lambda) + 1/sigma_c^2) de^2
             qd += -2.0 * de * lam_dx + (sum_lam + inv_sig2) * de * de
             out_eta[i, c] = e
             out_loglik[i, c] = lik + lgam[c]
@@ -525,22 +612,23 @@ def sample_cells(counts, const, lgam, a, sigma_M, mu, W, d, WW, Lc, x, eta, gene
 
 
 @njit(parallel=True, cache=True, fastmath=_FAST)
-def log_density_cells(counts, a, sigma_M, mu, W, d, Lc, x, eta):
-    """Per-cell ``sum_g [u v - exp(v)] - 1/2 r' Sigma^{-1} r - (eta - a)^2 / (2 sigma_M^2)``.
+def log_density_cells(counts, a, sigma, mu, W, d, inv_r, Lc, x, eta):
+    """Per-cell ``sum_g l_g(x_g - eta) - 1/2 r' Sigma^{-1} r - (eta - a)^2 / (2 sigma^2)``.
 
-    The z-dependent part of the joint log density of (x_c, eta_c) given the globals;
+    The z-dependent part of the joint log density of (x_c, eta_c) given the globals
+    (``l_g`` the v-dependent NegBinomial2 / Poisson term, see the module docstring);
     :meth:`scribe_stan.laplace.solver.LaplaceProblem.log_joint` adds the constants.
     """
     N, G = counts.shape
     K = W.shape[1]
     inv_d = 1.0 / d
-    inv_sig2 = 1.0 / (sigma_M * sigma_M)
     out = np.empty(N)
     for c in prange(N):
         r = np.empty(G)
         alpha = np.empty(G)
         tmpK = np.empty(K)
         tmpK2 = np.empty(K)
-        out[c], _ = _log_density(counts[c], x[c], eta[c], mu, W, inv_d, Lc, a[c], inv_sig2, G,
-                                 K, r, alpha, tmpK, tmpK2)
+        inv_sig2 = 1.0 / (sigma[c] * sigma[c])
+        out[c], _ = _log_density(counts[c], x[c], eta[c], mu, W, inv_d, inv_r, Lc, a[c],
+                                 inv_sig2, G, K, r, alpha, tmpK, tmpK2)
     return out

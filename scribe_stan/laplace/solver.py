@@ -1,12 +1,15 @@
-"""Outer problem of the pln Laplace fit: maximize the Laplace marginal over (mu, W, d).
+"""Outer problem of the Laplace fit: maximize the Laplace marginal over the globals.
 
-The objective is ``sum_c log p_hat(u_c | mu, W, d) + log prior(mu, W, d)``, exact with
-all constants, where ``log p_hat`` is the Laplace approximation of each cell's marginal
-over its latent log-rates x_c and capture eta_c (kernels in :mod:`.cpu`). Its gradient
-is exact, including the dependence of the log-determinant on the mode (implicit
-differentiation; Margossian et al. 2020, arXiv:2004.12550). The optimizer is SciPy's
-L-BFGS-B over ``(mu, W, log d)``; the prior is the density in ``(mu, W, d)`` (a MAP
-without change-of-variables term, as Stan's ``optimize`` does by default).
+Models ``pln`` (Poisson) and ``nbln`` (NegBinomial2 with per-gene dispersions r_g).
+The objective is ``sum_c log p_hat(u_c | theta) + log prior(theta)``, exact with all
+constants, where ``log p_hat`` is the Laplace approximation of each cell's marginal
+over its latent log-rates x_c and capture eta_c (kernels in :mod:`.cpu`) and
+``theta = (mu, W, d)`` plus ``log_r`` for nbln. Its gradient is exact, including the
+dependence of the log-determinant on the mode (implicit differentiation; Margossian et
+al. 2020, arXiv:2004.12550). The optimizer is SciPy's L-BFGS-B over
+``(mu, W, log d[, log_r])``; the prior is the density in ``(mu, W, d, log_r)`` (a MAP
+without change-of-variables term for d, as Stan's ``optimize`` does by default; log_r
+is itself the parameter of the dispersion prior).
 """
 
 from __future__ import annotations
@@ -21,7 +24,12 @@ from scipy import optimize, special
 from scipy.sparse.linalg import LinearOperator, eigsh
 
 from scribe_stan.laplace import cpu
-from scribe_stan.models import pln
+from scribe_stan.models import dispersion, pln
+
+MODELS = ("pln", "nbln")
+#: Box on log_r in the outer fit: r from 1e-4 (extreme over-dispersion) to 1e8 (Poisson
+#: to within any count's resolution); keeps trial points where lgamma(u + r) is finite.
+LOG_R_BOUNDS = (float(np.log(1e-4)), float(np.log(1e8)))
 
 
 def _n_chunks():
@@ -38,6 +46,13 @@ def shared_factor(W, d):
     """Lower Cholesky factor of ``C = I_K + W' diag(1/d) W`` (shared by all cells)."""
     C = np.eye(W.shape[1]) + (W / d[:, None]).T @ W
     return np.linalg.cholesky(C)
+
+
+def inverse_dispersion(log_r, G):
+    """``inv_r = exp(-log_r)`` (G,) for the kernels; ``log_r=None`` (Poisson) gives zeros."""
+    if log_r is None:
+        return np.zeros(G)
+    return np.ascontiguousarray(np.exp(-np.asarray(log_r, dtype=np.float64)))
 
 
 @dataclass
@@ -59,15 +74,18 @@ class CellModes:
 
 
 class LaplaceProblem:
-    """Per-cell Laplace approximations of the pln model for one count matrix.
+    """Per-cell Laplace approximations of the pln / nbln model for one count matrix.
 
-    Holds the counts, capture prior and the warm-start modes across calls.
+    Holds the counts, the eta prior and the warm-start modes across calls. Every method
+    takes ``log_r`` (G,), the per-gene log dispersions of nbln; ``log_r=None`` is the
+    Poisson (pln) likelihood.
 
     Parameters
     ----------
     counts : (N, G) array of non-negative integers (validated by the caller).
     log_M0, sigma_M : float
-        Capture prior (see :mod:`scribe_stan.models.pln`).
+        Capture prior ``eta_c ~ Normal(log M0 - log L_c, sigma_M)`` truncated to
+        ``eta_c >= 0`` (see :mod:`scribe_stan.models.pln`).
     newton_tol : float
         Per-cell Newton stops when half the Newton decrement ``g' (-H)^{-1} g / 2``
         (the predicted gain in log density) is below this, after a full step.
@@ -76,22 +94,32 @@ class LaplaceProblem:
     log_lib : (N,) array, optional
         Log library sizes (default: from ``counts``; pass the all-gene value when
         ``counts`` is a gene subset).
+    eta_loc, eta_scale : (N,) arrays, optional
+        Per-cell informative prior ``eta_c ~ Normal(eta_loc_c, eta_scale_c)`` truncated
+        to ``eta_c >= 0``, replacing the capture prior (both or neither; e.g. the
+        posterior of eta from an nbvcp fit). ``eta_scale > 0``.
     """
 
     def __init__(self, counts, *, log_M0=np.log(pln.M0_DEFAULT), sigma_M=pln.SIGMA_M_DEFAULT,
-                 newton_tol=1e-10, max_newton=100, log_lib=None):
+                 newton_tol=1e-10, max_newton=100, log_lib=None, eta_loc=None,
+                 eta_scale=None):
         self.counts = np.ascontiguousarray(counts, dtype=np.float64)
         N, G = self.counts.shape
-        self.sigma_M = float(sigma_M)
-        self.log_M0 = float(log_M0)
-        if log_lib is None:
-            log_lib = np.log(self.counts.sum(axis=1))
-        self.a = pln.capture_prior_mean(log_lib, self.log_M0)
-        lgam = -special.gammaln(self.counts + 1.0).sum(axis=1)
-        self._const_x = lgam
-        # capture prior normalization (truncation at 0) and the eta integral's 1/2 log 2 pi
-        self._const_joint = (lgam - 0.5 * np.log(2 * np.pi * self.sigma_M**2)
-                             - special.log_ndtr(self.a / self.sigma_M) + 0.5 * np.log(2 * np.pi))
+        if (eta_loc is None) != (eta_scale is None):
+            raise ValueError("eta_loc and eta_scale go together: pass both (N,) arrays or "
+                             "neither (capture prior from log_M0, sigma_M).")
+        if eta_loc is None:
+            if log_lib is None:
+                log_lib = np.log(self.counts.sum(axis=1))
+            self.a = pln.capture_prior_mean(log_lib, float(log_M0))
+            self.sigma = np.full(N, float(sigma_M))
+        else:
+            self.a = _check_cells("eta_loc", eta_loc, N)
+            self.sigma = _check_cells("eta_scale", eta_scale, N, positive=True)
+        self._lgam = -special.gammaln(self.counts + 1.0).sum(axis=1)
+        # eta prior normalization (truncation at 0) and the eta integral's 1/2 log 2 pi
+        self._const_eta = (-0.5 * np.log(2 * np.pi * self.sigma**2)
+                           - special.log_ndtr(self.a / self.sigma) + 0.5 * np.log(2 * np.pi))
         self.newton_tol = float(newton_tol)
         self.max_newton = int(max_newton)
         self.eta = np.maximum(self.a, 0.0)
@@ -104,28 +132,48 @@ class LaplaceProblem:
     def shape(self):
         return self.counts.shape
 
-    def modes(self, mu, W, d, *, eta=None):
+    def lik_constants(self, log_r=None):
+        """Per-cell z-independent log-likelihood terms (N,).
+
+        Poisson: ``-sum_g lgamma(u + 1)``. NegBinomial2 (``log_r`` given): plus
+        ``sum_g [lgamma(u + r) - lgamma(r) - u log r]``, which vanishes as r -> inf.
+        """
+        if log_r is None:
+            return self._lgam
+        log_r = np.asarray(log_r, dtype=np.float64)
+        r = np.exp(log_r)
+        nb = special.gammaln(self.counts + r) - special.gammaln(r) - self.counts * log_r
+        return self._lgam + nb.sum(axis=1)
+
+    def lik_constants_grad(self, log_r):
+        """Gradient of ``sum(lik_constants(log_r))`` w.r.t. log_r, (G,):
+        ``sum_c [r (psi(u + r) - psi(r)) - u]``."""
+        r = np.exp(np.asarray(log_r, dtype=np.float64))
+        return (r * (special.digamma(self.counts + r) - special.digamma(r))
+                - self.counts).sum(axis=0)
+
+    def modes(self, mu, W, d, *, log_r=None, eta=None):
         """Run Newton from the stored warm start; update and return the modes.
 
         With ``eta`` (N,) given, eta is held there and only x is optimized.
         """
         mu, W, d = (np.ascontiguousarray(v, dtype=np.float64) for v in (mu, W, d))
+        inv_r = inverse_dispersion(log_r, self.shape[1])
         fix = eta is not None
         if fix:
             self.eta = np.array(eta, dtype=np.float64)
         Lc = shared_factor(W, d)
         self.n_iter, self.converged, self.at_bound = cpu.newton_all(
-            self.counts, self.a, self.sigma_M, mu, W, d, pair_products(W), Lc, self.x, self.eta,
-            fix,
-            self.newton_tol, self.max_newton, _n_chunks())
+            self.counts, self.a, self.sigma, mu, W, d, inv_r, pair_products(W), Lc, self.x,
+            self.eta, fix, self.newton_tol, self.max_newton, _n_chunks())
         if not np.all(self.converged):
             # A restart from the data-driven start rescues cells stranded by a bad warm start.
             bad = np.flatnonzero(~self.converged)
             if not fix:
                 self.eta[bad] = np.maximum(self.a[bad], 0.0)
             self.x[bad] = np.log(self.counts[bad] + 0.5) + self.eta[bad, None]
-            it, ok, bd = cpu.newton_all(self.counts[bad], self.a[bad], self.sigma_M, mu, W, d,
-                                        pair_products(W), Lc,
+            it, ok, bd = cpu.newton_all(self.counts[bad], self.a[bad], self.sigma[bad], mu, W, d,
+                                        inv_r, pair_products(W), Lc,
                                         xb := self.x[bad], eb := self.eta[bad], fix,
                                         self.newton_tol, self.max_newton, _n_chunks())
             self.x[bad], self.eta[bad] = xb, eb
@@ -133,34 +181,45 @@ class LaplaceProblem:
             self.converged[bad], self.at_bound[bad] = ok, bd
         return CellModes(self.x, self.eta, self.n_iter, self.converged, self.at_bound)
 
-    def log_marginal(self, mu, W, d, *, eta=None, grad=False):
+    def log_marginal(self, mu, W, d, *, log_r=None, eta=None, grad=False):
         """Laplace log marginal per cell at the given globals (modes recomputed).
 
         Parameters
         ----------
         mu : (G,), W : (G, K), d : (G,) > 0
+        log_r : (G,), optional
+            Log dispersions (nbln); None is the Poisson likelihood (pln).
         eta : (N,), optional
             Hold the capture loss fixed and marginalize x only: this is the quantity of
-            Stan's ``laplace_marginal_poisson_log_lpmf`` with mean ``mu - eta_c``.
+            Stan's ``laplace_marginal_poisson_log_lpmf`` (or ``..._neg_binomial_2_log``)
+            with log mean ``x - eta_c``.
         grad : bool
-            Also return the gradient of the sum over cells w.r.t. (mu, W, d).
+            Also return the gradient of the sum over cells.
 
         Returns
         -------
-        value : (N,) ; and if ``grad``: g_mu (G,), g_W (G, K), g_d (G,)
+        value : (N,) ; and if ``grad``: g_mu (G,), g_W (G, K), g_d (G,), and, when
+        ``log_r`` is given, g_log_r (G,).
         """
         mu, W, d = (np.ascontiguousarray(v, dtype=np.float64) for v in (mu, W, d))
-        self.modes(mu, W, d, eta=eta)
+        self.modes(mu, W, d, log_r=log_r, eta=eta)
         fix = eta is not None
-        const = self._const_x if fix else self._const_joint
+        const = self.lik_constants(log_r)
+        if not fix:
+            const = const + self._const_eta
         # the gradient pass costs the same for every cell: one block per thread
-        out = cpu.laplace_value_grad(self.counts, const, self.a, self.sigma_M, mu, W, d,
-                                     pair_products(W), shared_factor(W, d), self.x, self.eta,
-                                     fix, grad, numba.get_num_threads())
-        return out if grad else out[0]
+        value, g_mu, g_W, g_d, g_log_r = cpu.laplace_value_grad(
+            self.counts, const, self.a, self.sigma, mu, W, d,
+            inverse_dispersion(log_r, self.shape[1]), pair_products(W), shared_factor(W, d),
+            self.x, self.eta, fix, grad, numba.get_num_threads())
+        if not grad:
+            return value
+        if log_r is None:
+            return value, g_mu, g_W, g_d
+        return value, g_mu, g_W, g_d, g_log_r + self.lik_constants_grad(log_r)
 
-    def log_joint(self, mu, W, d, x, eta):
-        """Exact ``log p(u_c, x_c, eta_c | mu, W, d)`` per cell (all constants), (N,).
+    def log_joint(self, mu, W, d, x, eta, *, log_r=None):
+        """Exact ``log p(u_c, x_c, eta_c | mu, W, d[, log_r])`` per cell (all constants), (N,).
 
         Parameters
         ----------
@@ -170,27 +229,28 @@ class LaplaceProblem:
         Lc = shared_factor(W, d)
         G = self.shape[1]
         logdet_sigma = np.sum(np.log(d)) + 2 * np.sum(np.log(np.diag(Lc)))
-        core = cpu.log_density_cells(self.counts, self.a, self.sigma_M, mu, W, d, Lc,
+        core = cpu.log_density_cells(self.counts, self.a, self.sigma, mu, W, d,
+                                     inverse_dispersion(log_r, G), Lc,
                                      np.ascontiguousarray(x, dtype=np.float64),
                                      np.ascontiguousarray(eta, dtype=np.float64))
-        # _const_joint carries +1/2 log 2 pi for the eta integral: take it back out.
-        return (core + self._const_joint - 0.5 * np.log(2 * np.pi)
+        # _const_eta carries +1/2 log 2 pi for the eta integral: take it back out.
+        return (core + self.lik_constants(log_r) + self._const_eta - 0.5 * np.log(2 * np.pi)
                 - 0.5 * G * np.log(2 * np.pi) - 0.5 * logdet_sigma)
 
-    def sample(self, mu, W, d, draws, rng, *, genes=None, block_bytes=2**28):
+    def sample(self, mu, W, d, draws, rng, *, log_r=None, genes=None, block_bytes=2**28):
         """Draws ``(x, eta)`` from each cell's Gaussian at the stored (converged) modes.
 
         Parameters
         ----------
-        mu, W, d : the globals the modes were computed at.
+        mu, W, d, log_r : the globals the modes were computed at.
         draws : int;  rng : numpy Generator.
         genes : (Gs,) int indices of genes whose x draws are returned (default: all).
         block_bytes : memory for standard-normal variates per block of draws.
 
         Returns
         -------
-        dict with ``x`` (draws, N, Gs), ``eta`` (draws, N), ``log_lik`` (draws, N: Poisson
-        log likelihood over all genes), ``lp`` (draws, N: exact log density of the draw
+        dict with ``x`` (draws, N, Gs), ``eta`` (draws, N), ``log_lik`` (draws, N: log
+        likelihood over all genes), ``lp`` (draws, N: exact log density of the draw
         given the globals), ``lp_approx`` (draws, N: the Gaussian's log density).
         """
         N, G = self.shape
@@ -200,17 +260,30 @@ class LaplaceProblem:
         out = {"x": np.empty((draws, N, genes.size)),
                **{k: np.empty((draws, N)) for k in ("eta", "log_lik", "lp", "lp_approx")}}
         Lc = shared_factor(W, d)
+        lik_const = self.lik_constants(log_r)
+        inv_r = inverse_dispersion(log_r, G)
         block = max(1, min(draws, block_bytes // (8 * N * G)))
         for start in range(0, draws, block):
             stop = min(draws, start + block)
             S = stop - start
-            cpu.sample_cells(self.counts, self._const_joint, self._const_x, self.a, self.sigma_M,
-                             mu, W, d, pair_products(W), Lc,
+            cpu.sample_cells(self.counts, lik_const + self._const_eta, lik_const, self.a,
+                             self.sigma, mu, W, d, inv_r, pair_products(W), Lc,
                              self.x, self.eta, genes, rng.standard_normal((S, N, G)),
                              rng.standard_normal((S, N, K)), rng.standard_normal((S, N)),
                              *(out[k][start:stop] for k in ("x", "eta", "log_lik", "lp",
                                                             "lp_approx")))
         return out
+
+
+def _check_cells(name, value, n, *, positive=False):
+    """A length-n finite float vector (copied); ValueError naming ``name`` otherwise."""
+    arr = np.array(value, dtype=np.float64).reshape(-1) if np.ndim(value) else None
+    if arr is None or arr.shape != (n,) or not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} must be {n} finite values; got shape {np.shape(value)}")
+    if positive and not np.all(arr > 0):
+        raise ValueError(f"{name} must be positive (allowed: 0 < value < inf); got "
+                         f"min {arr.min():.4g}")
+    return arr
 
 
 def log_prior_and_grad(mu, W, d):
@@ -222,39 +295,130 @@ def log_prior_and_grad(mu, W, d):
     return value, g_mu, g_W, g_d
 
 
-def pack(mu, W, d):
-    return np.concatenate([mu, W.ravel(), np.log(d)])
+def _normal_logpdf_grad(x, loc, scale):
+    """Summed normalized Normal(loc, scale) log density of x and its gradient."""
+    z = (x - loc) / scale
+    value = float(np.sum(-0.5 * z * z - np.log(scale) - 0.5 * np.log(2 * np.pi)))
+    return value, -z / scale
 
 
-def unpack(theta, G, K):
-    mu = theta[:G]
-    W = theta[G:G + G * K].reshape(G, K)
-    d = np.exp(theta[G + G * K:])
-    return mu, W, d
+@dataclass(frozen=True, eq=False)
+class OuterLayout:
+    """What the outer optimizer moves and which priors replace the defaults.
+
+    Attributes
+    ----------
+    G, K : int
+    model : {"pln", "nbln"}
+    log_r : (G,) array or None
+        nbln: log dispersions held fixed (not optimized); None optimizes them.
+    eta : (N,) array or None
+        Capture losses held fixed per cell (x alone is marginalized).
+    mu_prior, log_r_prior : tuple (loc, scale) of (G,) arrays, or None
+        Gaussian priors replacing the default ones on mu (``pln``'s) and on log_r
+        (:mod:`scribe_stan.models.dispersion`).
+    """
+
+    G: int
+    K: int
+    model: str = "pln"
+    log_r: np.ndarray | None = None
+    eta: np.ndarray | None = None
+    mu_prior: tuple | None = None
+    log_r_prior: tuple | None = None
+
+    @property
+    def free_log_r(self):
+        return self.model == "nbln" and self.log_r is None
+
+    def pack(self, mu, W, d, log_r=None):
+        """Optimizer vector ``[mu, W (row-major), log d, (log_r if free)]``."""
+        parts = [mu, np.ravel(W), np.log(d)]
+        if self.free_log_r:
+            parts.append(log_r)
+        return np.concatenate(parts)
+
+    def unpack(self, theta):
+        """(mu, W, d, log_r) from the optimizer vector; log_r is None for pln."""
+        G, K = self.G, self.K
+        mu = theta[:G]
+        W = theta[G:G + G * K].reshape(G, K)
+        d = np.exp(theta[G * (K + 1):G * (K + 2)])
+        if self.model == "pln":
+            return mu, W, d, None
+        log_r = theta[G * (K + 2):] if self.free_log_r else self.log_r
+        return mu, W, d, log_r
+
+    def log_prior(self, mu, W, d, log_r):
+        """Log prior of the moved globals and its gradient (g_mu, g_W, g_d, g_log_r).
+
+        W and d (and mu by default) use :func:`log_prior_and_grad`, the pln prior shared
+        by every model; priors of held parameters are constants and are left out.
+        """
+        lp, g_mu, g_W, g_d = log_prior_and_grad(mu, W, d)
+        if self.mu_prior is not None:
+            # Swap the default mu term of the shared prior for the given one.
+            v0, g0 = _normal_logpdf_grad(mu, pln.MU_LOC, pln.MU_SCALE)
+            v1, g1 = _normal_logpdf_grad(mu, *self.mu_prior)
+            lp, g_mu = lp - v0 + v1, g_mu - g0 + g1
+        g_log_r = None
+        if self.free_log_r:
+            if self.log_r_prior is None:
+                v, g_log_r = dispersion.log_prior(log_r), dispersion.log_prior_grad(log_r)
+            else:
+                v, g_log_r = _normal_logpdf_grad(log_r, *self.log_r_prior)
+            lp += v
+        return lp, g_mu, g_W, g_d, g_log_r
 
 
-def objective(problem, theta, K):
-    """Laplace objective and its gradient in the optimizer's coordinates (mu, W, log d)."""
-    G = problem.shape[1]
-    mu, W, d = unpack(theta, G, K)
-    value, g_mu, g_W, g_d = problem.log_marginal(mu, W, d, grad=True)
-    lp, p_mu, p_W, p_d = log_prior_and_grad(mu, W, d)
+def pack(mu, W, d, log_r=None):
+    """Optimizer vector ``[mu, W, log d(, log_r)]`` (see :class:`OuterLayout`)."""
+    G, K = np.shape(W)
+    return OuterLayout(G, K, "pln" if log_r is None else "nbln").pack(mu, W, d, log_r)
+
+
+def objective(problem, theta, layout):
+    """Laplace objective and its gradient in the optimizer's coordinates.
+
+    Parameters
+    ----------
+    problem : LaplaceProblem;  theta : vector from ``layout.pack``
+    layout : OuterLayout
+
+    Returns
+    -------
+    total : float, ``sum_c log p_hat(u_c | theta) + log prior``
+    grad : like ``theta``; w.r.t. (mu, W, log d[, log_r]).
+    """
+    mu, W, d, log_r = layout.unpack(theta)
+    out = problem.log_marginal(mu, W, d, log_r=log_r, eta=layout.eta, grad=True)
+    value, g_mu, g_W, g_d = out[:4]
+    lp, p_mu, p_W, p_d, p_r = layout.log_prior(mu, W, d, log_r)
     total = float(value.sum() + lp)
-    grad = np.concatenate([g_mu + p_mu, (g_W + p_W).ravel(), (g_d + p_d) * d])
-    return total, grad
+    parts = [g_mu + p_mu, (g_W + p_W).ravel(), (g_d + p_d) * d]
+    if layout.free_log_r:
+        parts.append(out[4] + p_r)
+    return total, np.concatenate(parts)
 
 
-def diagonal_scaling(problem, mu, W, d):
+def diagonal_scaling(problem, mu, W, d, log_r=None, *, eta=None, free_log_r=False):
     """Per-coordinate scales for the optimizer, from the per-gene Fisher information.
 
     The curvature of the objective in mu_g is about ``I_g = sum_c w_cg``,
-    ``w = lambda / (1 + lambda Sigma_gg)``, which spans orders of magnitude between
-    rare and abundant genes; W's row g scales alike, and log d_g with
-    ``1/2 sum_c (w_cg d_g)^2``. Optimizing ``theta * scale`` makes L-BFGS's start
-    near-isotropic. Returns ``scale`` shaped like :func:`pack`'s vector.
+    ``w = lambda / (1 + lambda Sigma_gg)`` (lambda the likelihood curvature in the log
+    mean), which spans orders of magnitude between rare and abundant genes; W's row g
+    scales alike, and log d_g with ``1/2 sum_c (w_cg d_g)^2``. For a free log_r the
+    NegBinomial2 information in log r at mean m, about ``1/2 (m / (m + r))^2`` per cell
+    (exact as r -> inf, bounded as r -> 0), sets the scale. Optimizing ``theta * scale``
+    makes L-BFGS's start near-isotropic. Returns ``scale`` shaped like the packed vector.
     """
-    problem.modes(mu, W, d)
-    lam = np.exp(problem.x - problem.eta[:, None])
+    problem.modes(mu, W, d, log_r=log_r, eta=eta)
+    m = np.exp(problem.x - problem.eta[:, None])
+    if log_r is None:
+        lam = m
+    else:
+        phi = np.exp(-np.asarray(log_r))
+        lam = m * (1 + phi * problem.counts) / (1 + phi * m) ** 2
     sig = np.sum(W**2, axis=1) + d
     w = lam / (1.0 + lam * sig)
     # Floor at 1: coordinates of nearly silent genes are never stretched, so a unit
@@ -262,7 +426,11 @@ def diagonal_scaling(problem, mu, W, d):
     info = np.maximum(w.sum(axis=0), 1.0)
     info_d = np.maximum(0.5 * np.sum((w * d) ** 2, axis=0), 1.0)
     K = W.shape[1]
-    return np.sqrt(np.concatenate([info, np.repeat(info, K), info_d]))
+    parts = [info, np.repeat(info, K), info_d]
+    if free_log_r:
+        r = np.exp(np.asarray(log_r))
+        parts.append(np.maximum(0.5 * np.sum((m / (m + r)) ** 2, axis=0), 1.0))
+    return np.sqrt(np.concatenate(parts))
 
 
 def initial_globals(counts, a, K, *, seed=0):
@@ -316,6 +484,8 @@ class LaplaceSolution:
     success : bool, the outer optimizer met its tolerance; message : str.
     history : list of objective values per outer iteration.
     wall_time_s : float.
+    model : {"pln", "nbln"}.
+    log_r : (G,) log dispersions (nbln: fitted or held), None for pln.
     """
 
     problem: LaplaceProblem
@@ -330,23 +500,63 @@ class LaplaceSolution:
     message: str
     history: list = field(default_factory=list)
     wall_time_s: float = 0.0
+    model: str = "pln"
+    log_r: np.ndarray | None = None
+
+    @property
+    def r(self):
+        """(G,) dispersions ``exp(log_r)`` (nbln), None for pln."""
+        return None if self.log_r is None else np.exp(self.log_r)
 
 
-def fit_laplace(counts, K, *, log_M0=np.log(pln.M0_DEFAULT), sigma_M=pln.SIGMA_M_DEFAULT,
-                log_lib=None, tol=1e-8, max_iter=1000, newton_tol=1e-10, init=None, seed=0,
-                progress=None, precondition=True, max_unconverged=0.01):
-    """Fit the pln globals by maximizing the exact Laplace objective.
+def _gene_prior(name, prior, G):
+    """(loc, scale) of (G,) arrays from a user's (loc, scale) pair of scalars or arrays."""
+    if prior is None:
+        return None
+    try:
+        loc, scale = prior
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a pair (loc, scale) of scalars or ({G},) arrays; "
+                         f"got {prior!r}") from None
+    return (_check_cells(f"{name} loc", np.broadcast_to(np.asarray(loc, float), (G,)), G),
+            _check_cells(f"{name} scale", np.broadcast_to(np.asarray(scale, float), (G,)), G,
+                         positive=True))
+
+
+def fit_laplace(counts, K, *, model="pln", log_M0=np.log(pln.M0_DEFAULT),
+                sigma_M=pln.SIGMA_M_DEFAULT, log_lib=None, eta_loc=None, eta_scale=None,
+                eta=None, log_r=None, mu_prior=None, log_r_prior=None, tol=1e-8,
+                max_iter=1000, newton_tol=1e-10, init=None, seed=0, progress=None,
+                precondition=True, max_unconverged=0.01):
+    """Fit the pln or nbln globals by maximizing the exact Laplace objective.
 
     Parameters
     ----------
     counts : (N, G) non-negative integer counts (validated).
     K : int, latent rank.
+    model : {"pln", "nbln"}
+        Poisson or NegBinomial2 (per-gene dispersion r_g, parameter ``log_r``) counts.
     log_M0, sigma_M, log_lib : capture prior and library sizes (see LaplaceProblem).
+    eta_loc, eta_scale : (N,) arrays, optional
+        Informative per-cell prior ``eta_c ~ Normal(eta_loc_c, eta_scale_c)`` truncated
+        to eta >= 0 in place of the capture prior (e.g. from an nbvcp fit).
+    eta : (N,) array >= 0, optional
+        Hold each cell's capture loss at this value; only x is marginalized.
+    log_r : (G,) array, optional
+        nbln only: hold the log dispersions at these values (not optimized; their prior
+        is then a constant and left out of the objective).
+    mu_prior, log_r_prior : (loc, scale), optional
+        Gaussian priors ``mu_g ~ Normal(loc_g, scale_g)`` and
+        ``log_r_g ~ Normal(loc_g, scale_g)`` replacing the defaults (pln's mu prior,
+        :mod:`scribe_stan.models.dispersion`); loc and scale are scalars or (G,) arrays,
+        scale > 0. ``log_r_prior`` applies to a free log_r (nbln).
     tol : float
         Relative objective tolerance of L-BFGS-B (``ftol``): stop when
         ``(f_k - f_{k+1}) / max(|f_k|, |f_{k+1}|, 1) <= tol``.
     max_iter : int, outer iterations.
-    init : tuple (mu, W, d), optional; default :func:`initial_globals`.
+    init : tuple (mu, W, d) or, for nbln with free log_r, (mu, W, d, log_r), optional.
+        Default: :func:`initial_globals` and ``log_r`` at the dispersion prior's
+        location (r = 10).
     progress : tqdm-like object with ``update``/``set_postfix``, optional.
     precondition : bool
         Optimize in coordinates scaled by :func:`diagonal_scaling` (default).
@@ -357,17 +567,43 @@ def fit_laplace(counts, K, *, log_M0=np.log(pln.M0_DEFAULT), sigma_M=pln.SIGMA_M
     Returns
     -------
     LaplaceSolution
+
+    Raises
+    ------
+    ValueError
+        Unknown model; ``log_r`` or ``log_r_prior`` with model="pln"; arrays of the
+        wrong length, non-finite values or non-positive scales; only one of
+        ``eta_loc``/``eta_scale``; negative ``eta``.
     """
     t0 = time.perf_counter()
+    if model not in MODELS:
+        raise ValueError(f"model={model!r} is not a Laplace model; allowed: {MODELS}")
     problem = LaplaceProblem(counts, log_M0=log_M0, sigma_M=sigma_M, newton_tol=newton_tol,
-                             log_lib=log_lib)
-    G = problem.shape[1]
-    mu0, W0, d0 = init if init is not None else initial_globals(problem.counts, problem.a, K,
-                                                                seed=seed)
+                             log_lib=log_lib, eta_loc=eta_loc, eta_scale=eta_scale)
+    N, G = problem.shape
+    if model == "pln" and (log_r is not None or log_r_prior is not None):
+        raise ValueError("log_r and log_r_prior apply to model='nbln' only (pln is Poisson).")
+    if log_r is not None:
+        log_r = _check_cells("log_r", log_r, G)
+    if eta is not None:
+        eta = _check_cells("eta", eta, N)
+        if np.any(eta < 0):
+            raise ValueError("eta (held capture losses) must be >= 0 (allowed: 0 <= eta).")
+    layout = OuterLayout(G, K, model, log_r=log_r, eta=eta,
+                         mu_prior=_gene_prior("mu_prior", mu_prior, G),
+                         log_r_prior=_gene_prior("log_r_prior", log_r_prior, G))
+    if init is None:
+        init = initial_globals(problem.counts, problem.a, K, seed=seed)
+        if layout.free_log_r:
+            init = (*init, np.full(G, dispersion.LOG_R_LOC))
+    mu0, W0, d0 = init[:3]
+    log_r0 = init[3] if layout.free_log_r else layout.log_r
     history = []
     n_eval = 0
-    scale = (diagonal_scaling(problem, mu0, W0, d0) if precondition
-             else np.ones(G * (K + 2)))
+    n_theta = G * (K + 2) + (G if layout.free_log_r else 0)
+    scale = (diagonal_scaling(problem, mu0, W0, d0, log_r0, eta=eta,
+                              free_log_r=layout.free_log_r)
+             if precondition else np.ones(n_theta))
 
     good = {"x": problem.x.copy(), "eta": problem.eta.copy()}
 
@@ -376,7 +612,7 @@ def fit_laplace(counts, K, *, log_M0=np.log(pln.M0_DEFAULT), sigma_M=pln.SIGMA_M
         # kept as warm starts (the line search backtracks on the poor value it sees).
         nonlocal n_eval
         n_eval += 1
-        value, grad = objective(problem, theta_scaled / scale, K)
+        value, grad = objective(problem, theta_scaled / scale, layout)
         if not np.isfinite(value) or np.mean(~problem.converged) > max_unconverged:
             problem.x[:], problem.eta[:] = good["x"], good["eta"]
         else:
@@ -391,19 +627,23 @@ def fit_laplace(counts, K, *, log_M0=np.log(pln.M0_DEFAULT), sigma_M=pln.SIGMA_M
             progress.update(1)
             progress.set_postfix(objective=f"{history[-1]:.6g}")
 
-    # Box on mu and log d keeps trial points where exp(x - eta) stays finite.
-    lower = np.concatenate([np.full(G, -50.0), np.full(G * K, -np.inf), np.full(G, np.log(1e-6))])
-    upper = np.concatenate([np.full(G, 50.0), np.full(G * K, np.inf), np.full(G, np.log(1e2))])
-    theta0 = np.clip(pack(mu0, W0, d0), lower, upper)
+    # Box on mu, log d (and log r) keeps trial points where the rates stay finite.
+    lower = [np.full(G, -50.0), np.full(G * K, -np.inf), np.full(G, np.log(1e-6))]
+    upper = [np.full(G, 50.0), np.full(G * K, np.inf), np.full(G, np.log(1e2))]
+    if layout.free_log_r:
+        lower.append(np.full(G, LOG_R_BOUNDS[0]))
+        upper.append(np.full(G, LOG_R_BOUNDS[1]))
+    lower, upper = np.concatenate(lower), np.concatenate(upper)
+    theta0 = np.clip(layout.pack(mu0, W0, d0, log_r0), lower, upper)
     res = optimize.minimize(fun, theta0 * scale, jac=True, method="L-BFGS-B",
                             bounds=list(zip(lower * scale, upper * scale)), callback=callback,
                             options={"maxiter": max_iter, "ftol": tol, "gtol": 1e-6,
                                      "maxcor": 20, "maxls": 40})
     theta = res.x / scale
-    mu, W, d = unpack(theta, G, K)
+    mu, W, d, log_r_hat = layout.unpack(theta)
     # Final E-step and objective at the returned globals (the optimizer's last
     # evaluation may have been a rejected line-search point).
-    final, _ = objective(problem, theta, K)
+    final, _ = objective(problem, theta, layout)
     modes = CellModes(problem.x.copy(), problem.eta.copy(), problem.n_iter.copy(),
                       problem.converged.copy(), problem.at_bound.copy())
     if not modes.converged.all():
@@ -414,4 +654,5 @@ def fit_laplace(counts, K, *, log_M0=np.log(pln.M0_DEFAULT), sigma_M=pln.SIGMA_M
                            objective=final,
                            n_iter=int(res.nit), n_eval=n_eval, success=bool(res.success),
                            message=str(res.message), history=history,
-                           wall_time_s=time.perf_counter() - t0)
+                           wall_time_s=time.perf_counter() - t0, model=model,
+                           log_r=None if log_r_hat is None else np.array(log_r_hat))
