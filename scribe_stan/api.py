@@ -265,7 +265,7 @@ class HmcFit:
 def fit(adata, *, model="pln", method="laplace", rank=10, layer=None, genes=None,
         library_size=None, M0=pln.M0_DEFAULT, sigma_M=pln.SIGMA_M_DEFAULT, seed=0, device="cpu", tol=1e-8,
         max_iter=1000, progress=True, backend="auto", chains=4, draws=1000, warmup=1000,
-        adapt_delta=0.9, conditional_on=None):
+        adapt_delta=0.9, conditional_on=None, reference_gene=None, mode="full"):
     """Fit a count model to an AnnData with the Laplace solver or Stan HMC.
 
     Parameters
@@ -273,7 +273,7 @@ def fit(adata, *, model="pln", method="laplace", rank=10, layer=None, genes=None
     adata : anndata.AnnData
         Cells x genes raw UMI counts in ``.X`` or ``.layers[layer]`` (dense or sparse).
         Never modified. All-zero genes are dropped with a warning.
-    model : {"pln"}
+    model : {"pln", "lnm", "lnmvcp"}
     method : {"laplace", "hmc"}
     rank : int
         Latent rank K, ``1 <= K < G``.
@@ -296,6 +296,12 @@ def fit(adata, *, model="pln", method="laplace", rank=10, layer=None, genes=None
     backend : {"auto", "cmdstanpy", "pystan"}
         Stan interface (HMC).
     chains, draws, warmup, adapt_delta : NUTS settings (HMC).
+    reference_gene : None, str or int
+        lnm/lnmvcp only: the ALR reference gene (name or column index); default
+        :func:`scribe_stan.models.lnm.default_reference`.
+    mode : {"full", "low_rank"}
+        lnm/lnmvcp Laplace only: per-cell latent y in ALR coordinates (default) or
+        factor scores with d = 0 (:mod:`scribe_stan.laplace.lnm_solver`).
     conditional_on : LaplaceFit, optional
         HMC only: sample the per-cell latents with the globals fixed at this fit's
         values (``stan/pln_conditional.stan``), the exact target the Laplace step
@@ -318,7 +324,25 @@ def fit(adata, *, model="pln", method="laplace", rank=10, layer=None, genes=None
     _validate.check_choice("device", device, DEVICES)
     if method == "hmc":
         stan.resolve_backend(backend)
+    if model in ("lnm", "lnmvcp"):
+        from scribe_stan.lnm_fit import fit_lnm
+
+        return fit_lnm(adata, model=model, method=method, rank=rank, layer=layer, genes=genes,
+                       library_size=library_size, M0=M0, sigma_M=sigma_M, seed=seed, tol=tol,
+                       max_iter=max_iter, progress=progress, backend=backend, chains=chains,
+                       draws=draws, warmup=warmup, adapt_delta=adapt_delta,
+                       conditional_on=conditional_on, reference_gene=reference_gene,
+                       mode=mode)
     data = _prepare(adata, layer, genes, M0, sigma_M, library_size)
+    if model == "nbvcp":  # no latent rank: rank is ignored (scribe_stan.nbvcp_fit)
+        from scribe_stan import nbvcp_fit
+
+        return nbvcp_fit.fit(data, method=method, tol=tol, max_iter=max_iter, progress=progress,
+                             backend=backend, chains=chains, draws=draws, warmup=warmup,
+                             adapt_delta=adapt_delta, seed=seed, conditional_on=conditional_on,
+                             settings={"model": model, "method": method, "layer": layer,
+                                       "M0": float(M0), "sigma_M": float(sigma_M),
+                                       "seed": int(seed)})
     if conditional_on is not None:
         rank = conditional_on.W.shape[1]  # the globals fix the rank
     K = _validate.check_rank(rank, data.counts.shape[1])

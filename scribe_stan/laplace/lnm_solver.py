@@ -480,9 +480,10 @@ class TotalProblem:
         self.at_bound = np.zeros(self.uT.size, bool)
         self.n_iter = np.zeros(self.uT.size, np.int64)
 
-    def _f(self, eta, log_m, r):
-        return (dispersion.nb_logpmf(self.uT, log_m - eta, r)
-                - 0.5 * (eta - self.a) ** 2 / self.sigma_M**2)
+    def _f(self, eta, log_m, r, idx=slice(None)):
+        """Log density of eta (up to constants) for the cells ``idx``."""
+        return (dispersion.nb_logpmf(self.uT[idx], log_m - eta, r)
+                - 0.5 * (eta - self.a[idx]) ** 2 / self.sigma_M**2)
 
     def modes(self, log_m, log_r):
         """Projected damped Newton on every eta_c (vectorized); updates ``self.eta``."""
@@ -505,7 +506,7 @@ class TotalProblem:
                     break
                 t[bad] *= 0.5
                 new[bad] = np.maximum(eta[bad] + t[bad] * step[bad], 0.0)
-                fn[bad] = self._f(new[bad], log_m, r)
+                fn[bad] = self._f(new[bad], log_m, r, bad)
             moved = np.abs(new - eta)
             eta = np.where(active, new, eta)
             f = np.where(active, fn, f)
