@@ -1,0 +1,282 @@
+"""Fitting the ``nbvcp`` model from :func:`scribe_stan.fit`: the Laplace result class
+:class:`NbvcpFit`, the HMC run (an :class:`scribe_stan.api.HmcFit`) and
+:func:`posterior_moments`, the Gaussian summaries that seed nbln's informative priors.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from scribe_stan import convert, stan
+from scribe_stan.api import _MAX_TREE_ELEMENTS, HmcFit, _Data
+from scribe_stan.laplace.nbvcp import NbvcpSolution, fit_nbvcp, gamma_tables, gaussian_moments
+from scribe_stan.laplace.nbvcp import log_lik_draws
+from scribe_stan.models import nbvcp, pln
+
+__all__ = ["NbvcpFit", "posterior_moments"]
+
+
+@dataclass
+class NbvcpFit:
+    """Laplace fit of the nbvcp model: MAP of the Laplace marginal over ``(m, log_r)``,
+    a 1-D Gaussian per cell for the capture loss eta.
+
+    Attributes
+    ----------
+    model : str, ``"nbvcp"``.
+    m : (G,) log mean expression before capture;  r : (G,) NB dispersions;
+    log_r : (G,) their logs (the fitting coordinate).
+    eta_hat : (N,) per-cell mode of the capture loss (capture efficiency ``exp(-eta)``).
+    eta_sd : (N,) 1-D Laplace posterior sd of eta at the fitted globals.
+    converged : (N,) bool, the per-cell Newton step converged at the final globals.
+    eta_at_bound : (N,) bool, eta's mode sits on its bound 0.
+    objective : float, final Laplace objective (nats);  n_iter : outer iterations;
+    success : bool and message : str from the optimizer.
+    obs_names, var_names : pandas.Index;  settings : dict of the arguments used.
+    """
+
+    model: str
+    solution: NbvcpSolution = field(repr=False)
+    data: _Data = field(repr=False)
+    settings: dict
+
+    m = property(lambda self: self.solution.m)
+    log_r = property(lambda self: self.solution.log_r)
+    r = property(lambda self: np.exp(self.solution.log_r))
+    eta_hat = property(lambda self: self.solution.modes.eta)
+    eta_sd = property(lambda self: 1.0 / np.sqrt(self.solution.modes.curvature))
+    converged = property(lambda self: self.solution.modes.converged)
+    eta_at_bound = property(lambda self: self.solution.modes.at_bound)
+    objective = property(lambda self: self.solution.objective)
+    n_iter = property(lambda self: self.solution.n_iter)
+    success = property(lambda self: self.solution.success)
+    message = property(lambda self: self.solution.message)
+    obs_names = property(lambda self: self.data.obs_names)
+    var_names = property(lambda self: self.data.var_names)
+
+    def posterior_moments(self):
+        """Shortcut for :func:`posterior_moments` ``(self)``."""
+        return posterior_moments(self)
+
+    def _gene_index(self, genes):
+        if genes is None:
+            return np.arange(len(self.var_names))
+        if isinstance(genes, (int, np.integer)) and not isinstance(genes, bool):
+            if not 1 <= genes <= len(self.var_names):
+                raise ValueError(f"genes={genes} must be between 1 and the number of fitted "
+                                 f"genes ({len(self.var_names)})")
+            order = np.argsort(-self.data.counts.mean(axis=0), kind="stable")[:int(genes)]
+            return np.sort(order)
+        idx = self.var_names.get_indexer(pd.Index(list(genes)))
+        if (idx < 0).any():
+            raise ValueError("genes not in the fit: "
+                             f"{[g for g, i in zip(genes, idx) if i < 0][:5]}")
+        return idx
+
+    def to_datatree(self, draws=500, *, genes=None, seed=None):
+        """ArviZ DataTree of the Laplace posterior (one chain of independent draws).
+
+        eta is drawn per cell from its 1-D Laplace Gaussian ``N(eta_hat, eta_sd^2)``
+        truncated to ``eta >= 0`` (the support); ``m`` and ``r`` are point estimates
+        repeated over draws. ``sample_stats`` carries ``lp`` (exact
+        ``log p(u, eta | m, r)`` of the draw, summed over cells) and ``lp_approx`` (the
+        truncated Gaussian's log density), so
+        :func:`arviz_stats.loo_approximate_posterior` applies. ``log_likelihood`` is the
+        NB log likelihood per cell over all fitted genes; ``posterior_predictive`` holds
+        NB replicated counts ``NegBinomial2(exp(m - eta), r)``.
+
+        Parameters
+        ----------
+        draws : int, >= 1
+        genes : None, int or list of str
+            Genes whose ``m``, ``r``, observed and replicated counts are stored: all
+            (default), the ``n`` highest-mean ones, or those names.
+            ``draws * cells * genes`` above 2e8 raises ``ValueError``.
+        seed : int, optional (default: the fit's seed)
+
+        Returns
+        -------
+        xarray.DataTree
+
+        Raises
+        ------
+        ValueError
+            ``draws < 1``, unknown genes, or too many elements.
+        """
+        if not isinstance(draws, (int, np.integer)) or draws < 1:
+            raise ValueError(f"draws must be a positive integer, got {draws!r}")
+        idx = self._gene_index(genes)
+        N = len(self.obs_names)
+        if draws * N * idx.size > _MAX_TREE_ELEMENTS:
+            raise ValueError(f"draws*cells*genes = {draws}*{N}*{idx.size} exceeds "
+                             f"{_MAX_TREE_ELEMENTS:.0e}; pass genes=<int or names> or fewer "
+                             "draws.")
+        rng = np.random.default_rng(self.settings["seed"] if seed is None else seed)
+        problem = self.solution.problem
+        mean, sd = self.eta_hat, self.eta_sd
+        lower = (0.0 - mean) / sd
+        eta = stats.truncnorm.rvs(lower, np.inf, loc=mean, scale=sd, size=(draws, N),
+                                  random_state=rng)
+        lp_approx = stats.truncnorm.logpdf(eta, lower, np.inf, loc=mean, scale=sd)
+        r = self.r
+        lg, _ = gamma_tables(r, problem.offsets)
+        log_lik = log_lik_draws(problem.indptr, problem.indices, problem.vals, lg,
+                                problem.offsets, problem.lgam_u, self.m, r, eta)
+        lp = log_lik + pln.log_capture_prior(eta, problem.a, problem.sigma_M)
+        mean_counts = np.exp(self.m[idx][None, None, :] - eta[..., None])
+        rep_r = r[idx][None, None, :]
+        y_rep = rng.negative_binomial(rep_r, rep_r / (rep_r + mean_counts))
+        rep = lambda a: np.broadcast_to(a, (1, draws) + a.shape)  # noqa: E731
+        return convert.build_datatree(
+            posterior={"m": rep(self.m[idx]), "r": rep(r[idx]), "eta": eta[None]},
+            sample_stats={"lp": lp.sum(axis=1)[None], "lp_approx": lp_approx.sum(axis=1)[None]},
+            log_likelihood={"counts": log_lik[None]},
+            posterior_predictive={"counts": y_rep[None]},
+            observed_data={"counts": self.data.counts[:, idx]},
+            cell_names=self.obs_names, gene_names=self.var_names[idx], n_factors=0,
+            attrs={"solver": "laplace", "backend": "numba-cpu", "model": self.model,
+                   "seed": self.settings["seed"], "draws": draws,
+                   "stan_hash": stan.program_hash(self.model),
+                   "objective": self.objective, "outer_iterations": self.n_iter,
+                   "cells_converged": int(self.converged.sum())})
+
+    def to_anndata(self, adata, *, key_added=None):
+        """Copy of ``adata`` with the fit's results under new keys.
+
+        ``obs[f"{key}_eta"]`` capture-loss mode, ``obs[f"{key}_capture_efficiency"]``
+        ``exp(-eta)``, ``obs[f"{key}_converged"]``; ``var[f"{key}_m"]`` and
+        ``var[f"{key}_r"]`` (NaN for genes not fitted); ``uns[key]`` the settings,
+        objective, iteration counts and fitted gene names. ``key`` defaults to
+        ``"nbvcp"``. The input ``adata`` is not modified.
+
+        Raises
+        ------
+        ValueError
+            ``adata`` does not hold the fitted cells.
+        """
+        key = key_added or self.model
+        if not pd.Index(adata.obs_names).equals(self.obs_names):
+            raise ValueError("adata has other cells than the fit (obs_names differ); pass "
+                             "the AnnData that was fitted.")
+        out = adata.copy()
+        pos = out.var_names.get_indexer(self.var_names)
+        G = len(out.var_names)
+        m, r = np.full(G, np.nan), np.full(G, np.nan)
+        m[pos], r[pos] = self.m, self.r
+        out.obs[f"{key}_eta"] = self.eta_hat
+        out.obs[f"{key}_capture_efficiency"] = np.exp(-self.eta_hat)
+        out.obs[f"{key}_converged"] = self.converged
+        out.var[f"{key}_m"], out.var[f"{key}_r"] = m, r
+        out.uns[key] = {**{k: v for k, v in self.settings.items() if v is not None},
+                        "objective": self.objective, "outer_iterations": self.n_iter,
+                        "optimizer_success": self.success,
+                        "cells_converged": int(self.converged.sum()),
+                        "genes": np.asarray(self.var_names, dtype=str)}
+        return out
+
+
+def fit(data, *, method, settings, tol=1e-10, max_iter=1000, progress=True, backend="auto",
+        chains=4, draws=1000, warmup=1000, adapt_delta=0.9, seed=0, conditional_on=None):
+    """Fit nbvcp to prepared data; called by :func:`scribe_stan.fit` (see its docs).
+
+    Parameters
+    ----------
+    data : scribe_stan.api._Data
+        Validated counts, library sizes, names and capture prior.
+    method : {"laplace", "hmc"}
+    settings : dict, the arguments recorded on the result (updated here).
+    tol, max_iter, progress : Laplace outer optimizer.
+    backend, chains, draws, warmup, adapt_delta, seed : NUTS (``stan/nbvcp.stan``).
+    conditional_on : must be None (nbvcp has no conditional program).
+
+    Returns
+    -------
+    NbvcpFit or scribe_stan.api.HmcFit
+
+    Raises
+    ------
+    ValueError
+        ``conditional_on`` is given.
+    """
+    if conditional_on is not None:
+        raise ValueError("conditional_on is not available for model='nbvcp' (it has no "
+                         "per-cell latents besides eta); allowed: None")
+    settings = {**settings, "rank": None}
+    capture = {"log_M0": data.log_M0, "sigma_M": data.sigma_M, "log_lib": data.log_lib}
+    if method == "laplace":
+        from tqdm.auto import tqdm
+
+        with tqdm(total=max_iter, desc="nbvcp Laplace", unit="it", disable=not progress,
+                  leave=False) as bar:
+            sol = fit_nbvcp(data.counts, tol=tol, max_iter=max_iter, progress=bar, **capture)
+        settings.update(device="cpu", tol=tol, max_iter=max_iter)
+        return NbvcpFit(model="nbvcp", solution=sol, data=data, settings=settings)
+    settings.update(backend=stan.resolve_backend(backend), chains=chains, draws=draws,
+                    warmup=warmup, adapt_delta=adapt_delta, program="nbvcp")
+    draws_ = stan.sample("nbvcp", nbvcp.stan_data(data.counts, **capture), backend=backend,
+                         chains=chains, draws=draws, warmup=warmup, seed=seed,
+                         adapt_delta=adapt_delta, progress=progress)
+    n_div = int(np.sum(draws_.sample_stats["diverging"]))
+    if n_div:
+        warnings.warn(f"{n_div} divergent transitions in nbvcp; see the tree's "
+                      "sample_stats.diverging.", RuntimeWarning, stacklevel=3)
+    return HmcFit(model="nbvcp", program="nbvcp", draws=draws_, data=data, settings=settings)
+
+
+def _draw_moments(arr):
+    flat = np.asarray(arr, dtype=float).reshape(-1, *np.shape(arr)[2:])
+    return flat.mean(axis=0), flat.std(axis=0, ddof=1)
+
+
+def posterior_moments(fit):
+    """Posterior means and sds of the nbvcp quantities, in the fitting coordinates.
+
+    Parameters
+    ----------
+    fit : NbvcpFit or scribe_stan.api.HmcFit with ``model == "nbvcp"``
+        For the Laplace fit the moments are those of a joint Gaussian approximation at
+        the fitted globals and per-cell modes (:func:`scribe_stan.laplace.nbvcp.
+        gaussian_moments`): means are ``(m, log_r)`` and ``eta_hat``; sds come from the
+        observed information of the Laplace objective, which couples all genes through
+        the shared eta_c (the second derivatives of its log-curvature terms are
+        ignored). For HMC they are the means and sds (ddof 1) over all chains and draws;
+        ``log_r`` is the parameter's draws (``log(r)`` when only ``r`` is stored).
+
+    Returns
+    -------
+    dict
+        ``"m"``, ``"log_r"``: (mean (G,), sd (G,)); ``"eta"``: (mean (N,), sd (N,)),
+        the marginal posterior of eta (for Laplace: the 1-D Laplace variance plus the
+        propagated uncertainty of the globals); ``"var_names"``, ``"obs_names"``:
+        pandas.Index of the genes and cells. Laplace fits add ``"eta_given_globals"``:
+        (eta_hat, 1-D Laplace sd at the fitted globals) and ``"m_log_r_corr"`` (G,).
+
+    Raises
+    ------
+    TypeError
+        ``fit`` is neither an NbvcpFit nor an HmcFit.
+    ValueError
+        An HmcFit of another model.
+    """
+    if isinstance(fit, NbvcpFit):
+        mom = gaussian_moments(fit.solution.problem, fit.m, fit.log_r)
+        return {"m": (fit.m.copy(), mom["m_sd"]), "log_r": (fit.log_r.copy(), mom["log_r_sd"]),
+                "eta": (fit.eta_hat.copy(), mom["eta_sd"]),
+                "eta_given_globals": (fit.eta_hat.copy(), mom["eta_sd_given_globals"]),
+                "m_log_r_corr": mom["m_log_r_corr"],
+                "var_names": fit.var_names, "obs_names": fit.obs_names}
+    if isinstance(fit, HmcFit):
+        if fit.model != "nbvcp":
+            raise ValueError(f"posterior_moments needs an nbvcp fit; got model={fit.model!r}")
+        post = fit.draws.posterior
+        log_r = post["log_r"] if "log_r" in post else np.log(post["r"])
+        return {"m": _draw_moments(post["m"]), "log_r": _draw_moments(log_r),
+                "eta": _draw_moments(post["eta"]),
+                "var_names": fit.var_names, "obs_names": fit.obs_names}
+    raise TypeError(f"posterior_moments takes an NbvcpFit or an HmcFit of model 'nbvcp'; "
+                    f"got {type(fit).__name__}")
