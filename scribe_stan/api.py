@@ -100,6 +100,8 @@ class LaplaceFit:
     mu = property(lambda self: self.solution.mu)
     W = property(lambda self: self.solution.W)
     d = property(lambda self: self.solution.d)
+    log_r = property(lambda self: self.solution.log_r)  # nbln log dispersions (None: pln)
+    r = property(lambda self: self.solution.r)  # nbln dispersions exp(log_r) (None: pln)
     x_hat = property(lambda self: self.solution.modes.x)
     eta_hat = property(lambda self: self.solution.modes.eta)
     converged = property(lambda self: self.solution.modes.converged)
@@ -175,7 +177,7 @@ class LaplaceFit:
                              "draws.")
         rng = np.random.default_rng(self.settings["seed"] if seed is None else seed)
         problem = self.solution.problem
-        smp = problem.sample(self.mu, self.W, self.d, draws, rng, genes=idx)
+        smp = problem.sample(self.mu, self.W, self.d, draws, rng, genes=idx, log_r=self.log_r)
         W = self.W[idx]
         Sigma = W @ W.T + np.diag(self.d[idx])
         rep = lambda a: np.broadcast_to(a, (1, draws) + a.shape)  # noqa: E731
@@ -183,12 +185,17 @@ class LaplaceFit:
         posterior = {"mu": rep(self.mu[idx]), "W": rep(W), "W_perp": rep(self.W_perp[idx]),
                      "d": rep(self.d[idx]),
                      "Sigma": rep(Sigma), "x": smp["x"][None], "eta": smp["eta"][None]}
+        if self.r is None:
+            replicated = rng.poisson(rate)
+        else:  # NegBinomial2(rate, r) as a gamma-Poisson draw; p = r / (r + rate)
+            posterior["r"] = rep(self.r[idx])
+            replicated = rng.negative_binomial(self.r[idx], self.r[idx] / (self.r[idx] + rate))
         return convert.build_datatree(
             posterior=posterior,
             sample_stats={"lp": smp["lp"].sum(axis=1)[None],
                           "lp_approx": smp["lp_approx"].sum(axis=1)[None]},
             log_likelihood={"counts": smp["log_lik"][None]},
-            posterior_predictive={"counts": rng.poisson(rate)[None]},
+            posterior_predictive={"counts": replicated[None]},
             observed_data={"counts": self.data.counts[:, idx]},
             cell_names=self.obs_names, gene_names=self.var_names[idx],
             n_factors=self.W.shape[1],
@@ -273,7 +280,7 @@ def fit(adata, *, model="pln", method="laplace", rank=10, layer=None, genes=None
     adata : anndata.AnnData
         Cells x genes raw UMI counts in ``.X`` or ``.layers[layer]`` (dense or sparse).
         Never modified. All-zero genes are dropped with a warning.
-    model : {"pln", "lnm", "lnmvcp"}
+    model : {"pln", "nbln", "lnm", "lnmvcp", "nbvcp"}
     method : {"laplace", "hmc"}
     rank : int
         Latent rank K, ``1 <= K < G``.
@@ -353,7 +360,8 @@ def fit(adata, *, model="pln", method="laplace", rank=10, layer=None, genes=None
 
         with tqdm(total=max_iter, desc=f"{model} Laplace", unit="it", disable=not progress,
                   leave=False) as bar:
-            sol = fit_laplace(data.counts, K, log_M0=data.log_M0, sigma_M=data.sigma_M,
+            sol = fit_laplace(data.counts, K, model=model, log_M0=data.log_M0,
+                              sigma_M=data.sigma_M,
                               log_lib=data.log_lib, tol=tol, max_iter=max_iter, seed=seed,
                               progress=bar)
         settings.update(device="cpu", tol=tol, max_iter=max_iter)
@@ -365,12 +373,14 @@ def fit(adata, *, model="pln", method="laplace", rank=10, layer=None, genes=None
                 and conditional_on.obs_names.equals(data.obs_names)):
             raise ValueError("conditional_on was fitted on other cells or genes; pass the "
                              "same adata/genes to both fits.")
-        program = pln.CONDITIONAL_STAN_FILE.removesuffix(".stan")
-        stan_data = pln.conditional_stan_data(data.counts, conditional_on.mu,
-                                              conditional_on.W, conditional_on.d, **capture)
+        program = MODELS[model].CONDITIONAL_STAN_FILE.removesuffix(".stan")
+        fixed = (conditional_on.mu, conditional_on.W, conditional_on.d)
+        if model == "nbln":
+            fixed += (conditional_on.log_r,)
+        stan_data = MODELS[model].conditional_stan_data(data.counts, *fixed, **capture)
     else:
         program = model
-        stan_data = pln.stan_data(data.counts, K, **capture)
+        stan_data = MODELS[model].stan_data(data.counts, K, **capture)
     settings.update(backend=stan.resolve_backend(backend), chains=chains, draws=draws,
                     warmup=warmup, adapt_delta=adapt_delta, program=program)
     draws_ = stan.sample(program, stan_data, backend=backend, chains=chains, draws=draws,
