@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 from scribe_stan import datasets
 from scribe_stan.api import HmcFit, LaplaceFit, fit
 from scribe_stan.compare import compare, plot_comparison
+from scribe_stan.lnm_fit import LnmHmcFit, LnmLaplaceFit
 
 __all__ = ["fit", "compare", "plot_comparison", "datasets", "LaplaceFit", "HmcFit",
-           "__version__"]
+           "LnmLaplaceFit", "LnmHmcFit", "__version__"]
