@@ -119,7 +119,7 @@ def test_custom_priors_and_held_log_r():
     mu_loc, mu_sd = sim["mu"], np.linspace(0.5, 1.5, G)
     r_loc, r_sd = np.full(G, 1.0), np.linspace(0.2, 2.0, G)
     layout = OuterLayout(G, 1, "nbln", mu_prior=(mu_loc, mu_sd), log_r_prior=(r_loc, r_sd))
-    lp, g_mu, _, _, g_r = layout.log_prior(mu, W, d, log_r)
+    lp, g_mu, _, _, g_r, _ = layout.log_prior(mu, W, d, log_r)
     expected = (pln.log_prior_globals(mu, W, d) - stats.norm.logpdf(mu, pln.MU_LOC,
                                                                      pln.MU_SCALE).sum()
                 + stats.norm.logpdf(mu, mu_loc, mu_sd).sum()

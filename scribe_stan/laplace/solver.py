@@ -24,7 +24,7 @@ from scipy import optimize, special
 from scipy.sparse.linalg import LinearOperator, eigsh
 
 from scribe_stan.laplace import cpu
-from scribe_stan.models import dispersion, pln
+from scribe_stan.models import dispersion, loadings, pln
 
 MODELS = ("pln", "nbln")
 #: Box on log_r in the outer fit: r from 1e-4 (extreme over-dispersion) to 1e8 (Poisson
@@ -286,13 +286,11 @@ def _check_cells(name, value, n, *, positive=False):
     return arr
 
 
-def log_prior_and_grad(mu, W, d):
-    """Global log prior (as in :func:`scribe_stan.models.pln.log_prior_globals`) and gradient."""
-    value = pln.log_prior_globals(mu, W, d)
-    g_mu = -(mu - pln.MU_LOC) / pln.MU_SCALE**2
-    g_W = -W / pln.W_SCALE**2
-    g_d = (pln.D_SHAPE - 1.0) / d - pln.D_RATE
-    return value, g_mu, g_W, g_d
+def _gamma_logpdf_grad(d):
+    """Summed pln prior ``d_g ~ Gamma(D_SHAPE, D_RATE)`` log density and its gradient."""
+    value = float(np.sum(special.xlogy(pln.D_SHAPE - 1.0, d) - pln.D_RATE * d
+                         + pln.D_SHAPE * np.log(pln.D_RATE) - special.gammaln(pln.D_SHAPE)))
+    return value, (pln.D_SHAPE - 1.0) / d - pln.D_RATE
 
 
 def _normal_logpdf_grad(x, loc, scale):
@@ -306,6 +304,9 @@ def _normal_logpdf_grad(x, loc, scale):
 class OuterLayout:
     """What the outer optimizer moves and which priors replace the defaults.
 
+    The optimizer vector is ``[mu (unless log_mean is held), W (row-major), log d,
+    log_r (nbln, unless held), log_tau (shrinkage loadings priors)]``.
+
     Attributes
     ----------
     G, K : int
@@ -317,6 +318,15 @@ class OuterLayout:
     mu_prior, log_r_prior : tuple (loc, scale) of (G,) arrays, or None
         Gaussian priors replacing the default ones on mu (``pln``'s) and on log_r
         (:mod:`scribe_stan.models.dispersion`).
+    log_mean : (G,) array or None
+        Hold each gene's log-normal mean log-rate ``mu_g + Sigma_gg / 2`` at this value:
+        mu is then a function of (W, d), not an optimizer coordinate.
+    log_mean_prior : tuple (loc, scale) of (G,) arrays, or None
+        Gaussian prior on ``mu_g + Sigma_gg / 2`` replacing the default mu prior (the
+        cascade's use of an nbvcp fit's log mean expression; :mod:`scribe_stan.cascade`).
+    loadings_prior : str
+        One of :data:`scribe_stan.models.loadings.PRIORS`; the shrinkage ones add the
+        log column scales ``log_tau`` (K,) to the optimizer vector.
     """
 
     G: int
@@ -326,41 +336,80 @@ class OuterLayout:
     eta: np.ndarray | None = None
     mu_prior: tuple | None = None
     log_r_prior: tuple | None = None
+    log_mean: np.ndarray | None = None
+    log_mean_prior: tuple | None = None
+    loadings_prior: str = "normal"
 
     @property
     def free_log_r(self):
         return self.model == "nbln" and self.log_r is None
 
-    def pack(self, mu, W, d, log_r=None):
-        """Optimizer vector ``[mu, W (row-major), log d, (log_r if free)]``."""
-        parts = [mu, np.ravel(W), np.log(d)]
+    @property
+    def free_mu(self):
+        return self.log_mean is None
+
+    @property
+    def n_tau(self):
+        return loadings.n_scales(self.loadings_prior, self.K)
+
+    def pack(self, mu, W, d, log_r=None, log_tau=None):
+        """Optimizer vector (see the class docstring)."""
+        parts = [mu] if self.free_mu else []
+        parts += [np.ravel(W), np.log(d)]
         if self.free_log_r:
             parts.append(log_r)
+        if self.n_tau:
+            parts.append(log_tau)
         return np.concatenate(parts)
+
+    def _split(self, theta):
+        G, K = self.G, self.K
+        sizes = [G if self.free_mu else 0, G * K, G, G if self.free_log_r else 0, self.n_tau]
+        return np.split(theta, np.cumsum(sizes)[:-1])
 
     def unpack(self, theta):
         """(mu, W, d, log_r) from the optimizer vector; log_r is None for pln."""
-        G, K = self.G, self.K
-        mu = theta[:G]
-        W = theta[G:G + G * K].reshape(G, K)
-        d = np.exp(theta[G * (K + 1):G * (K + 2)])
+        mu, W, log_d, log_r, _ = self._split(theta)
+        W = W.reshape(self.G, self.K)
+        d = np.exp(log_d)
+        if not self.free_mu:
+            mu = self.log_mean - 0.5 * (np.sum(W**2, axis=1) + d)
         if self.model == "pln":
             return mu, W, d, None
-        log_r = theta[G * (K + 2):] if self.free_log_r else self.log_r
-        return mu, W, d, log_r
+        return mu, W, d, (log_r if self.free_log_r else self.log_r)
 
-    def log_prior(self, mu, W, d, log_r):
-        """Log prior of the moved globals and its gradient (g_mu, g_W, g_d, g_log_r).
+    def log_tau(self, theta):
+        """Log column scales of a shrinkage loadings prior, (K,) or (0,)."""
+        return self._split(theta)[4]
 
-        W and d (and mu by default) use :func:`log_prior_and_grad`, the pln prior shared
+    def log_prior(self, mu, W, d, log_r, log_tau=None):
+        """Log prior of the moved globals and its gradient.
+
+        W (with its column scales) and d, and mu by default, use the pln prior shared
         by every model; priors of held parameters are constants and are left out.
+
+        Returns
+        -------
+        lp, g_mu, g_W, g_d, g_log_r (None unless free), g_log_tau ((0,) unless shrinkage)
         """
-        lp, g_mu, g_W, g_d = log_prior_and_grad(mu, W, d)
+        lp, g_W, g_log_tau = loadings.log_prior_and_grad(
+            W, np.zeros(0) if log_tau is None else log_tau, self.loadings_prior)
+        lp_d, g_d = _gamma_logpdf_grad(d)
+        lp += lp_d
+        if self.mu_prior is None and self.log_mean_prior is None:
+            lp_mu, g_mu = _normal_logpdf_grad(mu, pln.MU_LOC, pln.MU_SCALE)
+            lp += lp_mu
+        else:
+            g_mu = np.zeros_like(mu)
         if self.mu_prior is not None:
-            # Swap the default mu term of the shared prior for the given one.
-            v0, g0 = _normal_logpdf_grad(mu, pln.MU_LOC, pln.MU_SCALE)
-            v1, g1 = _normal_logpdf_grad(mu, *self.mu_prior)
-            lp, g_mu = lp - v0 + v1, g_mu - g0 + g1
+            lp_mu, g_mu = _normal_logpdf_grad(mu, *self.mu_prior)
+            lp += lp_mu
+        if self.log_mean_prior is not None:
+            # prior on s = mu + (|W_g|^2 + d_g) / 2: ds/dmu = 1, ds/dW = W, ds/dd = 1/2
+            s = mu + 0.5 * (np.sum(W**2, axis=1) + d)
+            v1, g_s = _normal_logpdf_grad(s, *self.log_mean_prior)
+            lp, g_mu = lp + v1, g_mu + g_s
+            g_W, g_d = g_W + g_s[:, None] * W, g_d + 0.5 * g_s
         g_log_r = None
         if self.free_log_r:
             if self.log_r_prior is None:
@@ -368,7 +417,7 @@ class OuterLayout:
             else:
                 v, g_log_r = _normal_logpdf_grad(log_r, *self.log_r_prior)
             lp += v
-        return lp, g_mu, g_W, g_d, g_log_r
+        return lp, g_mu, g_W, g_d, g_log_r, g_log_tau
 
 
 def pack(mu, W, d, log_r=None):
@@ -388,16 +437,26 @@ def objective(problem, theta, layout):
     Returns
     -------
     total : float, ``sum_c log p_hat(u_c | theta) + log prior``
-    grad : like ``theta``; w.r.t. (mu, W, log d[, log_r]).
+    grad : like ``theta``; w.r.t. (mu, W, log d[, log_r][, log_tau]).
     """
     mu, W, d, log_r = layout.unpack(theta)
+    log_tau = layout.log_tau(theta)
     out = problem.log_marginal(mu, W, d, log_r=log_r, eta=layout.eta, grad=True)
     value, g_mu, g_W, g_d = out[:4]
-    lp, p_mu, p_W, p_d, p_r = layout.log_prior(mu, W, d, log_r)
+    lp, p_mu, p_W, p_d, p_r, p_tau = layout.log_prior(mu, W, d, log_r, log_tau)
     total = float(value.sum() + lp)
-    parts = [g_mu + p_mu, (g_W + p_W).ravel(), (g_d + p_d) * d]
+    g_mu, g_W, g_d = g_mu + p_mu, g_W + p_W, g_d + p_d
+    parts = []
+    if layout.free_mu:
+        parts.append(g_mu)
+    else:
+        # mu = log_mean - (|W_g|^2 + d_g) / 2 moves with W and d
+        g_W, g_d = g_W - g_mu[:, None] * W, g_d - 0.5 * g_mu
+    parts += [g_W.ravel(), g_d * d]
     if layout.free_log_r:
         parts.append(out[4] + p_r)
+    if layout.n_tau:
+        parts.append(p_tau)
     return total, np.concatenate(parts)
 
 
@@ -486,6 +545,8 @@ class LaplaceSolution:
     wall_time_s : float.
     model : {"pln", "nbln"}.
     log_r : (G,) log dispersions (nbln: fitted or held), None for pln.
+    log_tau : (K,) log loadings column scales of a shrinkage prior, (0,) otherwise.
+    loadings_prior : str.
     """
 
     problem: LaplaceProblem
@@ -502,6 +563,8 @@ class LaplaceSolution:
     wall_time_s: float = 0.0
     model: str = "pln"
     log_r: np.ndarray | None = None
+    log_tau: np.ndarray | None = None
+    loadings_prior: str = "normal"
 
     @property
     def r(self):
@@ -525,7 +588,8 @@ def _gene_prior(name, prior, G):
 
 def fit_laplace(counts, K, *, model="pln", log_M0=np.log(pln.M0_DEFAULT),
                 sigma_M=pln.SIGMA_M_DEFAULT, log_lib=None, eta_loc=None, eta_scale=None,
-                eta=None, log_r=None, mu_prior=None, log_r_prior=None, tol=1e-8,
+                eta=None, log_r=None, mu_prior=None, log_r_prior=None, log_mean=None,
+                log_mean_prior=None, loadings_prior="normal", tol=1e-8,
                 max_iter=1000, newton_tol=1e-10, init=None, seed=0, progress=None,
                 precondition=True, max_unconverged=0.01):
     """Fit the pln or nbln globals by maximizing the exact Laplace objective.
@@ -550,6 +614,14 @@ def fit_laplace(counts, K, *, model="pln", log_M0=np.log(pln.M0_DEFAULT),
         ``log_r_g ~ Normal(loc_g, scale_g)`` replacing the defaults (pln's mu prior,
         :mod:`scribe_stan.models.dispersion`); loc and scale are scalars or (G,) arrays,
         scale > 0. ``log_r_prior`` applies to a free log_r (nbln).
+    log_mean : (G,) array, optional
+        Hold each gene's log-normal mean log-rate ``mu_g + Sigma_gg / 2`` here; mu
+        follows W and d (see :class:`OuterLayout`).
+    log_mean_prior : (loc, scale), optional
+        Gaussian prior on ``mu_g + Sigma_gg / 2`` in place of the mu prior.
+    loadings_prior : str
+        Prior on W, one of :data:`scribe_stan.models.loadings.PRIORS`; the columnwise
+        shrinkage priors optimize the log column scales jointly with the globals.
     tol : float
         Relative objective tolerance of L-BFGS-B (``ftol``): stop when
         ``(f_k - f_{k+1}) / max(|f_k|, |f_{k+1}|, 1) <= tol``.
@@ -589,21 +661,36 @@ def fit_laplace(counts, K, *, model="pln", log_M0=np.log(pln.M0_DEFAULT),
         eta = _check_cells("eta", eta, N)
         if np.any(eta < 0):
             raise ValueError("eta (held capture losses) must be >= 0 (allowed: 0 <= eta).")
+    if sum(p is not None for p in (mu_prior, log_mean, log_mean_prior)) > 1:
+        raise ValueError("give at most one of mu_prior, log_mean and log_mean_prior (each "
+                         "replaces the prior on mu).")
     layout = OuterLayout(G, K, model, log_r=log_r, eta=eta,
                          mu_prior=_gene_prior("mu_prior", mu_prior, G),
-                         log_r_prior=_gene_prior("log_r_prior", log_r_prior, G))
+                         log_r_prior=_gene_prior("log_r_prior", log_r_prior, G),
+                         log_mean=None if log_mean is None else _check_cells("log_mean",
+                                                                             log_mean, G),
+                         log_mean_prior=_gene_prior("log_mean_prior", log_mean_prior, G),
+                         loadings_prior=loadings.check_prior(loadings_prior))
     if init is None:
         init = initial_globals(problem.counts, problem.a, K, seed=seed)
         if layout.free_log_r:
             init = (*init, np.full(G, dispersion.LOG_R_LOC))
     mu0, W0, d0 = init[:3]
+    if not layout.free_mu:
+        mu0 = layout.log_mean - 0.5 * (np.sum(W0**2, axis=1) + d0)
     log_r0 = init[3] if layout.free_log_r else layout.log_r
+    log_tau0 = loadings.initial_log_tau(W0, loadings_prior)
     history = []
     n_eval = 0
-    n_theta = G * (K + 2) + (G if layout.free_log_r else 0)
-    scale = (diagonal_scaling(problem, mu0, W0, d0, log_r0, eta=eta,
-                              free_log_r=layout.free_log_r)
-             if precondition else np.ones(n_theta))
+    theta0 = layout.pack(mu0, W0, d0, log_r0, log_tau0)
+    if precondition:
+        scale = diagonal_scaling(problem, mu0, W0, d0, log_r0, eta=eta,
+                                 free_log_r=layout.free_log_r)
+        # log tau_k's prior curvature is about 2 (G - 1) at its conditional mode
+        scale = np.concatenate([scale[0 if layout.free_mu else G:],
+                                np.full(layout.n_tau, np.sqrt(2.0 * (G - 1)))])
+    else:
+        scale = np.ones(theta0.size)
 
     good = {"x": problem.x.copy(), "eta": problem.eta.copy()}
 
@@ -628,13 +715,19 @@ def fit_laplace(counts, K, *, model="pln", log_M0=np.log(pln.M0_DEFAULT),
             progress.set_postfix(objective=f"{history[-1]:.6g}")
 
     # Box on mu, log d (and log r) keeps trial points where the rates stay finite.
-    lower = [np.full(G, -50.0), np.full(G * K, -np.inf), np.full(G, np.log(1e-6))]
-    upper = [np.full(G, 50.0), np.full(G * K, np.inf), np.full(G, np.log(1e2))]
+    # Column scales stay above the floor of the shrinkage priors.
+    lower = [np.full(G * K, -np.inf), np.full(G, np.log(1e-6))]
+    upper = [np.full(G * K, np.inf), np.full(G, np.log(1e2))]
+    if layout.free_mu:
+        lower.insert(0, np.full(G, -50.0))
+        upper.insert(0, np.full(G, 50.0))
     if layout.free_log_r:
         lower.append(np.full(G, LOG_R_BOUNDS[0]))
         upper.append(np.full(G, LOG_R_BOUNDS[1]))
+    lower.append(np.full(layout.n_tau, np.log(loadings.TAU_MIN)))
+    upper.append(np.full(layout.n_tau, np.log(1e3)))
     lower, upper = np.concatenate(lower), np.concatenate(upper)
-    theta0 = np.clip(layout.pack(mu0, W0, d0, log_r0), lower, upper)
+    theta0 = np.clip(theta0, lower, upper)
     res = optimize.minimize(fun, theta0 * scale, jac=True, method="L-BFGS-B",
                             bounds=list(zip(lower * scale, upper * scale)), callback=callback,
                             options={"maxiter": max_iter, "ftol": tol, "gtol": 1e-6,
@@ -655,4 +748,6 @@ def fit_laplace(counts, K, *, model="pln", log_M0=np.log(pln.M0_DEFAULT),
                            n_iter=int(res.nit), n_eval=n_eval, success=bool(res.success),
                            message=str(res.message), history=history,
                            wall_time_s=time.perf_counter() - t0, model=model,
-                           log_r=None if log_r_hat is None else np.array(log_r_hat))
+                           log_r=None if log_r_hat is None else np.array(log_r_hat),
+                           log_tau=layout.log_tau(theta).copy(),
+                           loadings_prior=layout.loadings_prior)
