@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from scribe_stan import _validate, convert, stan
+from scribe_stan import _validate, cascade, convert, stan
 from scribe_stan.laplace.solver import LaplaceSolution, fit_laplace
 from scribe_stan.models import MODELS, loadings, pln
 
@@ -211,7 +211,8 @@ class LaplaceFit:
         ``obs[f"{key}_eta"]`` capture-loss mode, ``obs[f"{key}_capture_efficiency"]``
         ``exp(-eta)``, ``obs[f"{key}_converged"]``; ``obsm[f"{key}_x"]`` (N, G_fit)
         log-rate modes; ``var[f"{key}_mu"]``, ``var[f"{key}_d"]``,
-        ``varm[f"{key}_W"]`` and ``varm[f"{key}_W_perp"]`` (NaN for genes not fitted);
+        ``varm[f"{key}_W"]``, ``varm[f"{key}_W_perp"]`` and, for nbln, the dispersions
+        ``var[f"{key}_r"]`` (NaN for genes not fitted);
         ``uns[key]`` the settings, objective, iteration counts, effective rank, gauge
         ratio and fitted gene names. ``key`` defaults to the
         model name. The input ``adata`` is not modified.
@@ -227,6 +228,10 @@ class LaplaceFit:
         out.obs[f"{key}_converged"] = self.converged
         out.obsm[f"{key}_x"] = self.x_hat.copy()
         out.var[f"{key}_mu"], out.var[f"{key}_d"] = mu, d
+        if self.r is not None:  # nbln dispersions
+            r = np.full(G, np.nan)
+            r[pos] = self.r
+            out.var[f"{key}_r"] = r
         out.varm[f"{key}_W"] = W
         W_perp = np.full((G, K), np.nan)
         W_perp[pos] = self.W_perp
@@ -269,10 +274,29 @@ class HmcFit:
             attrs={"solver": "hmc", "model": self.model, "program": self.program})
 
 
+def _cascade(source, model, data, tau, freeze):
+    """fit_laplace arguments from an nbvcp fit (:mod:`scribe_stan.cascade`), or {}."""
+    if source is None:
+        return {}
+    from scribe_stan.nbvcp_fit import posterior_moments
+
+    if model != "nbln":
+        raise ValueError(f"informative_priors_from applies to model='nbln' (the nbvcp -> "
+                         f"nbln cascade); got model={model!r}")
+    if getattr(source, "model", None) != "nbvcp":
+        raise ValueError("informative_priors_from must be an nbvcp fit (ss.fit(..., "
+                         "model='nbvcp'), Laplace or HMC); got "
+                         f"{type(source).__name__} of model {getattr(source, 'model', None)!r}")
+    return cascade.cascade_arguments(posterior_moments(source), data.var_names,
+                                     data.obs_names, tau=tau, freeze=freeze)
+
+
 def fit(adata, *, model="pln", method="laplace", rank=10, layer=None, genes=None,
         library_size=None, M0=pln.M0_DEFAULT, sigma_M=pln.SIGMA_M_DEFAULT, seed=0, device="cpu", tol=1e-8,
         max_iter=1000, progress=True, backend="auto", chains=4, draws=1000, warmup=1000,
-        adapt_delta=0.9, conditional_on=None, reference_gene=None, mode="full"):
+        adapt_delta=0.9, conditional_on=None, reference_gene=None, mode="full",
+        loadings_prior="normal", informative_priors_from=None, tau=1.0,
+        freeze=cascade.DEFAULT_FREEZE):
     """Fit a count model to an AnnData with the Laplace solver or Stan HMC.
 
     Parameters
@@ -313,6 +337,24 @@ def fit(adata, *, model="pln", method="laplace", rank=10, layer=None, genes=None
         HMC only: sample the per-cell latents with the globals fixed at this fit's
         values (``stan/pln_conditional.stan``), the exact target the Laplace step
         approximates. Genes and cells must match; ``rank`` is taken from the fit.
+    loadings_prior : {"normal", "gaussian", "horseshoe", "neg"}
+        pln/nbln prior on the loadings: iid normal (default) or a columnwise shrinkage
+        prior on the gauge-invariant loadings for adaptive rank (fit with a generous
+        ``rank``; unsupported columns shrink to ~0 and ``fit.effective_rank`` counts the
+        rest). Definitions and sources: :mod:`scribe_stan.models.loadings`.
+    informative_priors_from : nbvcp fit, optional
+        nbln Laplace only: the cascade (:mod:`scribe_stan.cascade`). The nbvcp fit's
+        (Laplace or HMC) posterior for the dispersions ``log r_g``, the log mean
+        expression ``m_g`` (prior on nbln's ``mu_g + Sigma_gg / 2``) and the capture
+        ``eta_c`` becomes Gaussian priors with sds widened by ``tau``; genes and cells
+        are matched by name and must be the same sets.
+    tau : float > 0
+        Widening of the cascade's prior sds (default 1).
+    freeze : iterable of str
+        Cascade parameters held at the nbvcp posterior means instead (default
+        ``("r", "eta")``); names ``r``, ``mu``, ``eta`` or the aliases ``dispersion``,
+        ``expression``/``mean_expression``, ``capture_efficiency``. Naming one
+        parameter twice is an error.
 
     Returns
     -------
@@ -358,12 +400,14 @@ def fit(adata, *, model="pln", method="laplace", rank=10, layer=None, genes=None
     if method == "laplace":
         from tqdm.auto import tqdm
 
+        informed = _cascade(informative_priors_from, model, data, tau, freeze)
+
         with tqdm(total=max_iter, desc=f"{model} Laplace", unit="it", disable=not progress,
                   leave=False) as bar:
             sol = fit_laplace(data.counts, K, model=model, log_M0=data.log_M0,
                               sigma_M=data.sigma_M,
                               log_lib=data.log_lib, tol=tol, max_iter=max_iter, seed=seed,
-                              progress=bar)
+                              progress=bar, loadings_prior=loadings_prior, **informed)
         settings.update(device="cpu", tol=tol, max_iter=max_iter)
         return LaplaceFit(model=model, solution=sol, data=data, settings=settings)
 
@@ -380,7 +424,8 @@ def fit(adata, *, model="pln", method="laplace", rank=10, layer=None, genes=None
         stan_data = MODELS[model].conditional_stan_data(data.counts, *fixed, **capture)
     else:
         program = model
-        stan_data = MODELS[model].stan_data(data.counts, K, **capture)
+        stan_data = MODELS[model].stan_data(data.counts, K, loadings_prior=loadings_prior,
+                                            **capture)
     settings.update(backend=stan.resolve_backend(backend), chains=chains, draws=draws,
                     warmup=warmup, adapt_delta=adapt_delta, program=program)
     draws_ = stan.sample(program, stan_data, backend=backend, chains=chains, draws=draws,

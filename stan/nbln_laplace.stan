@@ -7,11 +7,23 @@
 //
 // The reference value of the Laplace objective. Stan's latent variable is
 // theta = x - mu ~ normal(0, Sigma); the offset mu - eta_c enters the log mean.
-// In Stan 2.39 the dispersion argument of laplace_marginal_tol_neg_binomial_2_log_lpmf
-// is a vector indexed like the observations (one count per latent here), so r_g is
-// per gene. No parameters: run with the fixed_param sampler (one draw).
+// Stan 2.39's laplace_marginal_tol_neg_binomial_2_log_lpmf takes a vector dispersion,
+// but its likelihood forms multiply(n_per_group, eta) (a matrix product of two
+// G-vectors), and the call aborted at run time for G > 1 with per-gene r; so the NB2
+// log likelihood is handed to the generic laplace_marginal_tol as a user function
+// (Stan's own Newton solver, autodiff Hessian with block size 1, and log-determinant).
+// No parameters: run with the fixed_param sampler (one draw).
 functions {
   #include functions/pln.stanfunctions
+
+  /**
+   * NegBinomial2 log likelihood of one cell's counts given the latent theta = x - mu:
+   * log mean theta + log_mean_offset (= mu - eta_c), dispersions r (per gene).
+   */
+  real nbln_laplace_log_lik(vector theta, array[] int y, vector log_mean_offset,
+                            vector r) {
+    return neg_binomial_2_log_lpmf(y | theta + log_mean_offset, r);
+  }
 }
 data {
   int<lower=1> N;  // cells
@@ -28,7 +40,6 @@ data {
   vector<lower=0>[N] eta;
 }
 transformed data {
-  array[G] int gene_index = linspaced_int_array(G, 1, G);  // one count per latent
   vector[G] r = exp(log_r);
   vector[G] theta_0 = rep_vector(0, G);  // Newton start
   real tolerance = 1e-12;  // absolute change of the Newton objective
@@ -40,8 +51,8 @@ transformed data {
 generated quantities {
   vector[N] log_marginal;
   for (c in 1:N) {
-    log_marginal[c] = laplace_marginal_tol_neg_binomial_2_log_lpmf(
-        counts[c] | gene_index, r, mu - eta[c], 1, pln_covariance, (W, d),
+    log_marginal[c] = laplace_marginal_tol(
+        nbln_laplace_log_lik, (counts[c], mu - eta[c], r), 1, pln_covariance, (W, d),
         (theta_0, tolerance, max_num_steps, solver, max_steps_line_search,
          allow_fallthrough));
   }

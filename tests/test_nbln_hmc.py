@@ -80,3 +80,10 @@ def test_full_joint_hmc_end_to_end():
     assert post["x"].shape == (1, 50, 8, 4)
     assert tree["posterior_predictive"]["counts"].shape == (1, 50, 8, 4)
     assert tree["log_likelihood"]["counts"].shape == (1, 50, 8)
+
+
+def test_to_anndata_stores_dispersions(sim, laplace_fit):
+    adata = anndata.AnnData(sim["counts"].astype(np.float32))
+    out = laplace_fit.to_anndata(adata)
+    np.testing.assert_allclose(out.var["nbln_r"].to_numpy(), laplace_fit.r)
+    assert "nbln_r" not in adata.var  # the input is left untouched

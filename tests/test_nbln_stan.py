@@ -122,7 +122,8 @@ def _case(seed=7, N=6, G=5, K=2):
 
 
 def test_laplace_value_equals_stan_embedded_nb_laplace():
-    """Per-gene r: Stan 2.39's dispersion argument is a vector over the observations."""
+    """Per-gene r; Stan's generic embedded Laplace with the NB2 likelihood (see the
+    header of stan/nbln_laplace.stan for why not the NB-specific function)."""
     sim, mu, W, d = _case()
     cap = {"log_M0": sim["log_M0"], "sigma_M": sim["sigma_M"], "log_lib": sim["log_lib"]}
     data = nbln.laplace_stan_data(sim["counts"], mu, W, d, sim["log_r"], sim["eta"], **cap)
