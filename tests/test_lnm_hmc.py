@@ -32,17 +32,24 @@ def test_laplace_matches_conditional_nuts(model):
     assert table["mean_coverage"].between(0.85, 0.95).all(), table
 
 
-def test_full_program_hmc_end_to_end():
-    sim = lnm.simulate(10, 4, 1, ref=0, seed=5, total_mean=200.0)
+@pytest.mark.parametrize("model", ["lnm", "lnmvcp"])
+def test_full_program_hmc_end_to_end(model):
+    sim = lnm.simulate(10, 4, 1, ref=0, capture=model == "lnmvcp", seed=5, total_mean=200.0)
     adata = anndata.AnnData(sim["counts"].astype(np.float32))
-    fit = ss.fit(adata, model="lnm", method="hmc", rank=1, reference_gene="0", chains=2,
+    fit = ss.fit(adata, model=model, method="hmc", rank=1, reference_gene="0", chains=2,
                  draws=100, warmup=150, seed=1, progress=False)
+    assert fit.program == model and fit.reference_gene == "0"
     tree = fit.to_datatree()
     post = tree["posterior"]
     assert post["y"].shape == (2, 100, 10, 3)
+    assert list(post["y"].coords["gene_alr"].values) == ["1", "2", "3"]
     assert post["Sigma_clr"].shape == (2, 100, 4, 4)
     np.testing.assert_allclose(post["Sigma_clr"].values.sum(axis=-1), 0.0, atol=1e-9)
     assert tree["log_likelihood"]["counts"].shape == (2, 100, 10)
     assert tree["posterior_predictive"]["counts"].shape == (2, 100, 10, 4)
-    # the NB total's mean is learned: posterior median of m_T near the mean total
-    assert abs(np.log(np.median(post["m_T"].values)) - np.log(sim["counts"].sum(1).mean())) < 0.3
+    if model == "lnmvcp":
+        assert post["eta"].shape == (2, 100, 10) and (post["eta"].values >= 0).all()
+    else:
+        # the NB total's mean is learned: posterior median of m_T near the mean total
+        m_T = np.median(post["m_T"].values)
+        assert abs(np.log(m_T) - np.log(sim["counts"].sum(1).mean())) < 0.3

@@ -19,7 +19,7 @@ from __future__ import annotations
 import anndata
 import numpy as np
 import pytest
-from scipy import optimize, special
+from scipy import optimize, special, stats
 
 import scribe_stan as ss
 from scribe_stan.laplace import lnm_solver
@@ -320,3 +320,29 @@ def test_bad_inputs():
         ss.fit(adata, model="lnmx", rank=1, progress=False)
     with pytest.raises(ValueError, match="at least 3 genes"):
         ss.fit(adata[:, :2].copy(), model="lnm", rank=1, progress=False)
+
+
+def test_posterior_draws_follow_the_dense_laplace_gaussian():
+    sim = _sim(N=3, G=5, total_mean=300.0, seed=9)
+    mu, W, d = sim["mu"], sim["W"], sim["d"]
+    prob = lnm_solver.CompositionProblem(sim["counts"], REF)
+    prob.log_marginal(mu, W, d)
+    out = prob.sample(mu, W, d, 4000, np.random.default_rng(0))
+    Sigma = W @ W.T + np.diag(d)
+    P = np.linalg.inv(Sigma)
+    for c, u_all in enumerate(sim["counts"]):
+        _, y_hat = _dense_cell(u_all, REF, mu, Sigma)
+        lg = lnm.logits(y_hat, REF)
+        p = np.delete(np.exp(lg - special.logsumexp(lg)), REF)
+        V = np.linalg.inv(u_all.sum() * (np.diag(p) - np.outer(p, p)) + P)
+        draws = out["y"][:, c]
+        # Monte Carlo: sd of a covariance entry ~ sqrt(2/4000) * scale; allow 5 sd
+        tol = 5 * np.sqrt(2 / 4000) * np.abs(V).max()
+        np.testing.assert_allclose(np.cov(draws.T), V, atol=tol)
+        np.testing.assert_allclose(draws.mean(0), y_hat, atol=5 * np.sqrt(V.diagonal().max() / 4000))
+        # densities of the draws: the Gaussian's, and the exact joint given the globals
+        np.testing.assert_allclose(out["lp_approx"][:, c],
+                                   stats.multivariate_normal(y_hat, V).logpdf(draws), rtol=1e-9)
+        exact = (lnm.log_multinomial_cells(np.broadcast_to(u_all, (4000, u_all.size)), draws, REF)
+                 + pln.log_latent_prior_cells(draws, mu, W, d))
+        np.testing.assert_allclose(out["lp"][:, c], exact, rtol=1e-10)
