@@ -75,3 +75,88 @@ def test_mismatched_genes_or_cells_raise():
         cascade.cascade_arguments(mom, mom["var_names"], mom["obs_names"][:2])
     with pytest.raises(ValueError, match="tau must be a positive"):
         cascade.cascade_arguments(mom, mom["var_names"], mom["obs_names"], tau=0.0)
+
+
+# ------------------------------------------------------------------ through ss.fit
+
+
+def _adata(counts):
+    import anndata as ad
+    import pandas as pd
+
+    n, g = counts.shape
+    return ad.AnnData(X=counts.astype(float),
+                      obs=pd.DataFrame(index=[f"cell{i}" for i in range(n)]),
+                      var=pd.DataFrame(index=[f"gene{j}" for j in range(g)]))
+
+
+@pytest.fixture(scope="module")
+def nb_data():
+    from scribe_stan.models import nbln
+
+    sim = nbln.simulate(150, 6, 1, seed=2, lib_target=400.0, sigma_M=0.5)
+    return sim, _adata(sim["counts"])
+
+
+@pytest.fixture(scope="module")
+def nbvcp_fit(nb_data):
+    import scribe_stan as ss
+
+    return ss.fit(nb_data[1], model="nbvcp", method="laplace", progress=False)
+
+
+def test_cascade_holds_frozen_values(nb_data, nbvcp_fit):
+    import scribe_stan as ss
+    from scribe_stan.nbvcp_fit import posterior_moments
+
+    mom = posterior_moments(nbvcp_fit)
+    fit = ss.fit(nb_data[1], model="nbln", rank=1, progress=False,
+                 informative_priors_from=nbvcp_fit)
+    np.testing.assert_allclose(np.log(fit.r), mom["log_r"][0], rtol=1e-12)
+    np.testing.assert_allclose(fit.eta_hat, np.maximum(mom["eta"][0], 0.0), rtol=1e-12)
+    assert fit.converged.all() and np.isfinite(fit.objective)
+    # expression frozen too: the log-normal mean of every gene equals nbvcp's m
+    held = ss.fit(nb_data[1], model="nbln", rank=1, progress=False,
+                  informative_priors_from=nbvcp_fit, freeze=("dispersion", "expression",
+                                                             "capture_efficiency"))
+    np.testing.assert_allclose(held.mu + 0.5 * np.diag(held.Sigma), mom["m"][0], rtol=1e-10)
+
+
+def test_cascade_priors_pull_toward_the_source(nb_data, nbvcp_fit):
+    import scribe_stan as ss
+
+    mom = nbvcp_fit.posterior_moments()
+    kw = dict(model="nbln", rank=1, progress=False, informative_priors_from=nbvcp_fit,
+              freeze=())
+    tight = ss.fit(nb_data[1], tau=0.01, **kw)
+    loose = ss.fit(nb_data[1], tau=100.0, **kw)
+    dist = lambda f: np.abs(np.log(f.r) - mom["log_r"][0]).max()  # noqa: E731
+    assert dist(tight) < 0.05 < dist(loose)
+    np.testing.assert_allclose(tight.eta_hat, mom["eta"][0], atol=0.05)
+
+
+def test_cascade_from_hmc_nbvcp(nb_data):
+    import scribe_stan as ss
+
+    adata = nb_data[1][:30].copy()
+    hmc = ss.fit(adata, model="nbvcp", method="hmc", chains=2, draws=200, warmup=200,
+                 progress=False)
+    fit = ss.fit(adata, model="nbln", rank=1, progress=False, informative_priors_from=hmc)
+    draws = np.asarray(hmc.draws.posterior["eta"]).reshape(-1, 30)
+    np.testing.assert_allclose(fit.eta_hat, draws.mean(axis=0), rtol=1e-10)
+
+
+def test_cascade_bad_inputs(nb_data, nbvcp_fit):
+    import scribe_stan as ss
+
+    adata = nb_data[1]
+    with pytest.raises(ValueError, match="applies to model='nbln'"):
+        ss.fit(adata, model="pln", rank=1, progress=False, informative_priors_from=nbvcp_fit)
+    with pytest.raises(ValueError, match="must be an nbvcp fit"):
+        ss.fit(adata, model="nbln", rank=1, progress=False, informative_priors_from="x")
+    with pytest.raises(ValueError, match="other genes"):
+        ss.fit(adata, model="nbln", rank=1, progress=False, genes=4,
+               informative_priors_from=nbvcp_fit)
+    with pytest.raises(ValueError, match="'r' twice"):
+        ss.fit(adata, model="nbln", rank=1, progress=False, informative_priors_from=nbvcp_fit,
+               freeze=("r", "dispersion"))
