@@ -366,9 +366,9 @@ class NbvcpProblem:
         self.vals = X.data
         N, G = X.shape
         self.shape = (N, G)
-        max_u = np.zeros(G, np.int64)
-        np.maximum.at(max_u, self.indices, self.vals.astype(np.int64))
-        self.offsets = np.concatenate([[0], np.cumsum(max_u + 1)]).astype(np.int64)
+        self.max_u = np.zeros(G, np.int64)  # largest count per gene
+        np.maximum.at(self.max_u, self.indices, self.vals.astype(np.int64))
+        self.offsets = np.concatenate([[0], np.cumsum(self.max_u + 1)]).astype(np.int64)
         self.sigma_M = float(sigma_M)
         if log_lib is None:
             log_lib = np.log(np.asarray(X.sum(axis=1)).ravel())
@@ -557,12 +557,10 @@ def fit_nbvcp(counts, *, log_M0=np.log(pln.M0_DEFAULT), sigma_M=pln.SIGMA_M_DEFA
         # Alternate per-cell eta modes and per-gene MAPs given eta: a joint-MAP start
         # close to the Laplace optimum, where L-BFGS needs far fewer iterations.
         csc = problem.csr.tocsc()
-        max_u = np.zeros(G, np.int64)
-        np.maximum.at(max_u, problem.indices, problem.vals.astype(np.int64))
         for _ in range(n_init_sweeps):
             problem.modes(m0, r0)
             gene_newton(csc.indptr.astype(np.int64), csc.indices.astype(np.int64), csc.data,
-                        max_u, problem.eta, m0, r0, 2)
+                        problem.max_u, problem.eta, m0, r0, 2)
     else:
         m0, r0 = (np.array(v, dtype=np.float64) for v in init)
     lower = np.concatenate([np.full(G, M_BOUNDS[0]), np.full(G, LOG_R_BOUNDS[0])])
