@@ -673,8 +673,8 @@ def fit_laplace(counts, K, *, model="pln", log_M0=np.log(pln.M0_DEFAULT),
                          loadings_prior=loadings.check_prior(loadings_prior))
     if init is None:
         init = initial_globals(problem.counts, problem.a, K, seed=seed)
-        if layout.free_log_r:
-            init = (*init, np.full(G, dispersion.LOG_R_LOC))
+    if layout.free_log_r and len(init) == 3:  # log_r starts at the prior's location
+        init = (*init, np.full(G, dispersion.LOG_R_LOC))
     mu0, W0, d0 = init[:3]
     if not layout.free_mu:
         mu0 = layout.log_mean - 0.5 * (np.sum(W0**2, axis=1) + d0)
