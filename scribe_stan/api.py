@@ -373,6 +373,10 @@ def fit(adata, *, model="pln", method="laplace", rank=10, layer=None, genes=None
     _validate.check_choice("device", device, DEVICES)
     if method == "hmc":
         stan.resolve_backend(backend)
+    loadings.check_prior(loadings_prior)
+    if loadings_prior != "normal" and model not in ("pln", "nbln"):
+        raise ValueError(f"loadings_prior={loadings_prior!r} applies to the pln and nbln "
+                         f"models; {model!r} has only the default 'normal'")
     if model in ("lnm", "lnmvcp"):
         from scribe_stan.lnm_fit import fit_lnm
 

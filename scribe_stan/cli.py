@@ -30,7 +30,7 @@ from pathlib import Path
 
 from scribe_stan import __version__, _validate
 from scribe_stan.api import fit as _api_fit
-from scribe_stan.models import MODELS
+from scribe_stan.models import MODELS, loadings
 from scribe_stan.stan import BACKENDS
 
 __all__ = ["main", "build_parser", "hmc_diagnostics"]
@@ -225,7 +225,7 @@ def cmd_fit(args) -> int:
     fit = ss.fit(adata, model=args.model, method="laplace", rank=args.rank, layer=args.layer,
                  genes=args.genes, M0=args.M0, sigma_M=args.sigma_M, seed=args.seed,
                  device=args.device, tol=args.tol, max_iter=args.max_iter,
-                 progress=not args.quiet)
+                 progress=not args.quiet, loadings_prior=args.loadings_prior)
     fit_wall = time.perf_counter() - t_fit
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -238,6 +238,8 @@ def cmd_fit(args) -> int:
         "cells_converged": int(fit.converged.sum()), "cells_total": int(fit.converged.size),
         "fit_wall_s": fit_wall, "out": str(out),
     }
+    if hasattr(fit, "effective_rank"):
+        summary["effective_rank"] = int(fit.effective_rank)
     if args.draws > 0:
         tree = fit.to_datatree(args.draws, genes=args.tree_genes)
         _write_tree(tree, tree_path)
@@ -468,6 +470,10 @@ def _add_laplace(p):
                    help="relative objective tolerance of the outer L-BFGS-B")
     p.add_argument("--max-iter", dest="max_iter", type=int, default=_fit_default("max_iter"),
                    help="maximum outer (L-BFGS-B) iterations")
+    p.add_argument("--loadings-prior", dest="loadings_prior", choices=loadings.PRIORS,
+                   default=_fit_default("loadings_prior"),
+                   help="pln/nbln loadings prior: iid normal, or columnwise shrinkage of "
+                        "W_perp for adaptive rank (gaussian ARD, horseshoe, neg)")
 
 
 def _add_sampler(p, *, cells=None):

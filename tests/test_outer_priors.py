@@ -96,3 +96,35 @@ def test_rank_adapts_under_shrinkage():
     err = {K: np.linalg.norm(corr(pln.covariance(f.W, f.d)) - corr(truth))
            for K, f in fits.items()}
     assert err[8] <= 1.1 * err[3], err
+
+
+def test_fit_rejects_unknown_or_misapplied_loadings_prior():
+    import anndata as ad
+
+    import scribe_stan as ss
+
+    sim = pln.simulate(20, 5, 1, seed=1, lib_target=200.0)
+    adata = ad.AnnData(X=sim["counts"].astype(float))
+    with pytest.raises(ValueError, match="allowed: normal, gaussian, horseshoe, neg"):
+        ss.fit(adata, model="pln", rank=1, loadings_prior="lasso", progress=False)
+    with pytest.raises(ValueError, match="applies to the pln and nbln"):
+        ss.fit(adata, model="nbvcp", loadings_prior="horseshoe", progress=False)
+
+
+def test_cli_fit_with_shrinkage_prior(tmp_path, capsys):
+    import json
+
+    import anndata as ad
+
+    from scribe_stan.cli import main
+
+    sim = pln.simulate(60, 6, 1, seed=2, lib_target=300.0)
+    path = tmp_path / "in.h5ad"
+    ad.AnnData(X=sim["counts"].astype(float)).write_h5ad(path)
+    rc = main(["fit", str(path), "--model", "pln", "--rank", "3", "--loadings-prior",
+               "horseshoe", "--out", str(tmp_path / "out.h5ad"), "--draws", "0", "--quiet"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0 <= summary["effective_rank"] <= 3
+    out = ad.read_h5ad(tmp_path / "out.h5ad")
+    assert out.uns["pln"]["effective_rank"] == summary["effective_rank"]
