@@ -400,7 +400,10 @@ def fit(adata, *, model="pln", method="laplace", rank=10, layer=None, genes=None
         rank = conditional_on.W.shape[1]  # the globals fix the rank
     K = _validate.check_rank(rank, data.counts.shape[1])
     settings = {"model": model, "method": method, "rank": K, "layer": layer, "M0": float(M0),
-                "sigma_M": float(sigma_M), "seed": int(seed)}
+                "sigma_M": float(sigma_M), "seed": int(seed), "loadings_prior": loadings_prior}
+    if informative_priors_from is not None:
+        settings.update(cascade_tau=float(tau), cascade_freeze=list(
+            cascade.resolve_freeze(freeze)))
     if method == "laplace":
         from tqdm.auto import tqdm
 
