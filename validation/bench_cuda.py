@@ -72,7 +72,8 @@ def peak_bandwidth_gbps():
     bus_bits = getattr(devc, "GLOBAL_MEMORY_BUS_WIDTH", None)
     if clock_khz and bus_bits:
         return 2.0 * clock_khz * 1e3 * bus_bits / 8 / 1e9, "device attributes"
-    name = devc.name.decode() if isinstance(devc.name, bytes) else str(devc.name)
+    name = getattr(devc, "name", "CUDA simulator")
+    name = name.decode() if isinstance(name, bytes) else str(name)
     for key, val in PEAK_GBPS.items():
         if key in name:
             return val, f"table ({key})"
