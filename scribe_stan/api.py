@@ -18,7 +18,7 @@ from scribe_stan.laplace.solver import LaplaceSolution, fit_laplace
 from scribe_stan.models import MODELS, loadings, pln
 
 METHODS = ("laplace", "hmc")
-DEVICES = ("cpu", "auto")
+DEVICES = ("cpu", "cuda", "auto")
 _MAX_TREE_ELEMENTS = 2 * 10**8  # per-cell draw elements in one tree (1.6 GB of float64)
 
 
@@ -320,8 +320,9 @@ def fit(adata, *, model="pln", method="laplace", rank=10, layer=None, genes=None
         Capture prior: median total mRNA per cell and log-scale sd
         (defaults and sources in :mod:`scribe_stan.models.pln`).
     seed : int
-    device : {"cpu", "auto"}
-        Laplace compute device (the CUDA backend is not built yet).
+    device : {"cpu", "cuda", "auto"}
+        Laplace kernels: CPU, CUDA (needs numba-cuda and a GPU), or CUDA when available
+        (:func:`scribe_stan.laplace.device.resolve_device`).
     tol, max_iter : outer-optimizer tolerance and iterations (Laplace).
     progress : bool, show a tqdm bar.
     backend : {"auto", "cmdstanpy", "pystan"}
@@ -414,8 +415,9 @@ def fit(adata, *, model="pln", method="laplace", rank=10, layer=None, genes=None
             sol = fit_laplace(data.counts, K, model=model, log_M0=data.log_M0,
                               sigma_M=data.sigma_M,
                               log_lib=data.log_lib, tol=tol, max_iter=max_iter, seed=seed,
-                              progress=bar, loadings_prior=loadings_prior, **informed)
-        settings.update(device="cpu", tol=tol, max_iter=max_iter)
+                              progress=bar, loadings_prior=loadings_prior, device=device,
+                              **informed)
+        settings.update(device=device, tol=tol, max_iter=max_iter)
         return LaplaceFit(model=model, solution=sol, data=data, settings=settings)
 
     capture = {"log_M0": data.log_M0, "sigma_M": data.sigma_M, "log_lib": data.log_lib}

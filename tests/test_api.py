@@ -124,7 +124,7 @@ def test_rank_not_below_genes_raises(sim, fmt):
          r"Unknown layer 'spliced'; available layers: 'counts'; or layer=None"),
         ({"model": "zinb"}, r"Unknown model 'zinb'; allowed: 'pln'"),
         ({"method": "vi"}, r"Unknown method 'vi'; allowed: 'laplace', 'hmc'"),
-        ({"device": "gpu"}, r"Unknown device 'gpu'; allowed: 'cpu', 'auto'"),
+        ({"device": "gpu"}, r"Unknown device 'gpu'; allowed: 'cpu', 'cuda', 'auto'"),
         ({"method": "hmc", "backend": "stan"},
          r"unknown Stan backend 'stan'; allowed values: 'auto', 'cmdstanpy', 'pystan'"),
         ({"sigma_M": -1.0}, r"sigma_M must be a positive finite number.*allowed: 0 < value"),

@@ -23,7 +23,7 @@ import numpy as np
 from scipy import optimize, special
 from scipy.sparse.linalg import LinearOperator, eigsh
 
-from scribe_stan.laplace import cpu
+from scribe_stan.laplace.device import device_counts, resolve_device
 from scribe_stan.models import dispersion, loadings, pln
 
 MODELS = ("pln", "nbln")
@@ -98,12 +98,20 @@ class LaplaceProblem:
         Per-cell informative prior ``eta_c ~ Normal(eta_loc_c, eta_scale_c)`` truncated
         to ``eta_c >= 0``, replacing the capture prior (both or neither; e.g. the
         posterior of eta from an nbvcp fit). ``eta_scale > 0``.
+    device : {"cpu", "cuda", "auto"}
+        Kernels (:func:`scribe_stan.laplace.device.resolve_device`).
+    dtype : {"float64", "float32"}
+        Floating type of the CUDA kernels (float32: CUDA only; accuracy in
+        :mod:`scribe_stan.laplace.cuda`).
     """
 
     def __init__(self, counts, *, log_M0=np.log(pln.M0_DEFAULT), sigma_M=pln.SIGMA_M_DEFAULT,
                  newton_tol=1e-10, max_newton=100, log_lib=None, eta_loc=None,
-                 eta_scale=None):
+                 eta_scale=None, device="cpu", dtype="float64"):
         self.counts = np.ascontiguousarray(counts, dtype=np.float64)
+        # kernel module by device; the counts go to it once (on the GPU for CUDA)
+        self._kernels = resolve_device(device)
+        self._dcounts = device_counts(self._kernels, self.counts, dtype)
         N, G = self.counts.shape
         if (eta_loc is None) != (eta_scale is None):
             raise ValueError("eta_loc and eta_scale go together: pass both (N,) arrays or "
@@ -163,8 +171,8 @@ class LaplaceProblem:
         if fix:
             self.eta = np.array(eta, dtype=np.float64)
         Lc = shared_factor(W, d)
-        self.n_iter, self.converged, self.at_bound = cpu.newton_all(
-            self.counts, self.a, self.sigma, mu, W, d, inv_r, pair_products(W), Lc, self.x,
+        self.n_iter, self.converged, self.at_bound = self._kernels.newton_all(
+            self._dcounts, self.a, self.sigma, mu, W, d, inv_r, pair_products(W), Lc, self.x,
             self.eta, fix, self.newton_tol, self.max_newton, _n_chunks())
         if not np.all(self.converged):
             # A restart from the data-driven start rescues cells stranded by a bad warm start.
@@ -172,10 +180,10 @@ class LaplaceProblem:
             if not fix:
                 self.eta[bad] = np.maximum(self.a[bad], 0.0)
             self.x[bad] = np.log(self.counts[bad] + 0.5) + self.eta[bad, None]
-            it, ok, bd = cpu.newton_all(self.counts[bad], self.a[bad], self.sigma[bad], mu, W, d,
-                                        inv_r, pair_products(W), Lc,
-                                        xb := self.x[bad], eb := self.eta[bad], fix,
-                                        self.newton_tol, self.max_newton, _n_chunks())
+            it, ok, bd = self._kernels.newton_all(self.counts[bad], self.a[bad], self.sigma[bad],
+                                                  mu, W, d, inv_r, pair_products(W), Lc,
+                                                  xb := self.x[bad], eb := self.eta[bad], fix,
+                                                  self.newton_tol, self.max_newton, _n_chunks())
             self.x[bad], self.eta[bad] = xb, eb
             self.n_iter[bad] += it
             self.converged[bad], self.at_bound[bad] = ok, bd
@@ -208,8 +216,8 @@ class LaplaceProblem:
         if not fix:
             const = const + self._const_eta
         # the gradient pass costs the same for every cell: one block per thread
-        value, g_mu, g_W, g_d, g_log_r = cpu.laplace_value_grad(
-            self.counts, const, self.a, self.sigma, mu, W, d,
+        value, g_mu, g_W, g_d, g_log_r = self._kernels.laplace_value_grad(
+            self._dcounts, const, self.a, self.sigma, mu, W, d,
             inverse_dispersion(log_r, self.shape[1]), pair_products(W), shared_factor(W, d),
             self.x, self.eta, fix, grad, numba.get_num_threads())
         if not grad:
@@ -229,7 +237,7 @@ class LaplaceProblem:
         Lc = shared_factor(W, d)
         G = self.shape[1]
         logdet_sigma = np.sum(np.log(d)) + 2 * np.sum(np.log(np.diag(Lc)))
-        core = cpu.log_density_cells(self.counts, self.a, self.sigma, mu, W, d,
+        core = self._kernels.log_density_cells(self._dcounts, self.a, self.sigma, mu, W, d,
                                      inverse_dispersion(log_r, G), Lc,
                                      np.ascontiguousarray(x, dtype=np.float64),
                                      np.ascontiguousarray(eta, dtype=np.float64))
@@ -266,12 +274,12 @@ class LaplaceProblem:
         for start in range(0, draws, block):
             stop = min(draws, start + block)
             S = stop - start
-            cpu.sample_cells(self.counts, lik_const + self._const_eta, lik_const, self.a,
-                             self.sigma, mu, W, d, inv_r, pair_products(W), Lc,
-                             self.x, self.eta, genes, rng.standard_normal((S, N, G)),
-                             rng.standard_normal((S, N, K)), rng.standard_normal((S, N)),
-                             *(out[k][start:stop] for k in ("x", "eta", "log_lik", "lp",
-                                                            "lp_approx")))
+            self._kernels.sample_cells(
+                self._dcounts, lik_const + self._const_eta, lik_const, self.a, self.sigma, mu,
+                W, d, inv_r, pair_products(W), Lc, self.x, self.eta, genes,
+                rng.standard_normal((S, N, G)), rng.standard_normal((S, N, K)),
+                rng.standard_normal((S, N)),
+                *(out[k][start:stop] for k in ("x", "eta", "log_lik", "lp", "lp_approx")))
         return out
 
 
@@ -591,7 +599,7 @@ def fit_laplace(counts, K, *, model="pln", log_M0=np.log(pln.M0_DEFAULT),
                 eta=None, log_r=None, mu_prior=None, log_r_prior=None, log_mean=None,
                 log_mean_prior=None, loadings_prior="normal", tol=1e-8,
                 max_iter=1000, newton_tol=1e-10, init=None, seed=0, progress=None,
-                precondition=True, max_unconverged=0.01):
+                precondition=True, max_unconverged=0.01, device="cpu", dtype="float64"):
     """Fit the pln or nbln globals by maximizing the exact Laplace objective.
 
     Parameters
@@ -635,6 +643,11 @@ def fit_laplace(counts, K, *, model="pln", log_M0=np.log(pln.M0_DEFAULT),
     max_unconverged : float
         After an evaluation where a larger fraction of cells fails the Newton step, the
         next one warm-starts from the last good modes.
+    device : {"cpu", "cuda", "auto"}
+        Kernels (:func:`scribe_stan.laplace.device.resolve_device`).
+    dtype : {"float64", "float32"}
+        Floating type of the CUDA kernels (float32: CUDA only; accuracy in
+        :mod:`scribe_stan.laplace.cuda`).
 
     Returns
     -------
@@ -651,7 +664,8 @@ def fit_laplace(counts, K, *, model="pln", log_M0=np.log(pln.M0_DEFAULT),
     if model not in MODELS:
         raise ValueError(f"model={model!r} is not a Laplace model; allowed: {MODELS}")
     problem = LaplaceProblem(counts, log_M0=log_M0, sigma_M=sigma_M, newton_tol=newton_tol,
-                             log_lib=log_lib, eta_loc=eta_loc, eta_scale=eta_scale)
+                             log_lib=log_lib, eta_loc=eta_loc, eta_scale=eta_scale,
+                             device=device, dtype=dtype)
     N, G = problem.shape
     if model == "pln" and (log_r is not None or log_r_prior is not None):
         raise ValueError("log_r and log_r_prior apply to model='nbln' only (pln is Poisson).")
