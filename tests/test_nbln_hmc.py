@@ -35,7 +35,7 @@ def test_laplace_matches_conditional_nuts(sim, laplace_fit):
     assert hmc.program == "nbln_conditional"
     table = ss.compare(laplace_fit.to_datatree(draws=2000, seed=1), hmc.to_datatree(),
                        var_names=["x", "eta"])
-    print(table)
+    print(table.to_string())
     assert (table["mean_abs_smd"] <= 0.1).all(), table
     assert table["median_sd_ratio"].between(0.9, 1.1).all(), table
     assert table["mean_coverage"].between(0.85, 0.95).all(), table
