@@ -267,9 +267,19 @@ def value_grad_full(u, uT, const, mu, W, d, WW, Lc, sig1, y, want_grad, n_chunks
             pa = 0.0
             tr_pv = 0.0
             for j in range(D):
+                # row = W_j M^{-1} (K^2) gives q_j = W_j M^{-1} W_j' and the explicit
+                # log-det term -(lambda h)_j W_j M^{-1} of the W gradient in one pass.
+                for k in range(K):
+                    row[k] = 0.0
+                for i in range(K):
+                    wji = W[j, i]
+                    for k in range(K):
+                        row[k] += wji * Minv[i * K + k]
                 qj = 0.0
-                for kj in range(K * K):
-                    qj += WW[j, kj] * Minv[kj]
+                wj = lam[j] * h[j]
+                for k in range(K):
+                    qj += W[j, k] * row[k]
+                    acc_W[ch, j, k] -= wj * row[k]
                 psi[j] = qj  # psi reused: q_j = W_j M^{-1} W_j'
                 vjj = invB[j] + h[j] * h[j] * qj + cT * a[j] * a[j]
                 t[j] = vjj
@@ -302,14 +312,8 @@ def value_grad_full(u, uT, const, mu, W, d, WW, Lc, sig1, y, want_grad, n_chunks
                 acc_d[ch, j] += (0.5 * (alpha[j] ** 2 - wj + wj * wj * psi[j] + cT * b[j] ** 2)
                                  + beta[j] * alpha[j])
                 for k in range(K):
-                    row[k] = 0.0
-                for i in range(K):
-                    wi = wj * W[j, i]
-                    for k in range(K):
-                        row[k] += wi * Minv[i * K + k]
-                for k in range(K):
                     acc_W[ch, j, k] += (alpha[j] * (kA[k] + kB[k]) + beta[j] * kA[k]
-                                        + cT * b[j] * kb[k] - row[k])
+                                        + cT * b[j] * kb[k])
     g_mu = np.zeros(D)
     g_d = np.zeros(D)
     g_W = np.zeros((D, K))
