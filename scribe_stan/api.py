@@ -386,7 +386,7 @@ def fit(adata, *, model="pln", method="laplace", rank=10, layer=None, genes=None
                        max_iter=max_iter, progress=progress, backend=backend, chains=chains,
                        draws=draws, warmup=warmup, adapt_delta=adapt_delta,
                        conditional_on=conditional_on, reference_gene=reference_gene,
-                       mode=mode)
+                       mode=mode, device=device)
     data = _prepare(adata, layer, genes, M0, sigma_M, library_size)
     if model == "nbvcp":  # no latent rank: rank is ignored (scribe_stan.nbvcp_fit)
         from scribe_stan import nbvcp_fit

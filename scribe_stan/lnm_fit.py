@@ -248,7 +248,7 @@ def fit_lnm(adata, *, model="lnm", method="laplace", rank=10, layer=None, genes=
             library_size=None, M0=pln.M0_DEFAULT, sigma_M=pln.SIGMA_M_DEFAULT, seed=0,
             tol=1e-8, max_iter=1000, progress=True, backend="auto", chains=4, draws=1000,
             warmup=1000, adapt_delta=0.9, conditional_on=None, reference_gene=None,
-            mode="full"):
+            mode="full", device="cpu"):
     """Fit lnm or lnmvcp (called by :func:`scribe_stan.fit`; same arguments).
 
     Extra parameters
@@ -257,13 +257,19 @@ def fit_lnm(adata, *, model="lnm", method="laplace", rank=10, layer=None, genes=
         ALR reference: default :func:`scribe_stan.models.lnm.default_reference`.
     mode : {"full", "low_rank"}
         Laplace latent: ALR coordinates y_c (default) or factor scores with d = 0.
+    device : {"cpu", "auto"}
+        The lnm kernels exist for the CPU only ("auto" runs there).
 
     Raises
     ------
     ValueError
-        Unknown reference gene or mode; rank outside ``1 <= K < G - 1``; invalid data.
+        Unknown reference gene or mode; rank outside ``1 <= K < G - 1``; a device
+        other than "cpu"/"auto"; invalid data.
     """
     _validate.check_choice("mode", mode, lnm_solver.MODES)
+    if device not in ("cpu", "auto"):
+        raise ValueError(f"device={device!r} is not available for {model}: its Laplace "
+                         "kernels run on the CPU only; allowed: 'cpu', 'auto'")
     data = _prepare(adata, layer, genes, M0, sigma_M, library_size)
     G = data.counts.shape[1]
     if conditional_on is not None:

@@ -318,6 +318,8 @@ def test_bad_inputs():
         ss.fit(adata, model="lnm", rank=1, mode="diag", progress=False)
     with pytest.raises(ValueError, match="lnmvcp"):
         ss.fit(adata, model="lnmx", rank=1, progress=False)
+    with pytest.raises(ValueError, match="CPU only"):
+        ss.fit(adata, model="lnm", rank=1, device="cuda", progress=False)
     with pytest.raises(ValueError, match="at least 3 genes"):
         ss.fit(adata[:, :2].copy(), model="lnm", rank=1, progress=False)
 
