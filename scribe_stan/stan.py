@@ -412,11 +412,14 @@ def _pystan_posterior(fit, int_names: set[str]) -> tuple[dict, dict]:
     """(chain, draw, *shape) arrays from a pystan Fit."""
     n_chains = fit.num_chains
     # fit[name] has shape (*shape, draws * chains) with flat index draw * chains + chain.
+    # Draws per chain from lp__: a zero-size parameter (e.g. tau without a shrinkage
+    # prior) cannot infer the draw axis with reshape(..., -1, ...).
+    n_draws = np.asarray(fit["lp__"]).size // n_chains
     posterior = {}
     for pname, dims in zip(fit.param_names, fit.dims):
         dims = [int(v) for v in dims]
         flat = np.asarray(fit[pname])
-        arr = flat.reshape(*dims, -1, n_chains)
+        arr = flat.reshape(*dims, n_draws, n_chains)
         arr = np.moveaxis(arr, (-1, -2), (0, 1))
         posterior[pname] = arr.astype(np.int64) if pname in int_names else np.array(arr)
     stats = {}
