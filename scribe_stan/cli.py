@@ -27,6 +27,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from scribe_stan import __version__, _validate
 from scribe_stan.api import fit as _api_fit
@@ -298,6 +299,24 @@ def cmd_hmc(args) -> int:
     return 0
 
 
+class _Quantities(NamedTuple):
+    conditional: tuple | None  # per-cell latents vs conditional NUTS; None: no such program
+    full: tuple  # vs full-joint NUTS
+    plot: tuple
+
+
+# What ``validate`` compares per model: rotation-invariant globals against the full joint,
+# per-cell latents against the conditional program at the Laplace globals (nbvcp has no
+# conditional program: its per-cell eta is compared with the full joint's).
+_VALIDATE_QUANTITIES = {
+    "pln": _Quantities(("x", "eta"), ("Sigma", "corr"), ("eta", "x")),
+    "nbln": _Quantities(("x", "eta"), ("Sigma", "corr", "r"), ("eta", "x")),
+    "nbvcp": _Quantities(None, ("m", "r", "eta"), ("eta", "m")),
+    "lnm": _Quantities(("y",), ("Sigma_alr", "corr_clr"), ("y",)),
+    "lnmvcp": _Quantities(("y", "eta"), ("Sigma_alr", "corr_clr"), ("eta", "y")),
+}
+
+
 def cmd_validate(args) -> int:
     """``scribe-stan validate``: Laplace vs full-joint and conditional NUTS on a subset."""
     import matplotlib
@@ -318,6 +337,7 @@ def cmd_validate(args) -> int:
     _log(args, f"[validate] {_data_name(args.input)}: {adata.n_obs} cells, {args.genes} "
                f"highest-mean genes, K={args.rank}")
     times, diags = {}, {}
+    quantities = _VALIDATE_QUANTITIES[args.model]
     steps = ["Laplace fit", "full-joint NUTS", "conditional NUTS", "compare + plot"]
     with tqdm(total=len(steps), desc="validate", unit="step", disable=args.quiet,
               file=sys.stderr) as bar:
@@ -341,45 +361,48 @@ def cmd_validate(args) -> int:
         bar.update()
 
         t = step(2)
-        cond = _hmc_fit(adata, args, genes=args.genes, conditional_on=lap)
-        cond_tree = cond.to_datatree()
-        diags["conditional"] = hmc_diagnostics(cond_tree)
-        times["hmc_conditional_s"] = time.perf_counter() - t
+        if quantities.conditional is not None:
+            cond = _hmc_fit(adata, args, genes=args.genes, conditional_on=lap)
+            cond_tree = cond.to_datatree()
+            diags["conditional"] = hmc_diagnostics(cond_tree)
+            times["hmc_conditional_s"] = time.perf_counter() - t
         bar.update()
 
         t = step(3)
-        tables = {
-            "conditional": ss.compare(lap_tree, cond_tree, var_names=["x", "eta"]),
-            "full": ss.compare(lap_tree, full_tree, var_names=["Sigma", "corr"]),
-        }
-        details = {
-            "conditional": ss.compare(lap_tree, cond_tree, var_names=["x", "eta"],
-                                      detail=True),
-            "full": ss.compare(lap_tree, full_tree, var_names=["Sigma", "corr"],
-                               detail=True),
-        }
+        pairs = {"full": (full_tree, quantities.full)}
+        if quantities.conditional is not None:
+            pairs["conditional"] = (cond_tree, quantities.conditional)
+        tables = {key: ss.compare(lap_tree, ref, var_names=list(names))
+                  for key, (ref, names) in pairs.items()}
+        details = {key: ss.compare(lap_tree, ref, var_names=list(names), detail=True)
+                   for key, (ref, names) in pairs.items()}
+        plot_ref = cond_tree if quantities.conditional is not None else full_tree
         outdir.mkdir(parents=True, exist_ok=True)
         for key in tables:
             tables[key].to_csv(outdir / f"compare_{key}.csv")
             details[key].to_csv(outdir / f"compare_{key}_detail.csv")
         # panel titles carry cell barcodes and gene names: 3 wide panels per row
-        fig = ss.plot_comparison(lap_tree, cond_tree, var_names=("eta", "x"), col_wrap=3,
+        fig = ss.plot_comparison(lap_tree, plot_ref, var_names=quantities.plot, col_wrap=3,
                                  figsize=(18, 15))
         fig.savefig(outdir / "comparison.png", dpi=120, bbox_inches="tight")
         plt.close(fig)
         if args.save_trees:
-            for name, tr in (("laplace", lap_tree), ("hmc", full_tree),
-                             ("hmc_conditional", cond_tree)):
+            trees = {"laplace": lap_tree, "hmc": full_tree}
+            if quantities.conditional is not None:
+                trees["hmc_conditional"] = cond_tree
+            for name, tr in trees.items():
                 _write_tree(tr, outdir / f"{name}.tree.zarr")
         times["compare_s"] = time.perf_counter() - t
         bar.update()
 
     with pd.option_context("display.width", 140, "display.max_columns", 20,
                            "display.precision", 3):
-        print("Laplace vs conditional NUTS (per-cell latents at the Laplace globals):")
-        print(tables["conditional"].to_string())
-        print()
-        print("Laplace (point estimates) vs full-joint NUTS (globals):")
+        if "conditional" in tables:
+            print("Laplace vs conditional NUTS (per-cell latents at the Laplace globals):")
+            print(tables["conditional"].to_string())
+            print()
+        print("Laplace vs full-joint NUTS (globals as point estimates"
+              + (", per-cell latents" if quantities.conditional is None else "") + "):")
         print(tables["full"].to_string())
         print()
     summary = {
@@ -387,7 +410,7 @@ def cmd_validate(args) -> int:
         "cells": len(lap.obs_names), "genes": len(lap.var_names), "rank": args.rank,
         "laplace_cells_converged": int(lap.converged.sum()),
         **{f"full_{k}": v for k, v in diags["full"].items()},
-        **{f"conditional_{k}": v for k, v in diags["conditional"].items()},
+        **{f"conditional_{k}": v for k, v in diags.get("conditional", {}).items()},
         **times, "wall_s": time.perf_counter() - t0, "out": str(outdir),
     }
     (outdir / "summary.json").write_text(json.dumps(_round(summary), indent=2) + "\n")

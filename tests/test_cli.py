@@ -283,3 +283,32 @@ def test_validate_command(tmp_path, capsys):
     assert list(full.index) == ["Sigma", "corr"] and full["point_estimate"].all()
     summary = last_json(out)
     assert summary["cells"] == 30 and "conditional_max_rhat" in summary
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model, conditional, full", [
+    ("lnm", ["y"], ["Sigma_alr", "corr_clr"]),
+    ("nbvcp", None, ["m", "r", "eta"]),
+])
+def test_validate_command_other_models(tmp_path, capsys, model, conditional, full):
+    """validate compares each model's own quantities: ALR latents and CLR correlations for
+    lnm; nbvcp (no conditional program) compares m, r and eta with the full joint."""
+    import pandas as pd
+
+    outdir = tmp_path / model
+    rc, out, err = run(["validate", "pbmc_donor_a", "--model", model, *TINY,
+                        "--laplace-draws", 100, "--out", outdir], capsys)
+    assert rc == 0, err
+    full_table = pd.read_csv(outdir / "compare_full.csv", index_col=0)
+    assert list(full_table.index) == full
+    assert np.isfinite(full_table["mean_abs_smd"]).all()
+    assert (outdir / "comparison.png").is_file()
+    summary = last_json(out)
+    if conditional is None:
+        assert not (outdir / "compare_conditional.csv").exists()
+        assert "conditional_max_rhat" not in summary
+    else:
+        cond = pd.read_csv(outdir / "compare_conditional.csv", index_col=0)
+        assert list(cond.index) == conditional
+        assert cond.loc["y", "n"] == 30 * 3  # ALR: G - 1 coordinates per cell
+        assert 0 < cond.loc["y", "mean_coverage"] <= 1
