@@ -33,6 +33,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -189,6 +190,7 @@ def figure(res, path):
         ax[1].scatter(depth[has_gene], lat["sd_ratio"][has_gene], s=4, alpha=0.3)
         for a in ax[:2]:
             a.set_xscale("log")
+            a.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             a.set_xlabel("gene mean count")
     else:  # eta only: against the cell's capture mode
         eta = lat.loc["eta"]
