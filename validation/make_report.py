@@ -1,0 +1,369 @@
+"""Regenerate ``validation/REPORT.md`` and its figures: Laplace against stored NUTS.
+
+For every reference pair (:mod:`references`) the Laplace fit is run again (seconds) and
+compared with the stored NUTS reference (no re-sampling):
+
+* per-cell latents (``x``, ``y``, ``eta``): standardized mean difference (SMD), sd ratio
+  and the share of NUTS draws inside the Laplace 90% central interval
+  (:func:`scribe_stan.compare` on the stored thinned draws; SMD and sd ratio use the NUTS
+  mean and sd over *all* draws from the stored summary, so thinning adds no Monte Carlo
+  error to them);
+* globals (Sigma / correlation entries, or m and r for nbvcp): the Laplace point
+  estimate's SMD against NUTS and whether it lies in the NUTS 90% interval;
+* the Laplace objective against Stan's embedded Laplace (pln, nbln), per cell, at the
+  fitted globals and capture modes;
+* wall times of both fits;
+* agreement by count depth: genes split at the median of their mean count.
+
+Decision: the Laplace per-cell posteriors are conditional on point estimates of the
+globals, while the NUTS reference is the full joint posterior; sd ratios below 1 partly
+measure the global uncertainty that Laplace leaves out, by design.
+
+    python validation/make_report.py            # all pairs -> validation/REPORT.md
+    python validation/make_report.py --reduced  # CI: two pairs, fewer draws
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.ticker  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+import references  # noqa: E402
+import scribe_stan as ss  # noqa: E402
+from scribe_stan import stan  # noqa: E402
+from scribe_stan.models import nbln, pln  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+PROB = 0.9
+LATENTS = ("x", "y", "eta")
+GLOBALS = ("Sigma", "corr", "corr_clr", "m", "r")
+REDUCED_PAIRS = ("grn-pln", "pbmc20-nbvcp")
+
+
+def agreement(laplace_tree, ref_draws, ref_summary, var_names, *, prob=PROB):
+    """Element-wise Laplace-vs-NUTS table with NUTS moments from all draws.
+
+    Parameters
+    ----------
+    laplace_tree : xarray.DataTree
+        Laplace posterior.
+    ref_draws : xarray.Dataset
+        Thinned NUTS posterior (``chain, draw, ...``).
+    ref_summary : pandas.DataFrame
+        :func:`arviz_stats.summary` of the NUTS posterior over all draws, indexed by
+        element labels such as ``"x[c0, g1]"``, with columns ``mean`` and ``sd``.
+        Elements missing from it keep the thinned-draw moments.
+    var_names : sequence of str
+    prob : float
+        Central-interval mass for coverage.
+
+    Returns
+    -------
+    pandas.DataFrame
+        :func:`scribe_stan.compare` ``detail=True`` columns, with ``hmc_mean``,
+        ``hmc_sd``, ``smd`` and ``sd_ratio`` recomputed from ``ref_summary``.
+    """
+    table = ss.compare(laplace_tree, ref_draws, var_names=list(var_names), prob=prob,
+                       detail=True)
+    labels = table.index.get_level_values("element")
+    full = ref_summary.reindex(labels)
+    known = full["mean"].notna().to_numpy()
+    table.loc[known, "hmc_mean"] = full["mean"].to_numpy()[known]
+    table.loc[known, "hmc_sd"] = full["sd"].to_numpy()[known]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        table["smd"] = (table["laplace_mean"] - table["hmc_mean"]) / table["hmc_sd"]
+        table["sd_ratio"] = np.where(table["point_estimate"], np.nan,
+                                     table["laplace_sd"] / table["hmc_sd"])
+    return table
+
+
+def summarize(detail):
+    """Per-quantity mean |SMD|, max |SMD|, median sd ratio, mean coverage, n."""
+    g = detail.groupby(level="quantity", sort=False)
+    return pd.DataFrame({"n": g.size(), "mean_abs_smd": g["smd"].apply(lambda s: s.abs().mean()),
+                         "max_abs_smd": g["smd"].apply(lambda s: s.abs().max()),
+                         "median_sd_ratio": g["sd_ratio"].median(),
+                         "coverage": g["coverage"].mean()})
+
+
+def element_gene(label):
+    """Gene name of a per-cell element label ``"x[cell, gene]"`` (None for ``eta``)."""
+    inner = label[label.index("[") + 1:-1].split(", ")
+    return inner[1] if len(inner) == 2 else None
+
+
+def depth_bins(detail, gene_mean, *, n_bins=2):
+    """Agreement of per-cell latents by gene depth (quantile bins of the mean count).
+
+    Parameters
+    ----------
+    detail : DataFrame from :func:`agreement` (rows of per-cell, per-gene quantities).
+    gene_mean : pandas.Series, mean count per gene (index: gene names).
+    n_bins : int, quantile bins (2: below / above the median).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per bin: ``genes``, ``mean_count`` range, ``mean_abs_smd``,
+        ``median_sd_ratio``, ``coverage``.
+    """
+    genes = pd.Series([element_gene(e) for e in detail.index.get_level_values("element")],
+                      index=detail.index)
+    rows = detail[genes.notna().to_numpy()]
+    genes = genes[genes.notna()]
+    bins = pd.qcut(gene_mean.rank(method="first"), n_bins, labels=False)
+    b = bins.reindex(genes.to_numpy()).to_numpy()
+    out = []
+    for k in range(n_bins):
+        sub = rows[b == k]
+        members = bins.index[bins == k]
+        out.append({"bin": ("low", "high")[k] if n_bins == 2 else k, "genes": len(members),
+                    "mean_count": f"{gene_mean[members].min():.2g}-{gene_mean[members].max():.2g}",
+                    "mean_abs_smd": sub["smd"].abs().mean(),
+                    "median_sd_ratio": sub["sd_ratio"].median(),
+                    "coverage": sub["coverage"].mean()})
+    return pd.DataFrame(out)
+
+
+def embedded_laplace(fit):
+    """Max relative difference of our per-cell Laplace value from Stan's embedded one.
+
+    At the fit's globals and capture modes (pln: ``stan/pln_laplace.stan``, nbln:
+    ``stan/nbln_laplace.stan``); None for models without an embedded program.
+    """
+    if fit.model not in ("pln", "nbln"):
+        return None
+    data, P = fit.data, fit.solution.problem
+    cap = {"log_M0": data.log_M0, "sigma_M": data.sigma_M, "log_lib": data.log_lib}
+    eta = np.array(fit.eta_hat)
+    if fit.model == "pln":
+        sd = pln.laplace_stan_data(data.counts, fit.mu, fit.W, fit.d, eta, **cap)
+        ours = P.log_marginal(fit.mu, fit.W, fit.d, eta=eta)
+    else:
+        sd = nbln.laplace_stan_data(data.counts, fit.mu, fit.W, fit.d, fit.log_r, eta, **cap)
+        ours = P.log_marginal(fit.mu, fit.W, fit.d, log_r=fit.log_r, eta=eta)
+    theirs = stan.fixed_param(f"{fit.model}_laplace", sd)["log_marginal"].reshape(-1)
+    return float(np.max(np.abs(ours - theirs) / np.abs(theirs)))
+
+
+def evaluate(pair, *, draws=1000):
+    """Laplace fit of ``pair`` compared with its stored NUTS reference (dict of results)."""
+    record, summary, ref = references.load(pair)
+    adata, fit_args, _, _ = references.load_data(pair)
+    t0 = time.perf_counter()
+    fit = ss.fit(adata, method="laplace", progress=False, **fit_args)
+    wall = time.perf_counter() - t0
+    tree = fit.to_datatree(draws=draws, seed=0)
+    post = tree["posterior"]
+    latents = [v for v in LATENTS if v in post.data_vars and v in ref.data_vars]
+    globs = [v for v in GLOBALS if v in post.data_vars and v in ref.data_vars]
+    lat = agreement(tree, ref, summary, latents)
+    glo = agreement(tree, ref, summary, globs)
+    counts = tree["observed_data"]["counts"]
+    gene_mean = pd.Series(counts.values.mean(axis=0), index=counts["gene"].values.astype(str))
+    return {"pair": pair, "record": record, "fit": fit, "laplace_wall_s": wall, "ref": ref,
+            "converged": f"{int(fit.converged.sum())}/{fit.converged.size}",
+            "latent": lat, "globals": glo, "gene_mean": gene_mean,
+            "depth": depth_bins(lat, gene_mean) if "x" in latents or "y" in latents else None,
+            "embedded_rel_diff": embedded_laplace(fit)}
+
+
+def figure(res, path):
+    """Three panels: |SMD| and sd ratio of per-cell latents against gene depth; globals."""
+    lat, glo, gm = res["latent"], res["globals"], res["gene_mean"]
+    genes = [element_gene(e) for e in lat.index.get_level_values("element")]
+    has_gene = np.array([g is not None for g in genes])
+    depth = np.array([gm[g] if g is not None else np.nan for g in genes])
+    fig, ax = plt.subplots(1, 3, figsize=(13, 3.8), layout="constrained")
+    if has_gene.any():
+        ax[0].scatter(depth[has_gene], lat["smd"].abs()[has_gene], s=4, alpha=0.3)
+        ax[1].scatter(depth[has_gene], lat["sd_ratio"][has_gene], s=4, alpha=0.3)
+        for a in ax[:2]:
+            a.set_xscale("log")
+            a.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            a.set_xlabel("gene mean count")
+    else:  # eta only: against the cell's capture mode
+        eta = lat.loc["eta"]
+        ax[0].scatter(eta["hmc_mean"], eta["smd"].abs(), s=6)
+        ax[1].scatter(eta["hmc_mean"], eta["sd_ratio"], s=6)
+        for a in ax[:2]:
+            a.set_xlabel("NUTS mean of eta")
+    ax[0].axhline(0.1, color="k", ls=":", lw=1)
+    ax[0].set_ylabel("|SMD| per-cell latent")
+    ax[1].axhspan(0.9, 1.1, color="0.9")
+    ax[1].set_ylabel("sd ratio (Laplace / NUTS)")
+    g = glo[~glo.index.get_level_values("element").str.startswith("corr")
+            | (glo["hmc_sd"] > 0)]
+    order = np.argsort(g["hmc_mean"].to_numpy())
+    lo = g["hmc_mean"].to_numpy() - 1.645 * g["hmc_sd"].to_numpy()
+    hi = g["hmc_mean"].to_numpy() + 1.645 * g["hmc_sd"].to_numpy()
+    idx = np.arange(len(g))
+    ax[2].vlines(idx, lo[order], hi[order], color="0.6", lw=1, label="NUTS mean ± 1.645 sd")
+    ax[2].plot(idx, g["laplace_mean"].to_numpy()[order], ".", color="C3", ms=3,
+               label="Laplace estimate")
+    ax[2].set_xlabel(f"global entries ({', '.join(dict.fromkeys(g.index.get_level_values(0)))})"
+                     ", sorted")
+    ax[2].legend(fontsize=7)
+    fig.suptitle(f"{res['pair']}: Laplace vs NUTS")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fmt(df):
+    return df.to_markdown(floatfmt=".3g") if hasattr(df, "to_markdown") else df.to_string()
+
+
+def _verdict(res):
+    """Plain-language lines on where Laplace is worse, from the numbers."""
+    lines = []
+    lat = summarize(res["latent"])
+    for q, row in lat.iterrows():
+        bad = []
+        if row["mean_abs_smd"] > 0.1:
+            bad.append(f"mean |SMD| {row['mean_abs_smd']:.2f} > 0.1")
+        if not 0.9 <= row["median_sd_ratio"] <= 1.1:
+            bad.append(f"median sd ratio {row['median_sd_ratio']:.2f} outside [0.9, 1.1]")
+        if abs(row["coverage"] - PROB) > 0.05:
+            bad.append(f"coverage {row['coverage']:.2f} vs nominal {PROB}")
+        if bad:
+            lines.append(f"`{q}`: " + "; ".join(bad) + ".")
+    depth = res["depth"]
+    if depth is not None and len(depth) == 2:
+        lo, hi = depth.iloc[0], depth.iloc[1]
+        worse = lo["mean_abs_smd"] > hi["mean_abs_smd"]
+        lines.append(
+            f"Low-count genes (mean {lo['mean_count']}) vs high-count genes (mean "
+            f"{hi['mean_count']}): mean |SMD| {lo['mean_abs_smd']:.3f} vs "
+            f"{hi['mean_abs_smd']:.3f}, median sd ratio {lo['median_sd_ratio']:.2f} vs "
+            f"{hi['median_sd_ratio']:.2f}, coverage {lo['coverage']:.2f} vs "
+            f"{hi['coverage']:.2f}; Laplace is "
+            f"{'worse' if worse else 'not worse'} at low counts by this measure.")
+    glo = res["globals"]
+    inside = glo["coverage"].mean()
+    lines.append(f"Globals: {inside:.0%} of the Laplace point estimates lie inside the NUTS "
+                 f"{PROB:.0%} intervals (mean |SMD| {glo['smd'].abs().mean():.2f}).")
+    return lines
+
+
+def chain_disagreement(ref, name):
+    """Element of ``name`` whose chain means differ most (stored draws): label, means."""
+    means = ref[name].mean("draw")
+    spread = means.std("chain")
+    flat = int(np.nanargmax(spread.values))
+    idx = np.unravel_index(flat, spread.shape)
+    sel = {d: means[d].values[i] for d, i in zip(spread.dims, idx)}
+    label = f"{name}[{', '.join(str(v) for v in sel.values())}]"
+    return label, means.sel(sel).values
+
+
+def write_report(results, out_dir, *, reduced, missing=()):
+    """Write ``REPORT.md`` and ``figures/<pair>.png`` under ``out_dir``.
+
+    ``missing``: pairs without a stored reference, listed as not generated.
+    """
+    out_dir = Path(out_dir)
+    (out_dir / "figures").mkdir(parents=True, exist_ok=True)
+    diag_rows, lat_rows, time_rows = [], [], []
+    body = []
+    for res in results:
+        rec, d = res["record"], res["record"]["diagnostics"]
+        failed = [k for k, ok in d["checks"].items() if not ok]
+        diag_rows.append({"pair": res["pair"], "passed": "PASS" if d["passed"] else "FAIL",
+                          "failed checks": ", ".join(failed) or "-",
+                          "max R-hat": d["max_rhat"], "worst R-hat": d["worst_rhat"],
+                          "min bulk ESS": d["min_ess_bulk"], "min tail ESS": d["min_ess_tail"],
+                          "divergences": d["divergences"], "min E-BFMI": d["min_ebfmi"]})
+        for q, row in summarize(res["latent"]).iterrows():
+            lat_rows.append({"pair": res["pair"], "quantity": q, **row.to_dict()})
+        time_rows.append({"pair": res["pair"], "NUTS sampling (s)": rec["sampling_wall_s"],
+                          "NUTS chains x draws": f"{rec['sampler']['chains']} x "
+                                                 f"{rec['sampler']['draws']}",
+                          "Laplace fit (s)": res["laplace_wall_s"],
+                          "Laplace cells converged": res["converged"],
+                          "embedded Laplace max rel. diff": res["embedded_rel_diff"]})
+        fig = f"figures/{res['pair']}.png"
+        figure(res, out_dir / fig)
+        sections = [f"### {res['pair']}", "",
+                    f"NUTS: {rec['program']}.stan (sha256 {rec['stan_hash'][:12]}), "
+                    f"{rec['backend']}, seed {rec['sampler']['seed']}, diagnostics "
+                    f"{'PASS' if d['passed'] else 'FAIL: ' + ', '.join(failed)}.", "",
+                    *_rhat_note(res), *[f"- {line}" for line in _verdict(res)], "",
+                    "Globals (Laplace point estimate against NUTS):", "",
+                    _fmt(summarize(res["globals"]).drop(columns="median_sd_ratio")
+                         .rename(columns={"coverage": "inside NUTS 90%"})), ""]
+        if res["depth"] is not None:
+            sections += ["Per-cell latents by gene depth (split at the median mean count):",
+                         "", _fmt(res["depth"].set_index("bin")), ""]
+        sections += [f"![{res['pair']}]({fig})", ""]
+        body += sections
+    head = [
+        "# Laplace vs NUTS validation report", "",
+        "Generated by `python validation/make_report.py"
+        + (" --reduced`" if reduced else "`") + " from the stored NUTS references in "
+        "`validation/references/` (regenerate those with `python validation/references.py`). "
+        f"Data: `grn` = `scribe_stan.grn.simulate_grn` with {references.GRN_RECIPE}, fitted "
+        f"with K = {references.RANK['grn']}; `pbmc20` = first {references.PBMC_RECIPE['cells']} "
+        f"PBMC cells x their {references.PBMC_RECIPE['genes']} highest-mean genes, K = "
+        f"{references.RANK['pbmc20']}.", "",
+        "Metrics: SMD = (Laplace mean - NUTS mean) / NUTS sd; sd ratio = Laplace sd / NUTS "
+        f"sd; coverage = share of NUTS draws inside the Laplace {PROB:.0%} central interval "
+        f"(nominal {PROB}). The Laplace per-cell posteriors are conditional on point "
+        "estimates of the globals; the NUTS reference integrates over them, so sd ratios "
+        "below 1 include the global uncertainty that Laplace leaves out.", "",
+        "## NUTS reference diagnostics", "",
+        "Checks: R-hat < 1.01, bulk and tail ESS >= 100 per chain, no divergences, "
+        "E-BFMI > 0.2 (over all stored quantities; loadings W are excluded as they are "
+        "identified only up to rotation).", "",
+        _fmt(pd.DataFrame(diag_rows).set_index("pair")), "",
+        *([f"Not generated yet (no stored reference): {', '.join(missing)}.", ""]
+          if missing else []),
+        "## Per-cell latents", "", _fmt(pd.DataFrame(lat_rows).set_index(["pair", "quantity"])),
+        "", "## Wall times and the Laplace objective", "",
+        "`embedded Laplace max rel. diff`: our per-cell Laplace log marginal against Stan's "
+        "`laplace_marginal_*` at the fitted globals and capture modes (pln, nbln only).", "",
+        _fmt(pd.DataFrame(time_rows).set_index("pair")), "", "## Pairs", ""]
+    (out_dir / "REPORT.md").write_text("\n".join(head + body))
+
+
+def _rhat_note(res):
+    d = res["record"]["diagnostics"]
+    if d["checks"]["rhat_lt_1.01"]:
+        return []
+    label, means = chain_disagreement(res["ref"], d["worst_rhat"])
+    return [f"- NUTS chains disagree (R-hat {d['max_rhat']:.2f}): chain means of {label} "
+            f"are {', '.join(f'{m:.2f}' for m in means)}; the reference is not a reliable "
+            "posterior for this pair and the comparison below is shown for completeness.",]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Regenerate validation/REPORT.md.")
+    parser.add_argument("--reduced", action="store_true",
+                        help=f"CI mode: pairs {REDUCED_PAIRS}, 300 Laplace draws")
+    parser.add_argument("--out", default=str(HERE), help="output folder (default validation/)")
+    parser.add_argument("--pairs", nargs="*", default=None)
+    args = parser.parse_args(argv)
+    pairs = args.pairs or (REDUCED_PAIRS if args.reduced else references.PAIRS)
+    missing = [p for p in pairs if not (references.ROOT / p / "reference.json").exists()]
+    if args.pairs and missing:
+        raise FileNotFoundError(f"no stored reference for {missing}; run "
+                                f"`python validation/references.py {' '.join(missing)}`")
+    results = []
+    for pair in pairs:
+        if pair not in missing:
+            results.append(evaluate(pair, draws=300 if args.reduced else 1000))
+            print(f"{pair}: done", flush=True)
+    write_report(results, args.out, reduced=args.reduced, missing=missing)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
