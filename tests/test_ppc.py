@@ -11,6 +11,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import xarray as xr
 from scipy import stats
 
 import scribe_stan as ss
@@ -178,3 +179,23 @@ def test_tree_shape_for_arviz(nbvcp_fit):
     assert pp.dims == ("chain", "draw", "cell", "gene") and pp.shape == (1, 7, N, 3)
     assert tree["observed_data"]["counts"].shape == (N, 3)
     assert tree.attrs["level"] == "marginal" and tree.attrs["model"] == "nbvcp"
+
+
+def test_ppc_figure_and_arviz_plot(nbvcp_fit):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import arviz_plots
+
+    tree = ss.posterior_predictive(nbvcp_fit, level="marginal", draws=30, seed=0)
+    fig = ss.plot_ppc(tree, genes=3, pairs=3)
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(visible) == 3 + 2 + 3  # histograms, totals + mean-variance, 3 gene pairs
+    assert "nbvcp" in fig._suptitle.get_text() and "marginal" in fig._suptitle.get_text()
+    # observed histogram of the top gene is drawn as given
+    top = int(np.argmax(nbvcp_fit.data.counts.mean(0)))
+    assert visible[0].get_xlabel() == f"gene{top} counts"
+    arviz_plots.plot_ppc_dist(tree, kind="ecdf", num_samples=5)
+    with pytest.raises(ValueError, match="posterior_predictive and observed_data"):
+        ss.plot_ppc(xr.DataTree.from_dict({"posterior": tree["posterior"].to_dataset()}))
+    matplotlib.pyplot.close("all")
