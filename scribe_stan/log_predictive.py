@@ -58,12 +58,10 @@ class CellWeights:
     Attributes
     ----------
     log_weights : (S, N) ``log p(u_c, z_s | theta) - log q_c(z_s)``.
-    log_lik : (S, N) conditional log likelihood ``log p(u_c | z_s, theta)``.
     laplace : (N,) Laplace approximation of ``log p(u_c | theta)``.
     """
 
     log_weights: np.ndarray
-    log_lik: np.ndarray
     laplace: np.ndarray
 
 
@@ -88,7 +86,7 @@ def lognormal_weights(data, mu, W, d, log_r, draws, rng, *, start=None):
         problem.eta[:] = np.maximum(start[1], 0.0)
     laplace = problem.log_marginal(mu, W, d, log_r=log_r)
     smp = problem.sample(mu, W, d, draws, rng, log_r=log_r, genes=np.empty(0, np.int64))
-    return CellWeights(smp["lp"] - smp["lp_approx"], smp["log_lik"], laplace), problem
+    return CellWeights(smp["lp"] - smp["lp_approx"], laplace), problem
 
 
 def nbvcp_weights(problem, m, log_r, draws, rng):
@@ -109,7 +107,7 @@ def nbvcp_weights(problem, m, log_r, draws, rng):
     log_lik = log_lik_draws(problem.indptr, problem.indices, problem.vals, lg,
                             problem.offsets, problem.lgam_u, m, r, eta)
     log_p = log_lik + pln.log_capture_prior(eta, problem.a, problem.sigma_M)
-    return CellWeights(log_p - log_q, log_lik, laplace)
+    return CellWeights(log_p - log_q, laplace)
 
 
 def lnm_weights(fit, draws, rng):
@@ -123,14 +121,13 @@ def lnm_weights(fit, draws, rng):
     laplace = (comp_problem.log_marginal(fit.mu_alr, fit.W_alr, fit.composition.d)
                + fit.totals.problem.log_marginal(fit.totals.log_m_T, fit.totals.log_r_T))
     block = max(1, min(draws, _BLOCK_ELEMENTS // max(N * D, 1)))
-    lw, log_lik = np.empty((draws, N)), np.empty((draws, N))
+    lw = np.empty((draws, N))
     for start in range(0, draws, block):
         part = comp_problem.sample(fit.mu_alr, fit.W_alr, fit.composition.d,
                                    min(block, draws - start), rng)
         lw[start:start + block] = part["lp"] - part["lp_approx"]
-        log_lik[start:start + block] = part["log_lik"]
-    _, nb, lp_tot, lpa_tot = fit._totals_draws(draws, rng)
-    return CellWeights(lw + lp_tot - lpa_tot, log_lik + nb, laplace)
+    _, _, lp_tot, lpa_tot = fit._totals_draws(draws, rng)
+    return CellWeights(lw + lp_tot - lpa_tot, laplace)
 
 
 def weights_of_fit(fit, draws, rng):
@@ -188,9 +185,7 @@ def cell_log_predictive(fit, *, draws=200, seed=0):
     -------
     xarray.Dataset with dim ``cell`` (coords ``obs_names``) and variables
     ``elpd`` (IS estimate of ``log p(u_c | theta_hat)``, nats), ``laplace`` (Laplace
-    value), ``pareto_k`` (k-hat of the weights), ``lppd`` (``log E_q[p(u_c | z)]``
-    under the IS-reweighted posterior of the latents: the in-sample fit), and attrs
-    ``draws``, ``good_k``.
+    value), ``pareto_k`` (k-hat of the weights), and attrs ``draws``, ``good_k``.
 
     Raises
     ------
@@ -204,11 +199,9 @@ def cell_log_predictive(fit, *, draws=200, seed=0):
                          f"cell); got {draws!r}")
     w = weights_of_fit(fit, int(draws), np.random.default_rng(seed))
     elpd, k = is_estimate(w.log_weights)
-    lppd = (special.logsumexp(w.log_weights + w.log_lik, axis=0)
-            - special.logsumexp(w.log_weights, axis=0))
     cells = np.asarray(fit.obs_names, dtype=str)
     return xr.Dataset({"elpd": ("cell", elpd), "laplace": ("cell", w.laplace),
-                       "pareto_k": ("cell", k), "lppd": ("cell", lppd)},
+                       "pareto_k": ("cell", k)},
                       coords={"cell": cells},
                       attrs={"draws": int(draws), "good_k": good_k(draws)})
 

@@ -9,13 +9,18 @@ Tolvanen, Sivula & Winther 2016, "Bayesian leave-one-out cross-validation
 approximations for Gaussian latent variable models", JMLR 17(103); Merkle, Furr &
 Rabe-Hesketh 2019, Psychometrika 84:802, doi:10.1007/s11336-019-09679-0).
 
-* Laplace fits: the globals are plug-in MAP estimates, so the LOO predictive of a cell
-  is ``log p(u_c | theta_hat)``, estimated per cell by importance sampling from the cell's
+* Laplace fits: the globals are plug-in MAP estimates, so the predictive of a cell is
+  ``log p(u_c | theta_hat)``, estimated per cell by importance sampling from the cell's
   Laplace Gaussian; the Pareto k-hat of those weights is the per-cell diagnostic (is
-  the Gaussian good enough for this cell?). Refitting the globals without the cell is
-  not done: each global is shared by all N cells, so the plug-in's optimism is of the
-  order of the number of global parameters in total (``G (K + 2)`` for pln), which is
-  reported as ``n_globals`` next to the ELPD.
+  the Gaussian good enough for this cell?). The globals are not refitted without the
+  cell; instead the plug-in's optimism is removed to leading order, as in AIC (Akaike
+  1974, IEEE TAC 19:716, doi:10.1109/TAC.1974.1100705): the number of global parameters
+  ``p`` (:func:`n_globals`) is subtracted, shared evenly by the cells
+  (``elpd_i = log p(u_c | theta_hat) - p / N``), and reported as ``p``. It matters when
+  models differ in size (nbln has G more globals than pln, nbvcp none of the loadings),
+  and it is what brings the Laplace number onto the integrated NUTS LOO of the same data
+  (tests/test_model_comparison.py). Weakly identified globals shrunk by their priors
+  make it slightly conservative.
 * HMC fits, ``latents="integrated"`` (default, pln/nbln/nbvcp): at each retained
   posterior draw of the globals the cell's latents are integrated as for Laplace (Laplace
   proposal, importance sampling), and ArviZ's PSIS-LOO runs over the global draws
@@ -65,24 +70,33 @@ def _is_hmc(fit):
 
 
 def n_globals(fit):
-    """Number of global parameters of a fit (plug-in optimism scale of a Laplace LOO)."""
+    """Number of identified global parameters of a fit (the plug-in correction ``p``).
+
+    pln ``G (K + 2)``, nbln ``G (K + 3)`` (mu, W, d, log r), nbvcp ``2 G`` (m, log r),
+    lnm/lnmvcp ``(G - 1)(K + 2) + 2`` (``K + 1`` per ALR coordinate in ``low_rank``
+    mode; plus m_T, r_T), less the ``K (K - 1) / 2`` rotations ``W -> W R`` that leave
+    the likelihood unchanged. Globals held by a cascade were still estimated from the
+    same data and are counted.
+    """
     G = len(fit.var_names)
     K = fit.settings.get("rank") or 0
-    return {"pln": G * (K + 2), "nbln": G * (K + 3), "nbvcp": 2 * G,
-            "lnm": (G - 1) * (K + 2) + 2, "lnmvcp": (G - 1) * (K + 2) + 2}[fit.model]
+    rotations = K * (K - 1) // 2
+    if fit.model in ("lnm", "lnmvcp"):
+        per_coord = K + (1 if fit.settings.get("mode") == "low_rank" else 2)
+        return (G - 1) * per_coord + 2 - rotations
+    return {"pln": G * (K + 2), "nbln": G * (K + 3), "nbvcp": 2 * G}[fit.model] - rotations
 
 
-def _elpd_data(elpd_i, pareto_k, lppd_i, draws, cells):
-    """ELPDDataLOO from pointwise values (cells on dim ``cell``)."""
+def _elpd_data(elpd_i, pareto_k, p, draws, cells):
+    """ELPDDataLOO from pointwise values (cells on dim ``cell``), ``p`` parameters."""
     n = elpd_i.size
-    k_da = xr.DataArray(pareto_k, dims="cell", coords={"cell": cells})
     good = log_predictive.good_k(draws)
     return ELPDDataLOO(elpd=float(elpd_i.sum()), se=float(np.sqrt(n * np.var(elpd_i))),
-                       p=float(np.sum(lppd_i - elpd_i)), n_samples=int(draws),
-                       n_data_points=int(n), scale="log",
+                       p=float(p), n_samples=int(draws), n_data_points=int(n), scale="log",
                        warning=bool(np.any(pareto_k > good)), good_k=good,
                        elpd_i=xr.DataArray(elpd_i, dims="cell", coords={"cell": cells}),
-                       pareto_k=k_da, approx_posterior=True)
+                       pareto_k=xr.DataArray(pareto_k, dims="cell", coords={"cell": cells}),
+                       approx_posterior=True)
 
 
 def _hmc_globals(fit, max_draws):
@@ -141,9 +155,8 @@ def loo(fit, *, draws=200, seed=0, latents="integrated", max_draws=200):
     Returns
     -------
     arviz_stats.utils.ELPDDataLOO
-        ``elpd`` (nats, summed over cells), ``se``, ``p`` (Laplace: the latents'
-        in-sample optimism ``sum_c (lppd_c - elpd_c)``), ``elpd_i`` and ``pareto_k``
-        per cell (dim ``cell``). For Laplace fits ``pareto_k`` is the k-hat of each
+        ``elpd`` (nats, summed over cells), ``se``, ``p`` (Laplace: :func:`n_globals`,
+        the plug-in correction), ``elpd_i`` and ``pareto_k`` per cell (dim ``cell``). For Laplace fits ``pareto_k`` is the k-hat of each
         cell's importance weights; ``n_samples`` is ``draws``.
 
     Raises
@@ -156,7 +169,8 @@ def loo(fit, *, draws=200, seed=0, latents="integrated", max_draws=200):
     _validate.check_choice("latents", latents, LATENTS)
     if _is_laplace(fit):
         ds = log_predictive.cell_log_predictive(fit, draws=draws, seed=seed)
-        return _elpd_data(ds["elpd"].values, ds["pareto_k"].values, ds["lppd"].values,
+        p = n_globals(fit)
+        return _elpd_data(ds["elpd"].values - p / ds.sizes["cell"], ds["pareto_k"].values, p,
                           draws, ds["cell"].values)
     if not _is_hmc(fit):
         raise TypeError(f"loo takes a fit from scribe_stan.fit (Laplace or HMC); got "
