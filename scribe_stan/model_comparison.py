@@ -99,6 +99,14 @@ def _elpd_data(elpd_i, pareto_k, p, draws, cells):
                        approx_posterior=True)
 
 
+def _laplace_loo(fit, draws, seed):
+    """(ELPDDataLOO, cell_log_predictive Dataset) of a Laplace fit."""
+    ds = log_predictive.cell_log_predictive(fit, draws=draws, seed=seed)
+    p = n_globals(fit)
+    return _elpd_data(ds["elpd"].values - p / ds.sizes["cell"], ds["pareto_k"].values, p,
+                      draws, ds["cell"].values), ds
+
+
 def _hmc_globals(fit, max_draws):
     """Thinned posterior draws of the globals of an HMC fit: dict of (chain, draw, ...)."""
     post = fit.draws.posterior
@@ -168,10 +176,7 @@ def loo(fit, *, draws=200, seed=0, latents="integrated", max_draws=200):
     """
     _validate.check_choice("latents", latents, LATENTS)
     if _is_laplace(fit):
-        ds = log_predictive.cell_log_predictive(fit, draws=draws, seed=seed)
-        p = n_globals(fit)
-        return _elpd_data(ds["elpd"].values - p / ds.sizes["cell"], ds["pareto_k"].values, p,
-                          draws, ds["cell"].values)
+        return _laplace_loo(fit, draws, seed)[0]
     if not _is_hmc(fit):
         raise TypeError(f"loo takes a fit from scribe_stan.fit (Laplace or HMC); got "
                         f"{type(fit).__name__}")
@@ -254,7 +259,11 @@ def compare_models(fits, *, draws=200, seed=0, latents="integrated", max_draws=2
         ``elpd``, ``p``, ``elpd_diff``, ``weight``, ``se``, ``dse``, ``warning``) plus
         ``n_cells``, ``k_max`` (largest Pareto k-hat), ``frac_k_high`` (share of cells
         with k-hat above ``good_k``), ``n_globals`` (fits only) and ``wall_s`` (seconds
-        spent on that model's LOO).
+        spent on that model's LOO). ``table.attrs["loo"]`` holds each model's
+        :class:`arviz_stats.utils.ELPDDataLOO` (pointwise ``elpd_i``, ``pareto_k``) and
+        ``table.attrs["log_predictive"]`` each Laplace fit's
+        :func:`~scribe_stan.log_predictive.cell_log_predictive` Dataset (IS estimate and
+        Laplace value per cell).
 
     Raises
     ------
@@ -278,11 +287,13 @@ def compare_models(fits, *, draws=200, seed=0, latents="integrated", max_draws=2
     if len(set(kinds.values())) > 1:
         raise ValueError(f"integrated and conditional LOOs are not on the same footing: "
                          f"{kinds}. Pass fit objects with latents='integrated'.")
-    elpds, extra = {}, {}
+    elpds, extra, cells = {}, {}, {}
     for name, obj in fits.items():
         t0 = time.perf_counter()
         if isinstance(obj, xr.DataTree):
             res = arviz_stats.loo(obj, pointwise=True, var_name="counts")
+        elif _is_laplace(obj):
+            res, cells[name] = _laplace_loo(obj, draws, seed)
         else:
             res = loo(obj, draws=draws, seed=seed, latents=latents, max_draws=max_draws)
         k = np.asarray(res.pareto_k)
@@ -293,4 +304,7 @@ def compare_models(fits, *, draws=200, seed=0, latents="integrated", max_draws=2
                                      else np.nan),
                        "wall_s": time.perf_counter() - t0}
     table = arviz_stats.compare(elpds, method=method, round_to="none")
-    return table.join(pd.DataFrame(extra).T.astype(float).astype({"n_cells": int}))
+    table = table.join(pd.DataFrame(extra).T.astype(float).astype({"n_cells": int}))
+    table.attrs["loo"] = elpds
+    table.attrs["log_predictive"] = cells
+    return table
