@@ -17,10 +17,16 @@ Rabe-Hesketh 2019, Psychometrika 84:802, doi:10.1007/s11336-019-09679-0).
   1974, IEEE TAC 19:716, doi:10.1109/TAC.1974.1100705): the number of global parameters
   ``p`` (:func:`n_globals`) is subtracted, shared evenly by the cells
   (``elpd_i = log p(u_c | theta_hat) - p / N``), and reported as ``p``. It matters when
-  models differ in size (nbln has G more globals than pln, nbvcp none of the loadings),
+  models differ in size (nbln has G more globals than pln; nbvcp has no loadings),
   and it is what brings the Laplace number onto the integrated NUTS LOO of the same data
   (tests/test_model_comparison.py). Weakly identified globals shrunk by their priors
-  make it slightly conservative.
+  make it slightly conservative. Why not :func:`arviz_stats.loo_approximate_posterior`
+  with the tree's ``lp``/``lp_approx``: it reweights whole draws, one weight per draw
+  for the latents of all N cells at once, so the weights degenerate as N grows, and
+  with the conditional ``log_lik`` it still has to carry a left-out cell's latent from
+  its posterior back to its prior. The latents of different cells are independent
+  given the globals, so the correction factorizes into the per-cell importance sampling
+  used here.
 * HMC fits, ``latents="integrated"`` (default, pln/nbln/nbvcp): at each retained
   posterior draw of the globals the cell's latents are integrated as for Laplace (Laplace
   proposal, importance sampling), and ArviZ's PSIS-LOO runs over the global draws

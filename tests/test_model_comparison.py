@@ -185,3 +185,21 @@ def test_hmc_posterior_predictive_levels(pln_laplace_and_nuts):
     for level in ("laplace", "per_cell", "marginal", "library_anchored"):
         tree = ss.posterior_predictive(nuts, level=level, draws=20, seed=0)
         assert tree["posterior_predictive"]["counts"].shape == (1, 20, 30, 4)
+
+
+def test_nbvcp_laplace_loo_agrees_with_nuts_and_hmc_ppc():
+    sim = nbvcp.simulate(30, 4, seed=3, lib_target=200.0)
+    kw = {"library_size": np.exp(sim["log_lib"]), "sigma_M": 0.3, "progress": False}
+    adata = make_adata(sim["counts"])
+    laplace = ss.fit(adata, model="nbvcp", **kw)
+    nuts = ss.fit(adata, model="nbvcp", method="hmc", chains=2, draws=300, warmup=300,
+                  seed=1, **kw)
+    table = ss.compare_models({"laplace": laplace, "nuts": nuts}, draws=100, max_draws=40)
+    diff = table["elpd"].max() - table["elpd"].min()
+    assert diff < table["se"].min(), table
+    assert table.loc["laplace", "p"] == 8  # m and log r of 4 genes
+    assert table.loc["nuts", "k_max"] < 0.7
+    marginal = ss.posterior_predictive(nuts, level="marginal", draws=20, seed=0)
+    assert marginal["posterior"]["eta"].values.min() >= 0.0
+    with pytest.raises(ValueError, match="per_cell.*does not apply to nbvcp"):
+        ss.posterior_predictive(nuts, level="per_cell")
