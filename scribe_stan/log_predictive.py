@@ -168,7 +168,11 @@ def is_estimate(log_weights):
     """
     S = log_weights.shape[0]
     estimate = special.logsumexp(log_weights, axis=0) - np.log(S)
-    da = xr.DataArray(np.where(np.isfinite(log_weights), log_weights, -745.0)[None],
+    # zero weights (draws with eta < 0, outside the prior's support) stay far below the
+    # others without the -inf that the tail fit cannot take
+    finite = np.isfinite(log_weights)
+    floor = np.min(np.where(finite, log_weights, np.inf), axis=0) - 50.0
+    da = xr.DataArray(np.where(finite, log_weights, floor)[None],
                       dims=("chain", "draw", "cell"))
     k = da.azstats.pareto_khat(sample_dims=["chain", "draw"], tail="right", log_weights=True)
     return estimate, np.asarray(k)
