@@ -15,6 +15,11 @@ from scribe_stan import datasets
 from scribe_stan.api import HmcFit, LaplaceFit, fit
 from scribe_stan.compare import compare, plot_comparison
 from scribe_stan.lnm_fit import LnmHmcFit, LnmLaplaceFit
+from scribe_stan.log_predictive import cell_log_predictive
+from scribe_stan.model_comparison import compare_models, loo
+from scribe_stan.ppc import posterior_predictive
+from scribe_stan.ppc_plots import plot_ppc
 
 __all__ = ["fit", "compare", "plot_comparison", "datasets", "LaplaceFit", "HmcFit",
-           "LnmLaplaceFit", "LnmHmcFit", "__version__"]
+           "LnmLaplaceFit", "LnmHmcFit", "posterior_predictive", "plot_ppc", "loo", "compare_models",
+           "cell_log_predictive", "__version__"]

@@ -1,0 +1,316 @@
+"""PSIS-LOO of Laplace and HMC fits and :func:`compare_models`, the ranking of models.
+
+What is left out. A cell's count vector ``u_c`` is one observation; leaving it out
+removes it together with its own latents (log-rates, ALR coordinates, capture loss),
+which then revert to their population prior. The pointwise predictive density is
+therefore the *integrated* (marginal) likelihood ``log p(u_c | theta)`` of
+:mod:`scribe_stan.log_predictive`, with the latents integrated out (Vehtari, Mononen,
+Tolvanen, Sivula & Winther 2016, "Bayesian leave-one-out cross-validation
+approximations for Gaussian latent variable models", JMLR 17(103); Merkle, Furr &
+Rabe-Hesketh 2019, Psychometrika 84:802, doi:10.1007/s11336-019-09679-0).
+
+* Laplace fits: the globals are plug-in MAP estimates, so the predictive of a cell is
+  ``log p(u_c | theta_hat)``, estimated per cell by importance sampling from the cell's
+  Laplace Gaussian; the Pareto k-hat of those weights is the per-cell diagnostic (is
+  the Gaussian good enough for this cell?). The globals are not refitted without the
+  cell; instead the plug-in's optimism is removed to leading order, as in AIC (Akaike
+  1974, IEEE TAC 19:716, doi:10.1109/TAC.1974.1100705): the number of global parameters
+  ``p`` (:func:`n_globals`) is subtracted, shared evenly by the cells
+  (``elpd_i = log p(u_c | theta_hat) - p / N``), and reported as ``p``. It matters when
+  models differ in size (nbln has G more globals than pln; nbvcp has no loadings),
+  and it is what brings the Laplace number onto the integrated NUTS LOO of the same data
+  (tests/test_model_comparison.py). Weakly identified globals shrunk by their priors
+  make it slightly conservative. Why not :func:`arviz_stats.loo_approximate_posterior`
+  with the tree's ``lp``/``lp_approx``: it reweights whole draws, one weight per draw
+  for the latents of all N cells at once, so the weights degenerate as N grows, and
+  with the conditional ``log_lik`` it still has to carry a left-out cell's latent from
+  its posterior back to its prior. The latents of different cells are independent
+  given the globals, so the correction factorizes into the per-cell importance sampling
+  used here.
+* HMC fits, ``latents="integrated"`` (default, pln/nbln/nbvcp): at each retained
+  posterior draw of the globals the cell's latents are integrated as for Laplace (Laplace
+  proposal, importance sampling), and ArviZ's PSIS-LOO runs over the global draws
+  (:func:`arviz_stats.loo`): the Bayesian counterpart of the Laplace number.
+* HMC fits, ``latents="conditional"``: the usual PSIS-LOO of the Stan program's
+  ``log_lik``, which conditions on the draw's own latents. Its target is the same
+  ``log p(u_c | ...)`` only through a harmonic-mean identity, and the importance ratios
+  (posterior over prior of a G-dimensional latent) are heavy-tailed: expect large
+  k-hat. It is not comparable with the integrated numbers and :func:`compare_models`
+  refuses to mix the two.
+
+References: Vehtari, Gelman & Gabry 2017, "Practical Bayesian model evaluation using
+leave-one-out cross-validation and WAIC", Stat. Comput. 27:1413,
+doi:10.1007/s11222-016-9696-4; Vehtari, Simpson, Gelman, Yao & Gabry 2024, "Pareto
+smoothed importance sampling", JMLR 25(72).
+"""
+
+from __future__ import annotations
+
+import time
+
+import arviz_stats
+import numpy as np
+import pandas as pd
+import xarray as xr
+from arviz_stats.utils import ELPDDataLOO
+
+from scribe_stan import _validate, log_predictive
+
+LATENTS = ("integrated", "conditional")
+_INTEGRATED_HMC = ("pln", "nbln", "nbvcp")
+
+
+def _is_laplace(fit):
+    from scribe_stan.api import LaplaceFit
+    from scribe_stan.lnm_fit import LnmLaplaceFit
+    from scribe_stan.nbvcp_fit import NbvcpFit
+
+    return isinstance(fit, (LaplaceFit, NbvcpFit, LnmLaplaceFit))
+
+
+def _is_hmc(fit):
+    from scribe_stan.api import HmcFit
+    from scribe_stan.lnm_fit import LnmHmcFit
+
+    return isinstance(fit, (HmcFit, LnmHmcFit))
+
+
+def n_globals(fit):
+    """Number of identified global parameters of a fit (the plug-in correction ``p``).
+
+    pln ``G (K + 2)``, nbln ``G (K + 3)`` (mu, W, d, log r), nbvcp ``2 G`` (m, log r),
+    lnm/lnmvcp ``(G - 1)(K + 2) + 2`` (``K + 1`` per ALR coordinate in ``low_rank``
+    mode; plus m_T, r_T), less the ``K (K - 1) / 2`` rotations ``W -> W R`` that leave
+    the likelihood unchanged. Globals held by a cascade were still estimated from the
+    same data and are counted.
+    """
+    G = len(fit.var_names)
+    K = fit.settings.get("rank") or 0
+    rotations = K * (K - 1) // 2
+    if fit.model in ("lnm", "lnmvcp"):
+        per_coord = K + (1 if fit.settings.get("mode") == "low_rank" else 2)
+        return (G - 1) * per_coord + 2 - rotations
+    return {"pln": G * (K + 2), "nbln": G * (K + 3), "nbvcp": 2 * G}[fit.model] - rotations
+
+
+def _elpd_data(elpd_i, pareto_k, p, draws, cells):
+    """ELPDDataLOO from pointwise values (cells on dim ``cell``), ``p`` parameters."""
+    n = elpd_i.size
+    good = log_predictive.good_k(draws)
+    return ELPDDataLOO(elpd=float(elpd_i.sum()), se=float(np.sqrt(n * np.var(elpd_i))),
+                       p=float(p), n_samples=int(draws), n_data_points=int(n), scale="log",
+                       warning=bool(np.any(pareto_k > good)), good_k=good,
+                       elpd_i=xr.DataArray(elpd_i, dims="cell", coords={"cell": cells}),
+                       pareto_k=xr.DataArray(pareto_k, dims="cell", coords={"cell": cells}),
+                       approx_posterior=True)
+
+
+def _laplace_loo(fit, draws, seed):
+    """(ELPDDataLOO, cell_log_predictive Dataset) of a Laplace fit."""
+    ds = log_predictive.cell_log_predictive(fit, draws=draws, seed=seed)
+    p = n_globals(fit)
+    return _elpd_data(ds["elpd"].values - p / ds.sizes["cell"], ds["pareto_k"].values, p,
+                      draws, ds["cell"].values), ds
+
+
+def _hmc_globals(fit, max_draws):
+    """Thinned posterior draws of the globals of an HMC fit: dict of (chain, draw, ...)."""
+    post = fit.draws.posterior
+    n_draw = post["lp__"].shape[1] if "lp__" in post else next(iter(post.values())).shape[1]
+    step = max(1, int(np.ceil(n_draw * next(iter(post.values())).shape[0] / max_draws)))
+    keys = {"pln": ("mu", "W", "d"), "nbln": ("mu", "W", "d", "log_r"),
+            "nbvcp": ("m", "log_r")}[fit.model]
+    return {k: np.asarray(post[k])[:, ::step] for k in keys}
+
+
+def _integrated_log_lik(fit, draws, max_draws, rng):
+    """(chain, draw, N) ``log p(u_c | theta_s)`` with latents integrated by Laplace-IS."""
+    glob = _hmc_globals(fit, max_draws)
+    C, S = next(iter(glob.values())).shape[:2]
+    N = len(fit.obs_names)
+    out = np.empty((C, S, N))
+    start = None
+    nb_problem = None
+    if fit.model == "nbvcp":
+        from scribe_stan.laplace.nbvcp import NbvcpProblem
+
+        nb_problem = NbvcpProblem(fit.data.counts, log_M0=fit.data.log_M0,
+                                  sigma_M=fit.data.sigma_M, log_lib=fit.data.log_lib)
+    for c in range(C):
+        for s in range(S):
+            if fit.model == "nbvcp":
+                w = log_predictive.nbvcp_weights(nb_problem, glob["m"][c, s],
+                                                 glob["log_r"][c, s], draws, rng)
+            else:
+                log_r = glob["log_r"][c, s] if "log_r" in glob else None
+                w, problem = log_predictive.lognormal_weights(
+                    fit.data, glob["mu"][c, s], glob["W"][c, s], glob["d"][c, s], log_r,
+                    draws, rng, start=start)
+                start = (problem.x, problem.eta)
+            out[c, s] = log_predictive.is_estimate(w.log_weights)[0]
+    return out
+
+
+def loo(fit, *, draws=200, seed=0, latents="integrated", max_draws=200):
+    """PSIS-LOO of a fit, one observation per cell (its whole count vector).
+
+    Parameters
+    ----------
+    fit : LaplaceFit, NbvcpFit, LnmLaplaceFit, HmcFit or LnmHmcFit
+    draws : int >= 10
+        Importance-sampling draws per cell (Laplace; per global draw for integrated
+        HMC).
+    seed : int
+    latents : {"integrated", "conditional"}
+        HMC only (see the module docs); integrated is available for pln, nbln, nbvcp.
+    max_draws : int
+        Integrated HMC: posterior draws of the globals used (thinned evenly).
+
+    Returns
+    -------
+    arviz_stats.utils.ELPDDataLOO
+        ``elpd`` (nats, summed over cells), ``se``, ``p`` (Laplace: :func:`n_globals`,
+        the plug-in correction), ``elpd_i`` and ``pareto_k`` per cell (dim ``cell``). For Laplace fits ``pareto_k`` is the k-hat of each
+        cell's importance weights; ``n_samples`` is ``draws``.
+
+    Raises
+    ------
+    ValueError
+        Unknown ``latents``; integrated HMC LOO for lnm/lnmvcp; ``draws < 10``.
+    TypeError
+        Not a fit object.
+    """
+    _validate.check_choice("latents", latents, LATENTS)
+    if _is_laplace(fit):
+        return _laplace_loo(fit, draws, seed)[0]
+    if not _is_hmc(fit):
+        raise TypeError(f"loo takes a fit from scribe_stan.fit (Laplace or HMC); got "
+                        f"{type(fit).__name__}")
+    tree = fit.to_datatree()
+    if latents == "conditional":
+        return arviz_stats.loo(tree, pointwise=True, var_name="counts")
+    if fit.model not in _INTEGRATED_HMC or fit.program != fit.model:
+        raise ValueError(f"latents='integrated' is available for full-joint HMC fits of "
+                         f"{_INTEGRATED_HMC}; got model={fit.model!r}, program="
+                         f"{fit.program!r}. Use latents='conditional'.")
+    if not isinstance(draws, (int, np.integer)) or draws < 10:
+        raise ValueError(f"draws must be an integer >= 10; got {draws!r}")
+    ll = _integrated_log_lik(fit, int(draws), int(max_draws), np.random.default_rng(seed))
+    cells = np.asarray(fit.obs_names, dtype=str)
+    ll_tree = xr.DataTree.from_dict({
+        "posterior": xr.Dataset({"lp": (("chain", "draw"), ll.sum(-1))}),
+        "log_likelihood": xr.Dataset({"counts": (("chain", "draw", "cell"), ll)},
+                                     coords={"cell": cells})})
+    return arviz_stats.loo(ll_tree, pointwise=True, var_name="counts")
+
+
+def _names(obj):
+    """(obs_names, var_names, kind) of a fit or an HMC DataTree."""
+    if _is_laplace(obj):
+        return pd.Index(obj.obs_names), pd.Index(obj.var_names), "integrated"
+    if _is_hmc(obj):
+        return pd.Index(obj.obs_names), pd.Index(obj.var_names), None
+    if isinstance(obj, xr.DataTree):
+        if obj.attrs.get("solver") != "hmc":
+            raise ValueError("a Laplace DataTree has no integrated per-cell likelihood; pass "
+                             "the fit object itself (ss.fit(...)) to compare_models")
+        obs = obj["observed_data"]
+        return pd.Index(obs["cell"].values), pd.Index(obs["gene"].values), "conditional"
+    raise TypeError(f"compare_models takes fits from scribe_stan.fit or HMC DataTrees; got "
+                    f"{type(obj).__name__}")
+
+
+def _check_same_data(fits):
+    """ValueError naming the first model whose cells or genes differ from the first's."""
+    items = list(fits.items())
+    ref_name, ref = items[0]
+    ref_obs, ref_var, _ = _names(ref)
+    for name, obj in items[1:]:
+        obs, var, _ = _names(obj)
+        for what, a, b in (("cells (obs_names)", ref_obs, obs), ("genes (var_names)",
+                                                                  ref_var, var)):
+            if not a.equals(b):
+                only_ref = a.difference(b)[:3].tolist()
+                only_new = b.difference(a)[:3].tolist()
+                order = " (same names, other order)" if not (only_ref or only_new) else ""
+                raise ValueError(
+                    f"models {ref_name!r} and {name!r} were fitted on different {what}"
+                    f"{order}: {len(a)} vs {len(b)}; only in {ref_name!r}: {only_ref}, only "
+                    f"in {name!r}: {only_new}. Fit every model on the same cells and genes.")
+
+
+def compare_models(fits, *, draws=200, seed=0, latents="integrated", max_draws=200,
+                   method="stacking"):
+    """Rank fitted models on the same cells and genes by PSIS-LOO ELPD.
+
+    Each model's pointwise term is the log probability of the cell's whole count vector
+    with its latents integrated (see the module docs): pln/nbln/nbvcp score every
+    count, and lnm/lnmvcp score NB total x multinomial composition *with* the
+    multinomial coefficient, a proper pmf of the same counts, so the ELPDs are
+    comparable.
+
+    Parameters
+    ----------
+    fits : dict of {str: fit or HMC DataTree}
+        Two or more models fitted to the same cells and genes (same ``obs_names`` and
+        ``var_names`` in the same order). HMC DataTrees give the conditional LOO only.
+    draws, seed, latents, max_draws : passed to :func:`loo`.
+    method : {"stacking", "bb-pseudo-bma", "pseudo-bma"}
+        Weighting method of :func:`arviz_stats.compare`.
+
+    Returns
+    -------
+    pandas.DataFrame
+        :func:`arviz_stats.compare`'s table (index: model names, best first; ``rank``,
+        ``elpd``, ``p``, ``elpd_diff``, ``weight``, ``se``, ``dse``, ``warning``) plus
+        ``n_cells``, ``k_max`` (largest Pareto k-hat), ``frac_k_high`` (share of cells
+        with k-hat above ``good_k``), ``n_globals`` (fits only) and ``wall_s`` (seconds
+        spent on that model's LOO). ``table.attrs["loo"]`` holds each model's
+        :class:`arviz_stats.utils.ELPDDataLOO` (pointwise ``elpd_i``, ``pareto_k``) and
+        ``table.attrs["log_predictive"]`` each Laplace fit's
+        :func:`~scribe_stan.log_predictive.cell_log_predictive` Dataset (IS estimate and
+        Laplace value per cell).
+
+    Raises
+    ------
+    ValueError
+        Fewer than two models; models fitted on different cells or genes (the message
+        names them); integrated and conditional LOOs mixed; bad ``latents``.
+    TypeError
+        An entry that is neither a fit nor a DataTree.
+
+    Examples
+    --------
+    >>> table = ss.compare_models({"pln": pln_fit, "nbln": nbln_fit})  # doctest: +SKIP
+    >>> table[["elpd", "elpd_diff", "dse"]]                           # doctest: +SKIP
+    """
+    if not isinstance(fits, dict) or len(fits) < 2:
+        raise ValueError("fits must be a dict of at least two named models, e.g. "
+                         "{'pln': pln_fit, 'nbln': nbln_fit}")
+    _validate.check_choice("latents", latents, LATENTS)
+    _check_same_data(fits)
+    kinds = {name: _names(obj)[2] or latents for name, obj in fits.items()}
+    if len(set(kinds.values())) > 1:
+        raise ValueError(f"integrated and conditional LOOs are not on the same footing: "
+                         f"{kinds}. Pass fit objects with latents='integrated'.")
+    elpds, extra, cells = {}, {}, {}
+    for name, obj in fits.items():
+        t0 = time.perf_counter()
+        if isinstance(obj, xr.DataTree):
+            res = arviz_stats.loo(obj, pointwise=True, var_name="counts")
+        elif _is_laplace(obj):
+            res, cells[name] = _laplace_loo(obj, draws, seed)
+        else:
+            res = loo(obj, draws=draws, seed=seed, latents=latents, max_draws=max_draws)
+        k = np.asarray(res.pareto_k)
+        elpds[name] = res
+        extra[name] = {"n_cells": res.n_data_points, "k_max": float(np.max(k)),
+                       "frac_k_high": float(np.mean(k > res.good_k)),
+                       "n_globals": (n_globals(obj) if not isinstance(obj, xr.DataTree)
+                                     else np.nan),
+                       "wall_s": time.perf_counter() - t0}
+    table = arviz_stats.compare(elpds, method=method, round_to="none")
+    table = table.join(pd.DataFrame(extra).T.astype(float).astype({"n_cells": int}))
+    table.attrs["loo"] = elpds
+    table.attrs["log_predictive"] = cells
+    return table
