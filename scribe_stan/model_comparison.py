@@ -46,6 +46,7 @@ smoothed importance sampling", JMLR 25(72).
 
 from __future__ import annotations
 
+import copy
 import time
 
 import arviz_stats
@@ -239,6 +240,36 @@ def _check_same_data(fits):
                     f"in {name!r}: {only_new}. Fit every model on the same cells and genes.")
 
 
+def stacking_weights(elpds):
+    """Stacking weights of :func:`arviz_stats.compare`, safe for whole-cell log densities.
+
+    ArviZ exponentiates each pointwise ``elpd_i``; a cell's whole count vector has
+    ``elpd_i`` of hundreds of nats, so every term underflows to 0 and the optimizer
+    returns its uniform start. Stacking maximizes ``sum_i log sum_k w_k exp(elpd_ik)``
+    (Yao et al. 2018, Bayesian Analysis 13:917, doi:10.1214/17-BA1091), whose argmax is
+    unchanged when each ``elpd_ik`` is shifted by a per-cell constant; the shift by the
+    per-cell maximum over models keeps the largest term at ``exp(0) = 1``.
+
+    Parameters
+    ----------
+    elpds : dict of {str: arviz_stats.utils.ELPDData}
+        Pointwise results on the same cells.
+
+    Returns
+    -------
+    pandas.Series
+        Weights (sum 1), indexed by model name.
+    """
+    shift = np.max([np.asarray(e.elpd_i) for e in elpds.values()], axis=0)
+    shifted = {}
+    for name, e in elpds.items():
+        e = copy.deepcopy(e)
+        e.elpd_i = e.elpd_i - shift
+        e.elpd = float(np.sum(e.elpd_i))
+        shifted[name] = e
+    return arviz_stats.compare(shifted, method="stacking", round_to="none")["weight"]
+
+
 def compare_models(fits, *, draws=200, seed=0, latents="integrated", max_draws=200,
                    method="stacking"):
     """Rank fitted models on the same cells and genes by PSIS-LOO ELPD.
@@ -262,7 +293,8 @@ def compare_models(fits, *, draws=200, seed=0, latents="integrated", max_draws=2
     -------
     pandas.DataFrame
         :func:`arviz_stats.compare`'s table (index: model names, best first; ``rank``,
-        ``elpd``, ``p``, ``elpd_diff``, ``weight``, ``se``, ``dse``, ``warning``) plus
+        ``elpd``, ``p``, ``elpd_diff``, ``weight``, ``se``, ``dse``, ``warning``; stacking
+        weights from :func:`stacking_weights`) plus
         ``n_cells``, ``k_max`` (largest Pareto k-hat), ``frac_k_high`` (share of cells
         with k-hat above ``good_k``), ``n_globals`` (fits only) and ``wall_s`` (seconds
         spent on that model's LOO). ``table.attrs["loo"]`` holds each model's
@@ -310,6 +342,8 @@ def compare_models(fits, *, draws=200, seed=0, latents="integrated", max_draws=2
                                      else np.nan),
                        "wall_s": time.perf_counter() - t0}
     table = arviz_stats.compare(elpds, method=method, round_to="none")
+    if method == "stacking":
+        table["weight"] = stacking_weights(elpds).reindex(table.index)
     table = table.join(pd.DataFrame(extra).T.astype(float).astype({"n_cells": int}))
     table.attrs["loo"] = elpds
     table.attrs["log_predictive"] = cells

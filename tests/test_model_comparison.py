@@ -204,3 +204,43 @@ def test_nbvcp_laplace_loo_agrees_with_nuts_and_hmc_ppc():
     assert marginal["posterior"]["eta"].values.min() >= 0.0
     with pytest.raises(ValueError, match="per_cell.*does not apply to nbvcp"):
         ss.posterior_predictive(nuts, level="per_cell")
+
+
+def test_stacking_weights_survive_whole_cell_log_densities():
+    """Stacking weights are invariant to a per-cell shift of every model's elpd_i: on
+    small log densities they equal ArviZ's own; shifted by -800 nats per cell (a whole
+    cell's count vector), ArviZ's weights stall at uniform while ours stay put."""
+    import arviz_stats
+    from scribe_stan.model_comparison import stacking_weights
+
+    rng = np.random.default_rng(3)
+    base = rng.normal(-2.0, 0.5, size=(3, 200))
+    base[1] += rng.normal(0.3, 0.6, size=200)  # a model better on most cells
+    trees = {}
+    for k, name in enumerate(("a", "b", "c")):
+        draws = base[k] + 0.05 * rng.standard_normal((1, 400, 200))
+        trees[name] = arviz_stats.loo(_loglik_tree(draws), pointwise=True)
+    reference = arviz_stats.compare(trees, method="stacking", round_to="none")["weight"]
+    assert reference.max() > 0.5  # the small-magnitude case is well posed for ArviZ
+    np.testing.assert_allclose(stacking_weights(trees)[reference.index], reference,
+                               atol=2e-3)
+    shifted = {}
+    for name, e in trees.items():
+        e = __import__("copy").deepcopy(e)
+        e.elpd_i = e.elpd_i - 800.0
+        e.elpd = float(np.sum(e.elpd_i))
+        shifted[name] = e
+    np.testing.assert_allclose(stacking_weights(shifted)[reference.index], reference,
+                               atol=2e-3)
+    naive = arviz_stats.compare(shifted, method="stacking", round_to="none")["weight"]
+    assert np.allclose(naive, 1 / 3)  # the underflow this function exists for
+
+
+def _loglik_tree(draws):
+    import xarray as xr
+
+    ll = xr.DataArray(draws, dims=("chain", "draw", "cell"))
+    return xr.DataTree.from_dict({
+        "posterior": xr.Dataset({"theta": xr.DataArray(np.zeros(draws.shape[:2]),
+                                                        dims=("chain", "draw"))}),
+        "log_likelihood": xr.Dataset({"counts": ll})})
