@@ -149,6 +149,12 @@ def test_pln_log_density_matches_numpy():
     np.testing.assert_allclose(np.diff(stan_lp), np.diff(ref_lp),
                                rtol=1e-8, atol=1e-8 * np.abs(ref_lp).max())
     assert np.abs(np.diff(ref_lp)).min() > 1.0  # the points really differ
+    # no parametrization pins W: the joint is invariant under W -> W R (R orthogonal,
+    # here with a reflection), as Sigma, hence L and z, are unchanged
+    R = np.linalg.qr(rng.standard_normal((K, K)))[0] @ np.diag([1.0, -1.0])
+    rotated = ss.log_prob("pln", data, params | {"W": W @ R}, backend="pystan",
+                          jacobian=False)
+    np.testing.assert_allclose(rotated, stan_lp[-1], rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("prior", ["gaussian", "horseshoe", "neg"])
