@@ -135,6 +135,13 @@ def _write_tree(tree, path: Path) -> Path:
 def hmc_diagnostics(tree) -> dict:
     """R-hat, ESS and divergences of an HMC tree (posterior group).
 
+    R-hat and ESS are taken over the identified quantities only. The loadings ``W``,
+    ``W_perp`` and ``W_alr`` are sampled unconstrained and identified only up to rotation
+    (``W -> W R``), so chains may sit at different rotations of the same ``Sigma``:
+    their R-hat and ESS say nothing about convergence and are left out
+    (:data:`scribe_stan.compare.NOT_IDENTIFIED`). ``Sigma``, ``corr``, ``mu``, ``d``,
+    ``r`` and the per-cell latents are kept.
+
     Parameters
     ----------
     tree : xarray.DataTree
@@ -143,14 +150,17 @@ def hmc_diagnostics(tree) -> dict:
     Returns
     -------
     dict
-        ``max_rhat_Sigma`` (rank-normalized split R-hat, max over the entries of
-        ``Sigma``), ``max_rhat`` (over every element of every posterior variable),
-        ``min_ess_bulk``, ``min_ess_tail`` (over every element), ``divergences``
+        ``max_rhat_Sigma`` (rank-normalized split R-hat, Vehtari et al. 2021, Bayesian
+        Analysis 16:667, doi:10.1214/20-BA1221; max over the entries of ``Sigma``),
+        ``max_rhat`` (over every element of every identified posterior variable),
+        ``min_ess_bulk``, ``min_ess_tail`` (over the same elements), ``divergences``
         (count over chains and draws), ``chains``, ``draws``. Constant elements (the
         unit diagonal of ``corr``) have undefined R-hat/ESS and are ignored.
     """
     import numpy as np
     import arviz_stats
+
+    from scribe_stan.compare import NOT_IDENTIFIED
 
     def extreme(result, fn):
         ds = result.to_dataset() if hasattr(result, "to_dataset") else result
@@ -158,14 +168,16 @@ def hmc_diagnostics(tree) -> dict:
         vals = np.concatenate(vals) if vals else np.array([np.nan])
         return float(fn(vals)) if np.isfinite(vals).any() else float("nan")
 
-    rhat = arviz_stats.rhat(tree)
     post = tree["posterior"]
+    names = [v for v in post.data_vars if v not in NOT_IDENTIFIED]
     out = {
         "max_rhat_Sigma": extreme(arviz_stats.rhat(tree, var_names=["Sigma"]), np.nanmax)
         if "Sigma" in post.data_vars else float("nan"),
-        "max_rhat": extreme(rhat, np.nanmax),
-        "min_ess_bulk": extreme(arviz_stats.ess(tree, method="bulk"), np.nanmin),
-        "min_ess_tail": extreme(arviz_stats.ess(tree, method="tail"), np.nanmin),
+        "max_rhat": extreme(arviz_stats.rhat(tree, var_names=names), np.nanmax),
+        "min_ess_bulk": extreme(arviz_stats.ess(tree, var_names=names, method="bulk"),
+                                np.nanmin),
+        "min_ess_tail": extreme(arviz_stats.ess(tree, var_names=names, method="tail"),
+                                np.nanmin),
         "divergences": int(tree["sample_stats"]["diverging"].values.sum())
         if "sample_stats" in tree.children
         and "diverging" in tree["sample_stats"].data_vars else 0,

@@ -18,8 +18,9 @@ globals of the Laplace solver), ``sd_ratio`` is NaN and ``coverage`` is 1.0 or 0
 whether the point lies inside the HMC central ``prob`` interval. Those rows have
 ``point_estimate = True``.
 
-Only rotation-invariant quantities are compared: the loadings ``W`` are identified only
-up to an orthogonal rotation ``W -> W R`` and are refused.
+Only rotation-invariant quantities are compared: the loadings ``W`` (and ``W_perp``,
+``W_alr``) are identified only up to an orthogonal rotation ``W -> W R`` and are refused
+(:data:`NOT_IDENTIFIED`).
 """
 
 from __future__ import annotations
@@ -61,12 +62,16 @@ SUMMARY_COLUMNS = [
     "point_estimate",
 ]
 
-_NOT_IDENTIFIED = {
-    "W": (
-        "the loadings W are identified only up to rotation (W -> W R for any orthogonal "
-        "R leaves Sigma = W W' + diag(d) unchanged), so element-wise comparison of W is "
-        "meaningless; compare Sigma or corr instead"
-    ),
+_ROTATION = (
+    "identified only up to rotation (W -> W R for any orthogonal R leaves "
+    "Sigma = W W' + diag(d) unchanged), so element-wise comparison is meaningless; "
+    "compare Sigma or corr instead"
+)
+#: Variables identified only up to rotation, with the reason they are not compared.
+NOT_IDENTIFIED = {
+    "W": f"the loadings W are {_ROTATION}",
+    "W_perp": f"the gauge-invariant loadings W_perp = W - column means are {_ROTATION}",
+    "W_alr": f"the ALR loadings W_alr are {_ROTATION}",
 }
 
 _SAMPLE = "__sample__"
@@ -204,8 +209,8 @@ def _resolve_var_names(var_names, lap: xr.Dataset, hmc: xr.Dataset) -> list[str]
         var_names = [var_names]
     names = list(var_names)
     for v in names:
-        if v in _NOT_IDENTIFIED:
-            raise ValueError(f"cannot compare {v!r}: {_NOT_IDENTIFIED[v]}")
+        if v in NOT_IDENTIFIED:
+            raise ValueError(f"cannot compare {v!r}: {NOT_IDENTIFIED[v]}")
     missing = [
         (v, side)
         for v in names
@@ -252,8 +257,9 @@ def compare(
         names), in any order.
     var_names : str or sequence of str, optional
         Quantities to compare. Default: those of ``("Sigma", "corr", "x", "eta",
-        "mu")`` present in both posteriors (rotation-invariant quantities). ``"W"``
-        is refused with a ``ValueError`` (identified only up to rotation).
+        "mu")`` present in both posteriors (rotation-invariant quantities). ``"W"``,
+        ``"W_perp"`` and ``"W_alr"`` are refused with a ``ValueError`` (identified
+        only up to rotation).
     prob : float, default 0.9
         Mass of the central (equal-tailed) interval used for coverage.
     detail : bool, default False

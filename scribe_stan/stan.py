@@ -461,7 +461,9 @@ class StanDraws:
         Every parameter, transformed parameter and generated quantity of the program,
         each shaped ``(chain, draw, *stan_shape)`` (e.g. ``x``: ``(chain, draw, N, G)``,
         ``y_rep``: int64 ``(chain, draw, N, G)``). Raw non-centred parameters
-        (``z``, ``eta_std``, ``W_diag``, ``W_lower``) are included as well.
+        (``z``, ``eta_std``) are included as well. Loadings ``W`` are sampled
+        unconstrained and are identified only up to rotation (``W -> W R``): diagnose
+        and compare ``Sigma``, correlations or per-cell latents, not ``W``.
     sample_stats : dict of str to ndarray
         ``(chain, draw)`` arrays ``lp`` (log density incl. Jacobian), ``diverging``
         (bool), ``tree_depth`` (int), ``n_steps`` (int, leapfrog steps), ``energy``,
@@ -690,7 +692,7 @@ def log_prob(
         The program's data.
     params : mapping
         Values of every variable of the ``parameters`` block on the constrained
-        scale (e.g. for ``pln``: ``mu, W_diag, W_lower, d, z, eta_std``).
+        scale (e.g. for ``pln``: ``mu, W, d, z, eta_std``).
     backend : {"auto", "cmdstanpy", "pystan"}
     jacobian : bool
         Add the log Jacobian of the constraining transforms (the density of the

@@ -9,9 +9,10 @@
 //
 // y_c lives in ALR coordinates (G - 1 of them) against the reference gene `ref`.
 // Priors (scribe_stan/models/lnm.py): the composition globals get pln's priors
-// (mu_alr ~ normal(0, 10), pinned lower-triangular loadings ~ normal(0, 1) with a
-// half-normal diagonal, d_alr ~ gamma(2, 4)); log_m_T ~ normal(0, 10) (pln's mu prior);
-// log_r_T ~ normal(log 10, 3) (the shared NB dispersion prior). y is non-centred.
+// (mu_alr ~ normal(0, 10), unconstrained loadings W_alr ~ normal(0, 1) entrywise,
+// identified only up to rotation, d_alr ~ gamma(2, 4)); log_m_T ~ normal(0, 10)
+// (pln's mu prior); log_r_T ~ normal(log 10, 3) (the shared NB dispersion prior).
+// y is non-centred.
 // log_lib, log_M0 and sigma_M are part of the shared data contract; lnm has no capture
 // latent and does not use them (lnmvcp does).
 functions {
@@ -38,22 +39,20 @@ transformed data {
 }
 parameters {
   vector[D] mu_alr;
-  vector<lower=0>[K] W_diag;
-  vector[K * D - (K * (K + 1)) %/% 2] W_lower;
+  matrix[D, K] W_alr;  // loadings, identified only up to rotation W_alr -> W_alr R
   vector<lower=0>[D] d_alr;
   real log_m_T;  // log mean total count
   real log_r_T;  // log dispersion of the total
   matrix[N, D] z;  // latent innovations
 }
 transformed parameters {
-  matrix[D, K] W_alr = pln_loadings(W_diag, W_lower, D);
   matrix[D, D] Sigma_alr = pln_covariance(W_alr, d_alr);
   matrix[N, D] y = pln_latent(mu_alr, cholesky_decompose(Sigma_alr), z);
   real m_T = exp(log_m_T);
   real r_T = exp(log_r_T);
 }
 model {
-  target += lnm_composition_prior_lpdf(mu_alr | W_diag, W_lower, d_alr);
+  target += lnm_composition_prior_lpdf(mu_alr | W_alr, d_alr);
   target += normal_lpdf(log_m_T | 0, 10);
   target += dispersion_lpdf([log_r_T]');
   target += std_normal_lpdf(to_vector(z));

@@ -33,8 +33,7 @@ transformed data {
 }
 parameters {
   vector[D] mu_alr;
-  vector<lower=0>[K] W_diag;
-  vector[K * D - (K * (K + 1)) %/% 2] W_lower;
+  matrix[D, K] W_alr;  // loadings, identified only up to rotation W_alr -> W_alr R
   vector<lower=0>[D] d_alr;
   real log_m_T;  // log mean total mRNA before capture
   real log_r_T;
@@ -42,7 +41,6 @@ parameters {
   vector<lower=eta_std_lower>[N] eta_std;  // standardized capture
 }
 transformed parameters {
-  matrix[D, K] W_alr = pln_loadings(W_diag, W_lower, D);
   matrix[D, D] Sigma_alr = pln_covariance(W_alr, d_alr);
   matrix[N, D] y = pln_latent(mu_alr, cholesky_decompose(Sigma_alr), z);
   vector[N] eta = a + sigma_M * eta_std;
@@ -50,7 +48,7 @@ transformed parameters {
   real r_T = exp(log_r_T);
 }
 model {
-  target += lnm_composition_prior_lpdf(mu_alr | W_diag, W_lower, d_alr);
+  target += lnm_composition_prior_lpdf(mu_alr | W_alr, d_alr);
   target += normal_lpdf(log_m_T | 0, 10);
   target += dispersion_lpdf([log_r_T]');
   target += std_normal_lpdf(to_vector(z));

@@ -31,8 +31,7 @@ transformed data {
 }
 parameters {
   vector[G] mu;
-  vector<lower=0>[K] W_diag;
-  vector[K * G - (K * (K + 1)) %/% 2] W_lower;
+  matrix[G, K] W;  // loadings, identified only up to rotation W -> W R
   vector<lower=0>[G] d;
   vector<lower=1e-3>[loadings_prior > 0 ? K : 0] tau;  // loadings column scales
   vector[G] log_r;  // log dispersions
@@ -40,13 +39,12 @@ parameters {
   vector<lower=eta_std_lower>[N] eta_std;  // standardized capture
 }
 transformed parameters {
-  matrix[G, K] W = pln_loadings(W_diag, W_lower, G);
   matrix[G, G] Sigma = pln_covariance(W, d);
   vector[N] eta = a + sigma_M * eta_std;
   matrix[N, G] x = pln_latent(mu, cholesky_decompose(Sigma), z);
 }
 model {
-  target += pln_globals_lpdf(mu | d, W, W_diag, W_lower, tau, loadings_prior);
+  target += pln_globals_lpdf(mu | d, W, tau, loadings_prior);
   target += dispersion_lpdf(log_r);
   target += std_normal_lpdf(to_vector(z));
   target += pln_capture_std_lpdf(eta_std | eta_std_lower);

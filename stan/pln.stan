@@ -5,11 +5,12 @@
 //   u[c, g] ~ poisson(exp(x[c, g] - eta_c))
 //
 // Priors (see scribe_stan/models/pln.py and loadings.py): mu ~ normal(0, 10),
-// d ~ gamma(2, 4); loadings pinned lower triangular with a positive diagonal, with
-// either iid normal(0, 1) entries or a columnwise shrinkage prior on W_perp with
-// column scales tau (loadings_prior 1-3, for adaptive rank). Both x and eta are
-// non-centred. Every term is added with an explicit, normalized _lpdf/_lpmf so the
-// log density keeps all constants.
+// d ~ gamma(2, 4); unconstrained loadings W with either iid normal(0, 1) entries or a
+// columnwise shrinkage prior on W_perp with column scales tau (loadings_prior 1-3, for
+// adaptive rank), the Laplace solver's prior. W is identified only up to rotation and
+// sign; Sigma, corr and the singular values of W_perp are not, and are what to
+// diagnose and compare. Both x and eta are non-centred. Every term is added with an
+// explicit, normalized _lpdf/_lpmf so the log density keeps all constants.
 functions {
   #include functions/pln.stanfunctions
 }
@@ -29,21 +30,19 @@ transformed data {
 }
 parameters {
   vector[G] mu;
-  vector<lower=0>[K] W_diag;
-  vector[K * G - (K * (K + 1)) %/% 2] W_lower;
+  matrix[G, K] W;  // loadings, identified only up to rotation W -> W R
   vector<lower=0>[G] d;
   vector<lower=1e-3>[loadings_prior > 0 ? K : 0] tau;  // loadings column scales
   matrix[N, G] z;  // latent innovations
   vector<lower=eta_std_lower>[N] eta_std;  // standardized capture
 }
 transformed parameters {
-  matrix[G, K] W = pln_loadings(W_diag, W_lower, G);
   matrix[G, G] Sigma = pln_covariance(W, d);
   vector[N] eta = a + sigma_M * eta_std;
   matrix[N, G] x = pln_latent(mu, cholesky_decompose(Sigma), z);
 }
 model {
-  target += pln_globals_lpdf(mu | d, W, W_diag, W_lower, tau, loadings_prior);
+  target += pln_globals_lpdf(mu | d, W, tau, loadings_prior);
   target += std_normal_lpdf(to_vector(z));
   target += pln_capture_std_lpdf(eta_std | eta_std_lower);
   target += sum(pln_log_lik(counts, x, eta));

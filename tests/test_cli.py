@@ -216,18 +216,22 @@ def _tree(shift, n_div=0, seed=0):
     A = rng.standard_normal((C, S, Gc, Gc))
     Sigma = A @ np.swapaxes(A, -1, -2) + np.eye(Gc)
     Sigma = Sigma + shift * np.arange(C)[:, None, None, None]  # chains disagree
+    # loadings with a different sign per chain (the same W W'): not identified, skipped
+    sign = np.array([1.0, -1.0, 1.0, -1.0])[:, None, None, None]
+    W = sign * (2.0 + 0.1 * rng.standard_normal((C, S, Gc, 1)))
     div = np.zeros((C, S), bool)
     div.flat[:n_div] = True
     return convert.build_datatree(
         posterior={"Sigma": Sigma, "x": rng.standard_normal((C, S, Nc, Gc)),
-                   "eta": rng.random((C, S, Nc))},
+                   "eta": rng.random((C, S, Nc)), "W": W,
+                   "W_perp": W - W.mean(axis=-2, keepdims=True)},
         sample_stats={"diverging": div, "lp": rng.standard_normal((C, S))},
         cell_names=["a", "b", "c"], gene_names=["g1", "g2", "g3"], n_factors=1)
 
 
 def test_hmc_diagnostics_on_mixed_and_unmixed_chains():
     good = cli.hmc_diagnostics(_tree(0.0))
-    assert good["max_rhat_Sigma"] < 1.02 and good["max_rhat"] < 1.02
+    assert good["max_rhat_Sigma"] < 1.02 and good["max_rhat"] < 1.02  # W's sign ignored
     assert good["min_ess_bulk"] > 800 and good["min_ess_tail"] > 500  # iid draws
     assert good["divergences"] == 0 and good["chains"] == 4 and good["draws"] == 400
     bad = cli.hmc_diagnostics(_tree(5.0, n_div=7))

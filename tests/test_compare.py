@@ -168,6 +168,8 @@ def test_w_refused():
         compare(t, t, var_names=["W"])
     with pytest.raises(ValueError, match="rotation"):
         plot_comparison(t, t, var_names=["x", "W"])
+    with pytest.raises(ValueError, match="W_perp.*rotation"):
+        compare(t, t, var_names=["W_perp"])
 
 
 def test_coordinate_mismatch_error():

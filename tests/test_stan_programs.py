@@ -32,10 +32,9 @@ def _capture(sim):
 
 
 def _random_point(rng, N, G, K):
-    """Random (mu, W, d, x, eta) with W lower triangular and a positive diagonal."""
+    """Random (mu, W, d, x, eta); W dense with entries of either sign."""
     mu = 1.0 + 0.6 * rng.standard_normal(G)
-    W = np.tril(0.7 * rng.standard_normal((G, K)))
-    W[np.arange(K), np.arange(K)] = 0.3 + np.abs(W[np.arange(K), np.arange(K)])
+    W = 0.7 * rng.standard_normal((G, K))
     d = rng.uniform(0.1, 0.6, G)
     x = mu + 0.8 * rng.standard_normal((N, G))
     eta = rng.uniform(0.05, 2.0, N)
@@ -49,12 +48,6 @@ def _noncentred(data, mu, W, d, x, eta):
     a = pln.capture_prior_mean(data["log_lib"], data["log_M0"])
     eta_std = (eta - a) / data["sigma_M"]
     return z, eta_std, np.log(np.diag(L)).sum()
-
-
-def _lower_entries(W):
-    """Strictly-lower entries of W column by column (Stan's W_lower order)."""
-    G, K = W.shape
-    return np.array([W[g, k] for k in range(K) for g in range(k + 1, G)])
 
 
 def _eval_dims(dims, data):
@@ -119,23 +112,22 @@ def test_json_data_rejects_non_finite():
 # Log-density parity with the NumPy reference
 # --------------------------------------------------------------------------------------
 #
-# pln.stan is written in (mu, W_diag, W_lower, d, z, eta_std) with x_c = mu + L z_c and
-# eta = a + sigma_M eta_std. Without the constraint Jacobians its target is
+# pln.stan is written in (mu, W, d, z, eta_std) with x_c = mu + L z_c and
+# eta = a + sigma_M eta_std. W is unconstrained with the Laplace side's prior, so without
+# the constraint Jacobians its target is
 #
-#   log_joint(u, mu, W, d, x, eta)            (pln.log_joint: dense W, density in x, eta)
+#   log_joint(u, mu, W, d, x, eta)            (pln.log_joint: density in x, eta)
 #   + N log det L                             (std_normal(z_c) = log N(x_c) + log det L)
 #   + N log sigma_M                           (density of eta_std, not eta)
-#   + K log 2                                 (half-normal normalization of W_diag)
-#   + K (K - 1) / 2 * (1/2) log(2 pi)         (log_joint counts normal_lpdf(0) for the
-#                                              pinned upper-triangle zeros of W)
 #
+# and nothing else: no term for the loadings.
 # The absolute values are compared (so every constant is checked), and the differences
 # between points (which move mu, W, d, x and eta: any change of a prior scale, of the
 # capture prior or of the likelihood would show).
 
 
-def _pln_offset(N, K, sigma_M, logdet_L):
-    return N * logdet_L + N * np.log(sigma_M) + K * np.log(2.0) + K * (K - 1) / 4.0 * LOG_2PI
+def _pln_offset(N, sigma_M, logdet_L):
+    return N * logdet_L + N * np.log(sigma_M)
 
 
 def test_pln_log_density_matches_numpy():
@@ -147,23 +139,27 @@ def test_pln_log_density_matches_numpy():
     for _ in range(3):
         mu, W, d, x, eta = _random_point(rng, N, G, K)
         z, eta_std, logdet_L = _noncentred(data, mu, W, d, x, eta)
-        params = {"mu": mu, "W_diag": np.diag(W).copy(), "W_lower": _lower_entries(W),
-                  "d": d, "z": z, "eta_std": eta_std}
+        params = {"mu": mu, "W": W, "d": d, "z": z, "eta_std": eta_std}
         stan_lp.append(ss.log_prob("pln", data, params, backend="pystan", jacobian=False))
         ref = pln.log_joint(data["counts"], mu, W, d, x, eta,
                             log_M0=data["log_M0"], sigma_M=data["sigma_M"])
-        ref_lp.append(ref + _pln_offset(N, K, data["sigma_M"], logdet_L))
+        ref_lp.append(ref + _pln_offset(N, data["sigma_M"], logdet_L))
     stan_lp, ref_lp = np.array(stan_lp), np.array(ref_lp)
     np.testing.assert_allclose(stan_lp, ref_lp, rtol=1e-10, atol=0)
     np.testing.assert_allclose(np.diff(stan_lp), np.diff(ref_lp),
                                rtol=1e-8, atol=1e-8 * np.abs(ref_lp).max())
     assert np.abs(np.diff(ref_lp)).min() > 1.0  # the points really differ
+    # no parametrization pins W: the joint is invariant under W -> W R (R orthogonal,
+    # here with a reflection), as Sigma, hence L and z, are unchanged
+    R = np.linalg.qr(rng.standard_normal((K, K)))[0] @ np.diag([1.0, -1.0])
+    rotated = ss.log_prob("pln", data, params | {"W": W @ R}, backend="pystan",
+                          jacobian=False)
+    np.testing.assert_allclose(rotated, stan_lp[-1], rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("prior", ["gaussian", "horseshoe", "neg"])
 def test_pln_shrinkage_prior_log_density_matches_numpy(prior):
-    # The columnwise formula is evaluated at the same pinned W on both sides, so the
-    # offset has no pinned-zero term; tau enters both as a parameter (density in tau).
+    # Same W and tau on both sides (tau enters both as a parameter, density in tau).
     sim = _sim(N=4, G=5, K=2)
     data = pln.stan_data(sim["counts"], 2, loadings_prior=prior, **_capture(sim))
     N, G, K = data["N"], data["G"], data["K"]
@@ -173,12 +169,11 @@ def test_pln_shrinkage_prior_log_density_matches_numpy(prior):
         mu, W, d, x, eta = _random_point(rng, N, G, K)
         tau = rng.uniform(0.05, 2.0, K)
         z, eta_std, logdet_L = _noncentred(data, mu, W, d, x, eta)
-        params = {"mu": mu, "W_diag": np.diag(W).copy(), "W_lower": _lower_entries(W),
-                  "d": d, "tau": tau, "z": z, "eta_std": eta_std}
+        params = {"mu": mu, "W": W, "d": d, "tau": tau, "z": z, "eta_std": eta_std}
         stan_lp.append(ss.log_prob("pln", data, params, backend="pystan", jacobian=False))
         ref = pln.log_joint(data["counts"], mu, W, d, x, eta, log_M0=data["log_M0"],
                             sigma_M=data["sigma_M"], tau=tau, loadings_prior=prior)
-        ref_lp.append(ref + N * logdet_L + N * np.log(data["sigma_M"]) + K * np.log(2.0))
+        ref_lp.append(ref + _pln_offset(N, data["sigma_M"], logdet_L))
     np.testing.assert_allclose(stan_lp, ref_lp, rtol=1e-10, atol=0)
     assert np.abs(np.diff(ref_lp)).min() > 1.0
 
@@ -308,11 +303,10 @@ def test_nuts_pln_shapes():
     assert post["d"].shape == (2, 200, G)
     assert post["Sigma"].shape == (2, 200, G, G)
     _check_common(draws, data["counts"])
-    # Sigma = W W' + diag(d) draw by draw, W pinned with positive diagonal
+    # Sigma = W W' + diag(d) draw by draw (W itself is identified only up to sign)
     W, d = post["W"], post["d"]
     Sigma = np.einsum("cdgk,cdhk->cdgh", W, W) + d[..., None] * np.eye(G)
     np.testing.assert_allclose(post["Sigma"], Sigma, rtol=1e-12, atol=1e-12)
-    assert np.all(W[..., 0, 0] > 0)
     # chains are separate runs: different draws, distinct chain order
     assert not np.allclose(post["mu"][0], post["mu"][1])
 

@@ -14,7 +14,8 @@ Data recipes (decisions): ``grn``: :func:`scribe_stan.grn.simulate_grn` with 100
 design library size 150 (mean counts per gene 1-50); the same network and latents for
 every model, counts through that model's channel. Fitted with K = 1: with two
 regulators at the default strengths the second program sat at noise level, was weakly
-identified, and NUTS on pln with K = 2 failed (R-hat 1.29 on Sigma, bulk ESS 11).
+identified, and NUTS on pln with K = 2 failed (R-hat 1.29 on Sigma, bulk ESS 11; that
+was with the earlier lower-triangular loadings, before W was left unconstrained).
 ``pbmc20``: the first 100 cells of :func:`scribe_stan.datasets.pbmc_donor_a` and their
 20 highest-mean genes (library sizes over all 2000 genes feed the capture prior),
 fitted with K = 2. nbvcp has no rank.

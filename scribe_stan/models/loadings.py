@@ -32,9 +32,15 @@ Priors on ``W`` (identical in ``stan/functions/loadings.stanfunctions``):
 
 Both solvers use the same density of ``(W, tau)``: the Laplace outer problem maximizes
 it jointly with the other globals (tau in log coordinates, the density in tau as for
-the other globals, no Jacobian), and Stan samples tau. Stan pins W lower triangular
-with a positive diagonal (adding ``K log 2`` for the sign restriction) and evaluates the
-same formula at that W.
+the other globals, no Jacobian), and Stan samples tau. Both leave ``W`` unconstrained
+(every G x K entry free), so they put the same prior on ``Sigma = W W' + diag(d)``; a
+pinned (lower-triangular, positive-diagonal) W would change the implied prior of
+``W W'`` and, when a pivot gene's loading is near zero, trap NUTS chains in separate
+sign configurations (the identification problem of positive lower-triangular factor
+loadings; Frühwirth-Schnatter, Hosszejni & Lopes, Bayesian Analysis, "Sparse Bayesian
+factor analysis when the number of factors is unknown"). ``W`` is therefore identified
+only up to rotation; compare ``Sigma``, correlations or the singular values of
+``W_perp``.
 """
 
 from __future__ import annotations
