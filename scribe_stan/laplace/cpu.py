@@ -240,6 +240,14 @@ def _newton_cell(u, a, inv_sig2, mu, W, d, inv_r, WW, inv_d, Lc, x, eta0, fix_et
         dec = g_eta * d_eta
         for g in range(G):
             dec += gx[g] * dx[g]
+        if 0.5 * dec < tol:
+            # Converged (half the Newton decrement is the predicted gain). Tested before
+            # the line search: with tiny d, f sums large cancelling terms and its rounding
+            # noise can exceed tol, so an Armijo test on f cannot confirm such a step.
+            for g in range(G):
+                x[g] += dx[g]
+            eta = max(eta + d_eta, 0.0)
+            return eta, it + 1, True, at_bound and eta == 0.0
         # Backtracking line search (Armijo), eta projected onto [0, inf).
         t = 1.0
         accepted = False
@@ -264,8 +272,6 @@ def _newton_cell(u, a, inv_sig2, mu, W, d, inv_r, WW, inv_d, Lc, x, eta0, fix_et
             x[g] = xn[g]
         eta = en
         f = fn
-        if 0.5 * dec < tol and t == 1.0:
-            return eta, it + 1, True, at_bound and eta == 0.0
     return eta, max_iter, False, at_bound
 
 

@@ -375,6 +375,15 @@ def _newton_kernel(cdata, cind, cptr, is_csr, a, sigma, mu, Wt, d, inv_d, inv_r,
                 dp += gx[g] * dx[g]
             dec, _ = _bsum2(dp, 0.0, part, tid, nt)
             dec += g_eta * d_eta
+            if 0.5 * dec < tol:  # converged; tested before the line search (see cpu.py)
+                for g in range(tid, G, nt):
+                    xc[g] += dx[g]
+                cuda.syncthreads()
+                e = max(e + d_eta, 0.0)
+                n_it = it + 1
+                ok = True
+                bound = bound and e == 0.0
+                break
             # Backtracking line search (Armijo), eta projected onto [0, inf).
             t = 1.0
             accepted = False
@@ -402,11 +411,6 @@ def _newton_kernel(cdata, cind, cptr, is_csr, a, sigma, mu, Wt, d, inv_d, inv_r,
             cuda.syncthreads()
             e = en
             f = fn
-            if 0.5 * dec < tol and t == 1.0:
-                n_it = it + 1
-                ok = True
-                bound = bound and e == 0.0
-                break
         if tid == 0:
             eta[c] = e
             n_iter[c] = n_it

@@ -155,6 +155,11 @@ def _newton_full(u, uT, mu, W, d, WW, inv_d, Lc, sig1, y, tol, max_iter, ws, ws_
         for j in range(D):
             dy[j] += c * a[j]
             dec += g[j] * dy[j]
+        if 0.5 * dec < tol:  # converged; tested before the line search (see cpu.py)
+            for j in range(D):
+                y[j] += dy[j]
+            _composition(u, uT, y, mu, W, inv_d, Lc, D, K, p, r, alpha, tmpK, tmpK2)
+            return it + 1, True
         t = 1.0
         accepted = False
         for _ls in range(60):
@@ -172,8 +177,6 @@ def _newton_full(u, uT, mu, W, d, WW, inv_d, Lc, sig1, y, tol, max_iter, ws, ws_
         for j in range(D):
             y[j] = yn[j]
         f, rho_ref = fn, rn
-        if 0.5 * dec < tol and t == 1.0:
-            return it + 1, True
     return max_iter, False
 
 
@@ -383,6 +386,11 @@ def _newton_lowrank(u, uT, mu, W, WW, z, tol, max_iter, y, p, gz, dz, zn, wp, Hf
         dec = 0.0
         for k in range(K):
             dec += gz[k] * dz[k]
+        if 0.5 * dec < tol:  # converged; tested before the line search (see cpu.py)
+            for k in range(K):
+                z[k] += dz[k]
+            _lowrank_density(u, uT, z, mu, W, D, K, y, p)
+            return it + 1, True
         t = 1.0
         accepted = False
         for _ls in range(60):
@@ -399,8 +407,6 @@ def _newton_lowrank(u, uT, mu, W, WW, z, tol, max_iter, y, p, gz, dz, zn, wp, Hf
         for k in range(K):
             z[k] = zn[k]
         f = fn
-        if 0.5 * dec < tol and t == 1.0:
-            return it + 1, True
     return max_iter, False
 
 

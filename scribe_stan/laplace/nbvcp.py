@@ -476,10 +476,16 @@ def initial_globals(counts, a):
     s = np.exp(np.maximum(a, 0.0))
     y = sp.diags(s) @ counts
     m = np.log(np.maximum(np.asarray(y.mean(axis=0)).ravel(), 0.5 / N * s.mean()))
-    mu = np.exp(m)[None, :] / s[:, None]  # (N, G): dense, as the counts' shape
-    dense = counts.toarray()
-    excess = np.sum((dense - mu) ** 2, axis=0) - mu.sum(axis=0)
-    r = np.sum(mu**2, axis=0) / np.maximum(excess, 1e-12)
+    # mu_cg = exp(m_g) / s_c factorizes, so the sums below need only the sparse counts:
+    # sum_c (u - mu)^2 = sum u^2 - 2 e^m sum_c u / s_c + e^2m sum_c 1 / s_c^2
+    em = np.exp(m)
+    inv_s = 1.0 / s
+    sum_mu = em * inv_s.sum()
+    sum_mu2 = em**2 * np.sum(inv_s**2)
+    sum_u2 = np.asarray(counts.multiply(counts).sum(axis=0)).ravel()
+    sum_u_over_s = np.asarray(counts.T @ inv_s).ravel()
+    excess = sum_u2 - 2.0 * em * sum_u_over_s + sum_mu2 - sum_mu
+    r = sum_mu2 / np.maximum(excess, 1e-12)
     return m, np.clip(np.log(r), -3.0, 10.0)
 
 
@@ -667,7 +673,7 @@ def _second_derivatives(problem, m, log_r, rows):
     return {"mm": -w, "mr": cross, "rr": h_rr, "me": w, "re": -cross}
 
 
-def _cell_blocks(N, G, budget=4_000_000):
+def _cell_blocks(N, G, budget=500_000):
     """Row slices of at most ``budget / G`` cells: bounds the dense temporaries."""
     step = max(1, budget // max(G, 1))
     return [slice(i, min(N, i + step)) for i in range(0, N, step)]
@@ -727,7 +733,7 @@ def gaussian_moments(problem, m, log_r):
     N, G = problem.shape
     H = problem.curvature
     info = observed_information(problem, m, log_r)
-    S = np.zeros((2 * G, 2 * G))
+    S = np.zeros((2 * G, 2 * G), order="F")  # Fortran order: LAPACK works on it in place
     idx = np.arange(G)
     S[idx, idx] = info["mm"]
     S[idx + G, idx + G] = info["rr"]
@@ -739,15 +745,21 @@ def gaussian_moments(problem, m, log_r):
 
     for rows in _cell_blocks(N, 2 * G):
         Bt = couplings(rows)
-        S -= (Bt / H[rows, None]).T @ Bt
-    L = linalg.cholesky(S, lower=True)
-    Linv = linalg.solve_triangular(L, np.eye(2 * G), lower=True)
-    cov_diag = np.sum(Linv**2, axis=0)
-    cov_mr = np.sum(Linv[:, :G] * Linv[:, G:], axis=0)
+        S = linalg.blas.dgemm(-1.0, Bt / H[rows, None], Bt, beta=1.0, c=S, trans_a=True,
+                              overwrite_c=True)
+    # In place, so that only one 2G x 2G matrix is ever held: S -> its Cholesky factor
+    # (used for the eta variances) -> S^{-1} (LAPACK potri, lower triangle).
+    L = linalg.cholesky(S, lower=True, overwrite_a=True, check_finite=False)
     eta_var = 1.0 / H
     for rows in _cell_blocks(N, 2 * G):
-        X = Linv @ (couplings(rows) / H[rows, None]).T
+        X = linalg.solve_triangular(L, (couplings(rows) / H[rows, None]).T, lower=True,
+                                    check_finite=False)
         eta_var[rows] += np.sum(X**2, axis=0)
+    cov, info_flag = linalg.lapack.dpotri(L, lower=True, overwrite_c=True)
+    if info_flag != 0:
+        raise np.linalg.LinAlgError(f"LAPACK dpotri failed (info={info_flag})")
+    cov_diag = np.diag(cov).copy()
+    cov_mr = cov[idx + G, idx].copy()  # lower triangle holds S^{-1}
     m_sd, r_sd = np.sqrt(cov_diag[:G]), np.sqrt(cov_diag[G:])
     return {"m_sd": m_sd, "log_r_sd": r_sd, "m_log_r_corr": cov_mr / (m_sd * r_sd),
             "eta_sd": np.sqrt(eta_var), "eta_sd_given_globals": 1.0 / np.sqrt(H)}

@@ -124,7 +124,11 @@ class LaplaceProblem:
         else:
             self.a = _check_cells("eta_loc", eta_loc, N)
             self.sigma = _check_cells("eta_scale", eta_scale, N, positive=True)
-        self._lgam = -special.gammaln(self.counts + 1.0).sum(axis=1)
+        rows, cols = np.nonzero(self.counts)
+        self._nonzero = (rows, cols, self.counts[rows, cols])
+        self._lgam = -np.bincount(rows, weights=special.gammaln(self._nonzero[2] + 1.0),
+                                  minlength=N)
+        self._nb_cache = None  # (log_r, lik_constants(log_r)) of the last NB call
         # eta prior normalization (truncation at 0) and the eta integral's 1/2 log 2 pi
         self._const_eta = (-0.5 * np.log(2 * np.pi * self.sigma**2)
                            - special.log_ndtr(self.a / self.sigma) + 0.5 * np.log(2 * np.pi))
@@ -145,20 +149,29 @@ class LaplaceProblem:
 
         Poisson: ``-sum_g lgamma(u + 1)``. NegBinomial2 (``log_r`` given): plus
         ``sum_g [lgamma(u + r) - lgamma(r) - u log r]``, which vanishes as r -> inf.
+        The NB terms are zero where u = 0, so only the non-zero counts are visited, and
+        the last result is reused while ``log_r`` is unchanged (a held dispersion).
         """
         if log_r is None:
             return self._lgam
         log_r = np.asarray(log_r, dtype=np.float64)
-        r = np.exp(log_r)
-        nb = special.gammaln(self.counts + r) - special.gammaln(r) - self.counts * log_r
-        return self._lgam + nb.sum(axis=1)
+        if self._nb_cache is not None and np.array_equal(self._nb_cache[0], log_r):
+            return self._nb_cache[1]
+        rows, cols, u = self._nonzero
+        lr = log_r[cols]
+        r = np.exp(lr)
+        nb = special.gammaln(u + r) - special.gammaln(r) - u * lr
+        value = self._lgam + np.bincount(rows, weights=nb, minlength=self.shape[0])
+        self._nb_cache = (log_r.copy(), value)
+        return value
 
     def lik_constants_grad(self, log_r):
         """Gradient of ``sum(lik_constants(log_r))`` w.r.t. log_r, (G,):
-        ``sum_c [r (psi(u + r) - psi(r)) - u]``."""
-        r = np.exp(np.asarray(log_r, dtype=np.float64))
-        return (r * (special.digamma(self.counts + r) - special.digamma(r))
-                - self.counts).sum(axis=0)
+        ``sum_c [r (psi(u + r) - psi(r)) - u]`` (zero where u = 0)."""
+        rows, cols, u = self._nonzero
+        r = np.exp(np.asarray(log_r, dtype=np.float64))[cols]
+        terms = r * (special.digamma(u + r) - special.digamma(r)) - u
+        return np.bincount(cols, weights=terms, minlength=self.shape[1])
 
     def modes(self, mu, W, d, *, log_r=None, eta=None):
         """Run Newton from the stored warm start; update and return the modes.
