@@ -133,6 +133,16 @@ def test_custom_priors_and_held_log_r():
     held = OuterLayout(G, 1, "nbln", log_r=log_r)
     assert held.pack(mu, W, d).size == G * 3
     np.testing.assert_array_equal(held.unpack(held.pack(mu, W, d))[3], log_r)
+    # a held log_r skips its gradient in the kernels; the rest is unchanged and exact
+    theta_h = held.pack(mu, W, d)
+    fd_h = _central_differences(lambda t: objective(P, t, held)[0], theta_h, 1e-5)
+    np.testing.assert_allclose(objective(P, theta_h, held)[1], fd_h, rtol=1e-6,
+                               atol=1e-6 * np.abs(fd_h).max())
+    full = P.log_marginal(mu, W, d, log_r=log_r, grad=True)
+    part = P.log_marginal(mu, W, d, log_r=log_r, grad=True, grad_log_r=False)
+    assert part[4] is None and np.abs(full[4]).min() > 0
+    for a, b in zip(full[:4], part[:4]):
+        np.testing.assert_array_equal(a, b)
     # default log_r prior is the shared dispersion prior
     default = OuterLayout(G, 1, "nbln")
     np.testing.assert_allclose(default.log_prior(mu, W, d, log_r)[0],

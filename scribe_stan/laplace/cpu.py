@@ -272,6 +272,10 @@ def _newton_cell(u, a, inv_sig2, mu, W, d, inv_r, WW, inv_d, Lc, x, eta0, fix_et
             x[g] = xn[g]
         eta = en
         f = fn
+        if t < 1.0 and 0.5 * dec < 1e3 * tol:
+            # Near the mode Newton's full step always passes Armijo; a backtrack at a
+            # predicted gain this small is the rounding noise of f (or its gradient).
+            return eta, it + 1, True, at_bound and eta == 0.0
     return eta, max_iter, False, at_bound
 
 
@@ -322,7 +326,7 @@ def newton_all(counts, a, sigma, mu, W, d, inv_r, WW, Lc, x, eta, fix_eta, tol, 
 
 @njit(parallel=True, cache=True, fastmath=_FAST)
 def laplace_value_grad(counts, const, a, sigma, mu, W, d, inv_r, WW, Lc, x, eta, fix_eta,
-                       want_grad, n_chunks):
+                       want_grad, n_chunks, want_grad_r=True):
     """Laplace log marginal per cell at the modes (x, eta), and its exact theta-gradient.
 
     Parameters
@@ -342,6 +346,8 @@ def laplace_value_grad(counts, const, a, sigma, mu, W, d, inv_r, WW, Lc, x, eta,
         True: marginalize x only at the given eta (Stan's embedded Laplace target).
         False: marginalize (x, eta) jointly.
     want_grad : bool;  n_chunks : int, work blocks.
+    want_grad_r : bool
+        Also the gradient in log r (skipped, left zero, for a held dispersion).
 
     Returns
     -------
@@ -457,7 +463,7 @@ def laplace_value_grad(counts, const, a, sigma, mu, W, d, inv_r, WW, Lc, x, eta,
             # -1/2 log det(-H), and the score in grad_z f (weighted by the adjoint).
             for g in range(G):
                 pg = inv_r[g]
-                if pg == 0.0:
+                if pg == 0.0 or not want_grad_r:
                     continue
                 ug = u[g]
                 m = math.exp(xc[g] - e)

@@ -411,6 +411,11 @@ def _newton_kernel(cdata, cind, cptr, is_csr, a, sigma, mu, Wt, d, inv_d, inv_r,
             cuda.syncthreads()
             e = en
             f = fn
+            if t < 1.0 and 0.5 * dec < 1e3 * tol:  # rounding noise of f (see cpu.py)
+                n_it = it + 1
+                ok = True
+                bound = bound and e == 0.0
+                break
         if tid == 0:
             eta[c] = e
             n_iter[c] = n_it
@@ -421,7 +426,7 @@ def _newton_kernel(cdata, cind, cptr, is_csr, a, sigma, mu, Wt, d, inv_d, inv_r,
 
 @cuda.jit
 def _value_grad_kernel(cdata, cind, cptr, is_csr, const, a, sigma, mu, Wt, d, inv_d, inv_r, Lc,
-                       x, eta, fix_eta, want_grad, ws, wk, value, acc):
+                       x, eta, fix_eta, want_grad, want_grad_r, ws, wk, value, acc):
     part = cuda.shared.array((_ROWS, MAX_THREADS), float64)
     kv = cuda.shared.array((5, KMAX), float64)
     flag = cuda.shared.array(1, int32)
@@ -518,7 +523,7 @@ def _value_grad_kernel(cdata, cind, cptr, is_csr, const, a, sigma, mu, Wt, d, in
         for g in range(tid, G, nt):
             wx[g] = -0.5 * (wx[g] + phi[g] * d_eta) if not fix_eta else -0.5 * wx[g]
             pg = inv_r[g]
-            if pg != 0.0:
+            if want_grad_r and pg != 0.0:
                 ug = u[g]
                 m = math.exp(xc[g] - e)
                 q1 = 1.0 + pg * m
@@ -850,7 +855,7 @@ def newton_all(counts, a, sigma, mu, W, d, inv_r, WW, Lc, x, eta, fix_eta, tol, 
 
 
 def laplace_value_grad(counts, const, a, sigma, mu, W, d, inv_r, WW, Lc, x, eta, fix_eta,
-                       want_grad, n_chunks):
+                       want_grad, n_chunks, want_grad_r=True):
     """Laplace log marginal per cell at the modes and its exact gradient, on the GPU.
 
     Arguments and returns as :func:`scribe_stan.laplace.cpu.laplace_value_grad`
@@ -870,7 +875,8 @@ def laplace_value_grad(counts, const, a, sigma, mu, W, d, inv_r, WW, Lc, x, eta,
     _value_grad_kernel[B, THREADS_PER_BLOCK](*_counts_args(counts), _dev(const, np.float64),
                                              _dev(a, dt), _dev(sigma, dt), d_mu, d_Wt, d_d,
                                              d_inv_d, d_inv_r, d_Lc, _dev(x, dt), _dev(eta, dt),
-                                             bool(fix_eta), bool(want_grad), ws, wk, value, acc)
+                                             bool(fix_eta), bool(want_grad), bool(want_grad_r),
+                                             ws, wk, value, acc)
     total = cuda.device_array((K + 3, G), dtype=np.float64)
     n = (K + 3) * G
     _sum_blocks[(n + 127) // 128, 128](acc, total)
@@ -955,7 +961,7 @@ def kernel_signatures(dtype=np.float64):
         "newton": (_newton_kernel, cnt + (v, v, v, m, v, v, v, m, m, v, boolean, float64, int64,
                                           float64, t3, wk, iv, bv, bv)),
         "value_grad": (_value_grad_kernel, cnt + (dv, v, v, v, m, v, v, v, m, m, v, boolean,
-                                                  boolean, t3, wk, dv, float64[:, :, ::1])),
+                                                  boolean, boolean, t3, wk, dv, float64[:, :, ::1])),
         "sum_blocks": (_sum_blocks, (float64[:, :, ::1], float64[:, ::1])),
         "sample": (_sample_kernel, cnt + (dv, dv, v, v, v, m, v, v, v, m, float64, m, v, iv, t3,
                                           t3, m, t3, wk, float64[:, :, ::1]) + (dm,) * 4),

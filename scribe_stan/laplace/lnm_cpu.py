@@ -177,6 +177,8 @@ def _newton_full(u, uT, mu, W, d, WW, inv_d, Lc, sig1, y, tol, max_iter, ws, ws_
         for j in range(D):
             y[j] = yn[j]
         f, rho_ref = fn, rn
+        if t < 1.0 and 0.5 * dec < 1e3 * tol:  # rounding noise of f (see cpu.py)
+            return it + 1, True
     return max_iter, False
 
 
@@ -407,6 +409,8 @@ def _newton_lowrank(u, uT, mu, W, WW, z, tol, max_iter, y, p, gz, dz, zn, wp, Hf
         for k in range(K):
             z[k] = zn[k]
         f = fn
+        if t < 1.0 and 0.5 * dec < 1e3 * tol:  # rounding noise of f (see cpu.py)
+            return it + 1, True
     return max_iter, False
 
 

@@ -202,7 +202,7 @@ class LaplaceProblem:
             self.converged[bad], self.at_bound[bad] = ok, bd
         return CellModes(self.x, self.eta, self.n_iter, self.converged, self.at_bound)
 
-    def log_marginal(self, mu, W, d, *, log_r=None, eta=None, grad=False):
+    def log_marginal(self, mu, W, d, *, log_r=None, eta=None, grad=False, grad_log_r=True):
         """Laplace log marginal per cell at the given globals (modes recomputed).
 
         Parameters
@@ -216,6 +216,9 @@ class LaplaceProblem:
             with log mean ``x - eta_c``.
         grad : bool
             Also return the gradient of the sum over cells.
+        grad_log_r : bool
+            With ``grad`` and ``log_r``: also the gradient in log_r (False skips it for a
+            held dispersion and returns None in its place).
 
         Returns
         -------
@@ -232,11 +235,13 @@ class LaplaceProblem:
         value, g_mu, g_W, g_d, g_log_r = self._kernels.laplace_value_grad(
             self._dcounts, const, self.a, self.sigma, mu, W, d,
             inverse_dispersion(log_r, self.shape[1]), pair_products(W), shared_factor(W, d),
-            self.x, self.eta, fix, grad, numba.get_num_threads())
+            self.x, self.eta, fix, grad, numba.get_num_threads(), grad_log_r)
         if not grad:
             return value
         if log_r is None:
             return value, g_mu, g_W, g_d
+        if not grad_log_r:
+            return value, g_mu, g_W, g_d, None
         return value, g_mu, g_W, g_d, g_log_r + self.lik_constants_grad(log_r)
 
     def log_joint(self, mu, W, d, x, eta, *, log_r=None):
@@ -462,7 +467,8 @@ def objective(problem, theta, layout):
     """
     mu, W, d, log_r = layout.unpack(theta)
     log_tau = layout.log_tau(theta)
-    out = problem.log_marginal(mu, W, d, log_r=log_r, eta=layout.eta, grad=True)
+    out = problem.log_marginal(mu, W, d, log_r=log_r, eta=layout.eta, grad=True,
+                               grad_log_r=layout.free_log_r)
     value, g_mu, g_W, g_d = out[:4]
     lp, p_mu, p_W, p_d, p_r, p_tau = layout.log_prior(mu, W, d, log_r, log_tau)
     total = float(value.sum() + lp)
