@@ -160,6 +160,9 @@ class SBCSettings:
         total = self.chains * self.draws
         if not 1 <= self.L <= total:
             raise ValueError(f"L={self.L} must lie in 1 .. chains * draws = {total}")
+        if not 0 < self.max_total < 2**31:
+            raise ValueError(f"max_total={self.max_total} must lie in (0, 2^31): Stan's "
+                             "integer counts are 32-bit")
         if self.K < 1 or self.K >= self.G:
             raise ValueError(f"need 1 <= K < G; got K={self.K}, G={self.G}")
 
@@ -263,7 +266,7 @@ def _neg_binomial(rng, log_mean, r):
     return rng.poisson(np.minimum(lam, _RATE_CAP))
 
 
-def simulate_counts(model, truth, rng):
+def simulate_counts(model, truth, rng, *, max_total=MAX_TOTAL):
     """Counts from the model's observation channel given the parameters.
 
     Parameters
@@ -272,6 +275,9 @@ def simulate_counts(model, truth, rng):
     truth : dict
         Output of :func:`draw_prior`.
     rng : numpy.random.Generator
+    max_total : float
+        lnm/lnmvcp: when a total exceeds it, the composition is not drawn (the counts
+        keep the totals in gene 0; :func:`simulate` rejects them).
 
     Returns
     -------
@@ -295,8 +301,8 @@ def simulate_counts(model, truth, rng):
         log_mean = log_mean - truth["eta"]
     total = _neg_binomial(rng, log_mean, truth["r_T"]).astype(np.int64)
     G = truth["y"].shape[1] + 1
-    if total.max() > MAX_TOTAL * 10:  # rejected by simulate(); skip the multinomial
-        return np.tile(total[:, None] // G, (1, G))
+    if total.max() > max_total:  # rejected by simulate(): keep the totals, skip the rest
+        return np.column_stack([total, np.zeros((N, G - 1), dtype=np.int64)])
     lg = lnm.logits(truth["y"], LNM_REF)
     rho = np.exp(lg - lg.max(axis=1, keepdims=True))
     rho /= rho.sum(axis=1, keepdims=True)
@@ -325,7 +331,7 @@ def simulate(model, settings, rng):
         log_lib = rng.normal(LOG_LIB_LOC, LOG_LIB_SCALE, size=s.N)
         truth = draw_prior(model, s.N, s.G, s.K, rng, log_lib=log_lib, log_M0=s.log_M0,
                            sigma_M=s.sigma_M)
-        counts = simulate_counts(model, truth, rng)
+        counts = simulate_counts(model, truth, rng, max_total=s.max_total)
         if counts.sum(axis=1).max() <= s.max_total:
             truth.update(log_lib=log_lib, counts=counts)
             return truth, n_rejected
