@@ -25,7 +25,11 @@ method="laplace")``) is checked on the per-cell latents (x and eta; y and eta fo
 lnm/lnmvcp): coverage of central 50 % and 90 % intervals and the PIT of the truth
 among Laplace draws. The Laplace globals are point estimates (MAP of the Laplace
 marginal), so its per-cell intervals ignore the globals' uncertainty and are not
-expected to be exactly calibrated.
+expected to be exactly calibrated. The public ``fit`` refuses cells with zero library
+size and drops all-zero genes (with a warning): the Laplace check therefore fits the
+cells with counts and reports the latents of the genes it kept; a fit that raises (for
+example fewer than two non-zero genes left) is recorded with its error message and
+counted in the summary, not hidden.
 
 Priors. :func:`draw_prior` draws every parameter of the Stan program's ``parameters``
 block from exactly its prior, with the constants of :mod:`scribe_stan.models` (the
