@@ -95,6 +95,7 @@ __all__ = [
     "calibration_table",
     "run_simulation",
     "run_sbc",
+    "load_result",
     "plot_rank_histograms",
     "plot_ecdf_differences",
 ]
@@ -788,9 +789,24 @@ class SBCResult:
         sel = lp.assign(name=[names.get(k) for k in key]).dropna(subset=["name"])
         return sel.pivot(index="sim", columns="name", values="pit").reindex(self.ranks.index)
 
+    def well_mixed(self, max_rhat=1.05, min_ess=None):
+        """Seeds of simulations whose NUTS run mixed: R-hat < ``max_rhat``, bulk ESS >= L.
+
+        A diagnostic split, not an SBC: selecting simulations on sampler outcomes can
+        itself bend the rank distribution. If flags vanish on the well-mixed subset and
+        the flagged simulations are those with poor mixing, the flags point to the
+        sampler (too few effective draws for L) rather than to the program.
+        """
+        min_ess = self.settings.L if min_ess is None else min_ess
+        s = self.sims
+        return s.index[(s["max_rhat"] < max_rhat) & (s["min_ess_bulk"] >= min_ess)]
+
     def summary(self, prob=0.99):
         """JSON-ready dict: settings, timings, flags, Laplace coverage."""
         cal = self.calibration(prob)
+        good = self.well_mixed()
+        good_cal = (calibration_table(self.pit().loc[good], prob) if len(good) >= 2
+                    else pd.DataFrame(columns=["flagged"]))
         lap_cal = calibration_table(self.laplace_tracked_pit(), prob)
         sims = self.sims
         flagged = cal.index[cal["flagged"]].tolist() if len(cal) else []
@@ -812,6 +828,11 @@ class SBCResult:
                      "sims_with_treedepth_hits": int((sims["treedepth_hits"] > 0).sum()),
                      "sims_max_rhat_above_1.01": int((sims["max_rhat"] > 1.01).sum()),
                      "median_min_ess_bulk": float(sims["min_ess_bulk"].median())},
+            "well_mixed_subset": {
+                "criterion": f"max R-hat < 1.05 and min bulk ESS >= L = {self.settings.L}",
+                "n_sims": int(len(good)),
+                "flagged": good_cal.index[good_cal["flagged"].astype(bool)].tolist(),
+                "note": "diagnostic split only (selection on sampler outcomes)"},
             "band_prob": prob,
             "n_quantities": int(len(cal)),
             "expected_false_flags": float((1 - prob) * len(cal)),
@@ -825,6 +846,33 @@ class SBCResult:
                 "per_quantity": lap_cal.to_dict(orient="index"),
             },
         }
+
+
+def load_result(directory, model=None):
+    """:class:`SBCResult` from a folder written by ``validation/run_sbc.py``.
+
+    Parameters
+    ----------
+    directory : path
+        Holds ``ranks.csv``, ``sims.csv``, ``laplace_pit.csv`` and ``sbc.json``.
+    model : str, optional (default: the JSON's model)
+
+    Returns
+    -------
+    SBCResult
+    """
+    import json
+    from pathlib import Path
+
+    d = Path(directory)
+    meta = json.loads((d / "sbc.json").read_text())
+    ranks = pd.read_csv(d / "ranks.csv", index_col="sim")
+    sims = pd.read_csv(d / "sims.csv")
+    sims = sims.set_index("seed", drop=False)
+    lap = pd.read_csv(d / "laplace_pit.csv")
+    return SBCResult(model=model or meta["model"], settings=SBCSettings(**meta["settings"]),
+                     ranks=ranks, sims=sims, laplace_pit=lap, wall_time_s=meta["wall_time_s"],
+                     versions=meta["versions"], stan_hash=meta["stan_hash"])
 
 
 def run_sbc(model, n_sims=100, *, settings=None, seed=0, progress=None, time_budget_s=None):

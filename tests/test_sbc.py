@@ -212,3 +212,4 @@ def test_sbc_end_to_end_nbvcp():
     summary = res.summary(prob=0.99)
     assert summary["n_sims"] == 2 and set(summary["per_quantity"]) == set(res.ranks.columns)
     assert summary["stan_hash"] == sst.program_hash("nbvcp")
+    assert set(res.well_mixed()) <= set(res.sims.index)

@@ -400,6 +400,12 @@ def sbc_section(out_dir, sbc_root=SBC_ROOT):
         else:
             notes.append(f"- **{model}**: no NUTS quantity flagged ({r['n_quantities']} "
                          f"quantities, band probability {r['band_prob']}).")
+        wm = r.get("well_mixed_subset")
+        if wm and (r["flagged"] or wm["flagged"]):
+            notes.append(f"  Diagnostic split ({wm['criterion']}; {wm['note']}): "
+                         f"{wm['n_sims']} simulations, {len(wm['flagged'])} flagged"
+                         + (f" ({', '.join(f'`{q}`' for q in wm['flagged'])})."
+                            if wm["flagged"] else "."))
         lap_flag = r["laplace"]["flagged"]
         notes.append(f"  Laplace PIT of the tracked latents: "
                      + (f"flagged {', '.join(f'`{q}`' for q in lap_flag)}." if lap_flag

@@ -21,7 +21,8 @@ Usage (prints the JSON summaries; run nice'd, one model at a time on a small mac
     python validation/run_sbc.py pln nbvcp --sims 100 [--cells 20 --genes 5 --rank 1]
         [--chains 2 --warmup 300 --draws 300 --L 100] [--max-minutes 30] [--seed 0]
 
-``--max-minutes`` stops starting new simulations after that much wall time per model;
+``--resummarize`` rebuilds ``sbc.json`` and the figures from the stored CSVs without
+sampling. ``--max-minutes`` stops starting new simulations after that much wall time per model;
 the JSON then records how many were run.
 """
 
@@ -60,16 +61,25 @@ def run_model(model, args):
               f"divergences {res['divergences']}, max R-hat {res['max_rhat']:.3f}",
               file=sys.stderr, flush=True)
 
-    res = sbc.run_sbc(model, args.sims, settings=settings, seed=args.seed, progress=progress,
-                      time_budget_s=60 * args.max_minutes if args.max_minutes else None)
-    res.ranks.to_csv(out / "ranks.csv")
-    res.sims.to_csv(out / "sims.csv", index=False)
-    res.laplace_pit.to_csv(out / "laplace_pit.csv", index=False)
-    summary = res.summary(BAND_PROB)
-    summary.update(seed=args.seed, sims_requested=args.sims,
-                   stopped_by_budget=len(res.ranks) < args.sims,
-                   command=" ".join(["python", "validation/run_sbc.py", *sys.argv[1:]]),
-                   total_wall_time_s=time.perf_counter() - t0)
+    if args.resummarize:  # stored simulations only: new summary and figures
+        old = json.loads((out / "sbc.json").read_text())
+        res = sbc.load_result(out, model)
+        settings = res.settings
+        summary = res.summary(BAND_PROB)
+        summary.update({k: old[k] for k in ("seed", "sims_requested", "stopped_by_budget",
+                                            "command", "total_wall_time_s") if k in old})
+    else:
+        res = sbc.run_sbc(model, args.sims, settings=settings, seed=args.seed,
+                          progress=progress,
+                          time_budget_s=60 * args.max_minutes if args.max_minutes else None)
+        res.ranks.to_csv(out / "ranks.csv")
+        res.sims.to_csv(out / "sims.csv", index=False)
+        res.laplace_pit.to_csv(out / "laplace_pit.csv", index=False)
+        summary = res.summary(BAND_PROB)
+        summary.update(seed=args.seed, sims_requested=args.sims,
+                       stopped_by_budget=len(res.ranks) < args.sims,
+                       command=" ".join(["python", "validation/run_sbc.py", *sys.argv[1:]]),
+                       total_wall_time_s=time.perf_counter() - t0)
     (out / "sbc.json").write_text(json.dumps(summary, indent=1, default=_json_default) + "\n")
 
     FIGURES.mkdir(exist_ok=True)
@@ -118,6 +128,8 @@ def main(argv=None):
     p.add_argument("--adapt-delta", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-minutes", type=float, default=None)
+    p.add_argument("--resummarize", action="store_true",
+                   help="rebuild sbc.json and figures from the stored CSVs (no sampling)")
     args = p.parse_args(argv)
     with contextlib.redirect_stdout(sys.stderr):  # pystan's build messages
         summaries = {m: run_model(m, args) for m in args.models}
