@@ -942,7 +942,7 @@ def run_sbc(model, n_sims=100, *, settings=None, seed=0, progress=None, time_bud
 
 
 def plot_rank_histograms(ranks, L, *, flagged=(), bins=20, title=None, col_wrap=6):
-    """Rank histograms with the 99 % range of a uniform bin count (matplotlib).
+    """Rank histograms relative to uniform, with each bin's pointwise 99 % range (matplotlib).
 
     Parameters
     ----------
@@ -961,16 +961,22 @@ def plot_rank_histograms(ranks, L, *, flagged=(), bins=20, title=None, col_wrap=
     ncol = min(col_wrap, len(names))
     nrow = int(np.ceil(len(names) / ncol))
     fig, axes = plt.subplots(nrow, ncol, figsize=(2.2 * ncol, 1.8 * nrow), squeeze=False)
-    edges = np.linspace(-0.5, L + 0.5, bins + 1)
+    # integer bin edges: L + 1 rank values rarely split evenly, so heights are counts
+    # divided by the expected count of each bin (1 = uniform)
+    edges = np.unique(np.round(np.linspace(0, L + 1, bins + 1)).astype(int))
+    width = np.diff(edges)
     for ax, name in zip(axes.flat, names):
         r = ranks[name].dropna().to_numpy()
-        p = np.diff(edges) / (L + 1)
-        lo, hi = stats.binom.ppf(0.005, r.size, p[0]), stats.binom.ppf(0.995, r.size, p[0])
-        ax.axhspan(lo, hi, color="0.85")
-        ax.axhline(r.size * p[0], color="0.5", lw=0.8)
-        ax.hist(r, bins=edges, color="C3" if name in flagged else "C0")
+        counts = np.histogram(r, bins=edges - 0.5)[0]
+        expected = r.size * width / (L + 1)
+        lo = stats.binom.ppf(0.005, r.size, width / (L + 1)) / expected
+        hi = stats.binom.ppf(0.995, r.size, width / (L + 1)) / expected
+        ax.fill_between(edges - 0.5, np.append(lo, lo[-1]), np.append(hi, hi[-1]),
+                        step="post", color="0.85", lw=0)
+        ax.axhline(1.0, color="0.5", lw=0.8)
+        ax.bar(edges[:-1] - 0.5, counts / expected, width=width, align="edge",
+               color="C3" if name in flagged else "C0")
         ax.set_title(name, fontsize=8, color="C3" if name in flagged else "black")
-        ax.set_yticks([])
         ax.tick_params(labelsize=6)
     for ax in list(axes.flat)[len(names):]:
         ax.remove()
