@@ -105,3 +105,4 @@ def test_reduced_report_runs_on_the_stored_references(tmp_path):
         assert f"### {pair}" in text
         assert (tmp_path / "figures" / f"{pair}.png").stat().st_size > 10_000
     assert "Per-cell latents" in text and "embedded Laplace" in text
+    assert "## Simulation-based calibration (SBC)" in text and "Flags:" in text
