@@ -4,14 +4,14 @@ Two measurements, each fit in a fresh Python process (its own peak RSS), after a
 warm-up that fills Numba's cache:
 
 1. All 2896 cells x 2000 genes, K=10: pln, then nbvcp -> nbln (cascade, default
-   ``freeze=("r", "eta")``). Wall time and peak RSS of each, the nbln/pln ratio (target
-   <= 1.5), final objectives, effective ranks.
+   ``freeze=("r", "eta")``, or ``--freeze``). Wall time and peak RSS of each, the
+   nbln/pln ratio (target <= 1.5), final objectives, effective ranks.
 2. Held-out fit: globals fitted on 80% of the cells (seeded split), then each model's
    Laplace marginal log p(u_c | globals) (x and eta integrated out under the capture
    prior) on the other 20%. Reports the mean per-cell difference nbln - pln with its
    standard error and the fraction of held-out cells nbln predicts better.
 
-    python validation/bench_nbln.py [--rank 10] [--skip-full] [--skip-heldout]
+    python validation/bench_nbln.py [--rank 10] [--skip-full] [--skip-heldout] [--freeze eta]
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import json, resource, sys, time
 import numpy as np
 import scribe_stan as ss
 model, rank, cells_file, out_file = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+freeze = tuple(f for f in sys.argv[5].split(",") if f)
 adata = ss.datasets.pbmc_donor_a()
 if cells_file != "all":
     adata = adata[np.load(cells_file)].copy()
@@ -42,7 +43,7 @@ if model == "nbln":
     source = ss.fit(adata, model="nbvcp", method="laplace", progress=False)
     info["nbvcp_wall_s"] = time.perf_counter() - t0
     fit = ss.fit(adata, model="nbln", method="laplace", rank=rank, progress=False,
-                 informative_priors_from=source)
+                 informative_priors_from=source, freeze=freeze)
 else:
     fit = ss.fit(adata, model=model, method="laplace", rank=rank, progress=False)
 wall, cpu = time.perf_counter() - t0, cpu_s() - c0
@@ -60,8 +61,9 @@ print(json.dumps({
 """
 
 
-def _fit(model, rank, cells_file, out_file):
-    out = subprocess.run([sys.executable, "-c", _ONE_FIT, model, str(rank), cells_file, out_file],
+def _fit(model, rank, cells_file, out_file, freeze="r,eta"):
+    out = subprocess.run([sys.executable, "-c", _ONE_FIT, model, str(rank), cells_file, out_file,
+                          freeze],
                          check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -87,19 +89,23 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-full", action="store_true")
     parser.add_argument("--skip-heldout", action="store_true")
+    parser.add_argument("--freeze", default="r,eta",
+                        help="cascade parameters held at the nbvcp fit, comma-separated "
+                             "(default r,eta; '' holds none)")
     args = parser.parse_args(argv)
     import scribe_stan as ss
 
     adata = ss.datasets.pbmc_donor_a()
     report = {"benchmark": "pbmc_donor_a-nbln-vs-pln", "rank": args.rank,
-              "cpu_count": os.cpu_count()}
+              "cpu_count": os.cpu_count(), "cascade_freeze": args.freeze}
     with tempfile.TemporaryDirectory() as tmp:
         warm = os.path.join(tmp, "warm.npy")
         np.save(warm, np.arange(200))
         for model in ("pln", "nbln"):  # fill the Numba cache (untimed)
             _fit(model, 2, warm, os.path.join(tmp, "warm.npz"))
         if not args.skip_full:
-            full = {m: _fit(m, args.rank, "all", os.path.join(tmp, f"{m}_full.npz"))
+            full = {m: _fit(m, args.rank, "all", os.path.join(tmp, f"{m}_full.npz"),
+                            args.freeze)
                     for m in ("pln", "nbln")}
             report["full"] = full
             report["nbln_over_pln_wall"] = full["nbln"]["wall_s"] / full["pln"]["wall_s"]
@@ -116,7 +122,8 @@ def main(argv=None):
                             replace=False)] = True
             train_file = os.path.join(tmp, "train.npy")
             np.save(train_file, np.flatnonzero(~test))
-            fits = {m: _fit(m, args.rank, train_file, os.path.join(tmp, f"{m}_train.npz"))
+            fits = {m: _fit(m, args.rank, train_file, os.path.join(tmp, f"{m}_train.npz"),
+                            args.freeze)
                     for m in ("pln", "nbln")}
             adata_test = adata[test].copy()
             lp = {m: _heldout_log_marginal(adata_test, os.path.join(tmp, f"{m}_train.npz"))
