@@ -32,13 +32,9 @@ import numpy as np
 from scipy import optimize, special, stats
 
 from scribe_stan.laplace import lnm_cpu
-from scribe_stan.laplace.outer import minimize_rescaled
 from scribe_stan.models import dispersion, lnm, pln
 
 MODES = ("full", "low_rank")
-#: Outer iterations between renewals of the composition preconditioner (see
-#: :mod:`scribe_stan.laplace.outer`); None keeps the starting scale.
-RESCALE_EVERY = None
 _LOG_2PI = float(np.log(2.0 * np.pi))
 
 
@@ -365,8 +361,7 @@ class CompositionSolution:
 
 
 def fit_composition(counts, ref, K, *, mode="full", tol=1e-8, max_iter=1000,
-                    newton_tol=1e-10, init=None, seed=0, progress=None, max_unconverged=0.01,
-                    rescale_every=RESCALE_EVERY):
+                    newton_tol=1e-10, init=None, seed=0, progress=None, max_unconverged=0.01):
     """Maximize the composition block's Laplace objective over the globals by L-BFGS-B.
 
     Parameters
@@ -379,9 +374,6 @@ def fit_composition(counts, ref, K, *, mode="full", tol=1e-8, max_iter=1000,
     progress : tqdm-like, optional.
     max_unconverged : fraction of failed cells above which a line-search trial's modes
         are not kept as warm starts.
-    rescale_every : int or None
-        Renew the diagonal preconditioner (:func:`composition_scaling`) after this many
-        outer iterations (:func:`scribe_stan.laplace.outer.minimize_rescaled`).
 
     Returns
     -------
@@ -392,13 +384,14 @@ def fit_composition(counts, ref, K, *, mode="full", tol=1e-8, max_iter=1000,
     mu0, W0, d0 = init if init is not None else initial_composition(problem, K, seed=seed)
     if mode == "low_rank":
         d0 = None
+    scale = composition_scaling(problem, mu0, W0, d0)
     good = {"y": problem.y.copy(), "z": None if problem.z is None else problem.z.copy()}
     history, n_eval = [], 0
 
-    def fun(theta):
+    def fun(theta_scaled):
         nonlocal n_eval
         n_eval += 1
-        value, grad = composition_objective(problem, theta, K)
+        value, grad = composition_objective(problem, theta_scaled / scale, K)
         if not np.isfinite(value) or np.mean(~problem.converged) > max_unconverged:
             problem.y[:] = good["y"]
             if problem.z is not None:
@@ -407,30 +400,26 @@ def fit_composition(counts, ref, K, *, mode="full", tol=1e-8, max_iter=1000,
             good["y"] = problem.y.copy()
             good["z"] = None if problem.z is None else problem.z.copy()
         if not np.isfinite(value):
-            return np.inf, np.zeros_like(theta)
-        return -value, -grad
+            return np.inf, np.zeros_like(theta_scaled)
+        return -value, -grad / scale
 
-    def callback(value):
-        history.append(-value)
+    def callback(intermediate_result):
+        history.append(-float(intermediate_result.fun))
         if progress is not None:
             progress.update(1)
             progress.set_postfix(objective=f"{history[-1]:.6g}")
-
-    def scale_at(theta):
-        scale = composition_scaling(problem, *_unpack(theta, D, K, mode))
-        good["y"] = problem.y.copy()  # the modes at an accepted point
-        good["z"] = None if problem.z is None else problem.z.copy()
-        return scale
 
     n_d = D if mode == "full" else 0
     lower = np.concatenate([np.full(D, -50.0), np.full(D * K, -np.inf),
                             np.full(n_d, np.log(1e-6))])
     upper = np.concatenate([np.full(D, 50.0), np.full(D * K, np.inf), np.full(n_d, np.log(1e2))])
     theta0 = [mu0, W0.ravel()] + ([np.log(d0)] if mode == "full" else [])
-    res = minimize_rescaled(fun, np.concatenate(theta0), lower, upper, scale_at,
-                            max_iter=max_iter, tol=tol, rescale_every=rescale_every,
-                            callback=callback)
-    theta = res.x
+    theta0 = np.clip(np.concatenate(theta0), lower, upper)
+    res = optimize.minimize(fun, theta0 * scale, jac=True, method="L-BFGS-B",
+                            bounds=list(zip(lower * scale, upper * scale)), callback=callback,
+                            options={"maxiter": max_iter, "ftol": tol, "gtol": 1e-6,
+                                     "maxcor": 20, "maxls": 40})
+    theta = res.x / scale
     final, _ = composition_objective(problem, theta, K)
     mu, W, d = _unpack(theta, D, K, mode)
     modes = CompositionModes(problem.y.copy(), None if problem.z is None else problem.z.copy(),
