@@ -941,6 +941,15 @@ def run_sbc(model, n_sims=100, *, settings=None, seed=0, progress=None, time_bud
 # --------------------------------------------------------------------------------------
 
 
+def _facets(n, col_wrap, **kwargs):
+    """A grid of small panels for ``n`` quantities, ``col_wrap`` per row: (fig, axes)."""
+    import matplotlib.pyplot as plt
+
+    ncol = min(col_wrap, n)
+    nrow = int(np.ceil(n / ncol))
+    return plt.subplots(nrow, ncol, figsize=(2.2 * ncol, 1.8 * nrow), squeeze=False, **kwargs)
+
+
 def plot_rank_histograms(ranks, L, *, flagged=(), bins=20, title=None, col_wrap=6):
     """Rank histograms relative to uniform, with each bin's pointwise 99 % range (matplotlib).
 
@@ -955,12 +964,8 @@ def plot_rank_histograms(ranks, L, *, flagged=(), bins=20, title=None, col_wrap=
     -------
     matplotlib.figure.Figure
     """
-    import matplotlib.pyplot as plt
-
     names = list(ranks.columns)
-    ncol = min(col_wrap, len(names))
-    nrow = int(np.ceil(len(names) / ncol))
-    fig, axes = plt.subplots(nrow, ncol, figsize=(2.2 * ncol, 1.8 * nrow), squeeze=False)
+    fig, axes = _facets(len(names), col_wrap)
     # integer bin edges: L + 1 rank values rarely split evenly, so heights are counts
     # divided by the expected count of each bin (1 = uniform)
     edges = np.unique(np.round(np.linspace(0, L + 1, bins + 1)).astype(int))
@@ -1004,14 +1009,10 @@ def plot_ecdf_differences(pit, *, prob=0.99, flagged=None, title=None, col_wrap=
     -------
     matplotlib.figure.Figure
     """
-    import matplotlib.pyplot as plt
     from arviz_stats.ecdf_utils import compute_ecdf
 
     names = list(pit.columns)
-    ncol = min(col_wrap, len(names))
-    nrow = int(np.ceil(len(names) / ncol))
-    fig, axes = plt.subplots(nrow, ncol, figsize=(2.2 * ncol, 1.8 * nrow), squeeze=False,
-                             sharex=True, sharey=True)
+    fig, axes = _facets(len(names), col_wrap, sharex=True, sharey=True)
     bands = {}
     for ax, name in zip(axes.flat, names):
         v = pit[name].dropna().to_numpy()
