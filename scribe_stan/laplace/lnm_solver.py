@@ -279,22 +279,39 @@ def composition_prior(mu, W, d=None):
 
 
 def _unpack(theta, D, K, mode):
-    mu = theta[:D]
+    """Globals ``(mu, W, d)`` from the optimizer's ``(m, W, log d)``.
+
+    The optimizer moves the log-mean ``m = mu + diag(Sigma) / 2`` (``log E[exp(y_j)]``)
+    instead of ``mu``: a rare gene's counts fix ``m`` well but hardly split it into
+    ``mu`` and the variance, so in ``(mu, log d)`` the optimum lies along a curved
+    valley (``mu`` falls as ``d`` rises) that L-BFGS followed for hundreds of iterations.
+    """
     W = theta[D:D + D * K].reshape(D, K)
     d = np.exp(theta[D + D * K:]) if mode == "full" else None
-    return mu, W, d
+    var = np.sum(W**2, axis=1) + (d if d is not None else 0.0)
+    return theta[:D] - 0.5 * var, W, d
+
+
+def _pack(mu, W, d):
+    """Inverse of :func:`_unpack`."""
+    var = np.sum(W**2, axis=1) + (d if d is not None else 0.0)
+    parts = [mu + 0.5 * var, W.ravel()] + ([np.log(d)] if d is not None else [])
+    return np.concatenate(parts)
 
 
 def composition_objective(problem, theta, K):
-    """Laplace objective (sum of cell values + log prior) and gradient in
-    ``(mu, W, log d)`` (full) or ``(mu, W)`` (low rank)."""
+    """Laplace objective (sum of cell values + log prior) and its gradient in the
+    optimizer's coordinates ``(m, W, log d)`` (full) or ``(m, W)`` (low rank); see
+    :func:`_unpack`."""
     D = problem.shape[1]
     mu, W, d = _unpack(theta, D, K, problem.mode)
     value, g_mu, g_W, g_d = problem.log_marginal(mu, W, d, grad=True)
     lp, p_mu, p_W, p_d = composition_prior(mu, W, d)
-    parts = [g_mu + p_mu, (g_W + p_W).ravel()]
+    g_mu = g_mu + p_mu
+    # chain rule through mu = m - (|W_j|^2 + d_j) / 2
+    parts = [g_mu, (g_W + p_W - g_mu[:, None] * W).ravel()]
     if d is not None:
-        parts.append((g_d + p_d) * d)
+        parts.append((g_d + p_d - 0.5 * g_mu) * d)
     return float(value.sum() + lp), np.concatenate(parts)
 
 
@@ -413,8 +430,7 @@ def fit_composition(counts, ref, K, *, mode="full", tol=1e-8, max_iter=1000,
     lower = np.concatenate([np.full(D, -50.0), np.full(D * K, -np.inf),
                             np.full(n_d, np.log(1e-6))])
     upper = np.concatenate([np.full(D, 50.0), np.full(D * K, np.inf), np.full(n_d, np.log(1e2))])
-    theta0 = [mu0, W0.ravel()] + ([np.log(d0)] if mode == "full" else [])
-    theta0 = np.clip(np.concatenate(theta0), lower, upper)
+    theta0 = np.clip(_pack(mu0, W0, d0), lower, upper)
     res = optimize.minimize(fun, theta0 * scale, jac=True, method="L-BFGS-B",
                             bounds=list(zip(lower * scale, upper * scale)), callback=callback,
                             options={"maxiter": max_iter, "ftol": tol, "gtol": 1e-6,
