@@ -24,6 +24,7 @@ import pandas as pd
 
 import scribe_stan as ss
 from scribe_stan import convert
+from scribe_stan.laplace import lnm_solver
 
 
 def _cpu_s():
@@ -48,6 +49,17 @@ def _pln_globals(adata, rank, cache):
     if cache:
         np.savez(cache, W=fit.W, d=fit.d, var_names=names, info=json.dumps(info))
     return fit.W, fit.d, names, info
+
+
+def _cold_start_newton(fit):
+    """Per-cell Newton iterations from the data start at the moment-start globals (the
+    fit's first evaluation; later ones are warm-started and take one or two)."""
+    comp = fit.composition
+    prob = lnm_solver.CompositionProblem(fit.data.counts, fit.ref, mode=comp.problem.mode)
+    mu, W, d = lnm_solver.initial_composition(prob, comp.W.shape[1])
+    prob.modes(mu, W, d if comp.d is not None else None)
+    n = prob.n_iter
+    return {"mean": float(n.mean()), "median": float(np.median(n)), "max": int(n.max())}
 
 
 def _offdiag(m):
@@ -86,6 +98,7 @@ def main():
         "objective": fit.objective, "composition_objective": fit.composition.objective,
         "outer_iterations": fit.composition.n_iter, "objective_evaluations": fit.composition.n_eval,
         "optimizer_success": fit.success, "cells_converged": int(fit.converged.sum()),
+        "newton_iterations_cold_start": _cold_start_newton(fit),
         "newton_iterations_last_evaluation": {
             "mean": float(n_newton.mean()), "median": float(np.median(n_newton)),
             "max": int(n_newton.max())},
