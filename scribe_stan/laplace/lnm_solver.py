@@ -409,7 +409,7 @@ def fit_composition(counts, ref, K, *, mode="full", tol=1e-8, max_iter=1000,
         d0 = None
     good = {"y": problem.y.copy(), "z": None if problem.z is None else problem.z.copy()}
     history, n_eval = [], 0
-    scale = None
+    scale = None  # set at each (re)start below
 
     def fun(theta_scaled):
         nonlocal n_eval
@@ -439,8 +439,8 @@ def fit_composition(counts, ref, K, *, mode="full", tol=1e-8, max_iter=1000,
     theta = np.clip(_pack(mu0, W0, d0), lower, upper)
     # The diagonal scale is renewed at restarts after 50, 100, 200, ... iterations: the
     # information in log d_j grows with d_j^2, and rare genes' d_j rise by orders of
-    # magnitude from the moment start, so a scale fixed there makes their log d
-    # coordinates the stiffest of the problem (measured on PBMC: iterations 1-300).
+    # magnitude from the moment start, so a scale fixed there mis-scales their log d
+    # coordinates (on PBMC they carried most of the gradient at iteration 300).
     n_iter, segment = 0, RESCALE_FIRST
     while True:
         scale = composition_scaling(problem, *_unpack(theta, D, K, mode))
