@@ -145,6 +145,27 @@ def log_capture_prior(eta, a, sigma_M):
     return np.where(eta >= 0, lp, -np.inf)
 
 
+def capture_coordinates(eta):
+    """Sampled coordinates of eta in the full Stan programs (``pln_capture_jacobian``).
+
+    ``eta = log1p(exp(eta_level + eta_dev))`` with ``eta_dev`` summing to zero: the scalar
+    ``eta_level`` carries the capture gauge, the common shift of all eta_c.
+
+    Parameters
+    ----------
+    eta : (N,) array, eta > 0
+
+    Returns
+    -------
+    eta_level : float
+    eta_dev : (N,) ndarray, sums to zero
+    """
+    eta = np.asarray(eta, float)
+    t = eta + np.log(-np.expm1(-eta))  # inverse softplus, log(exp(eta) - 1), stable
+    level = float(t.mean())
+    return level, t - level
+
+
 def log_lik_cells(counts, x, eta):
     """Poisson log likelihood per cell, ``sum_g log Poisson(u | exp(x - eta))``, (N,)."""
     counts = np.asarray(counts, float)
