@@ -186,11 +186,10 @@ def _check_model(model):
 
 
 def _capture(rng, log_lib, log_M0, sigma_M):
-    """eta_std from the standard normal truncated to ``eta >= 0``; returns (eta_std, eta)."""
+    """eta from Normal(log M0 - log L_c, sigma_M) truncated to ``eta >= 0``."""
     a = pln.capture_prior_mean(log_lib, log_M0)
-    lower = -a / sigma_M
-    eta_std = stats.truncnorm.rvs(lower, np.inf, size=a.shape, random_state=rng)
-    return eta_std, a + sigma_M * eta_std
+    eta_std = stats.truncnorm.rvs(-a / sigma_M, np.inf, size=a.shape, random_state=rng)
+    return a + sigma_M * eta_std
 
 
 def _latent(rng, N, dim, K):
@@ -256,7 +255,13 @@ def draw_prior(model, N, G, K, rng, *, log_lib, log_M0=float(np.log(pln.M0_DEFAU
             out["log_r"] = rng.normal(dispersion.LOG_R_LOC, dispersion.LOG_R_SCALE, size=G)
             out["r"] = np.exp(out["log_r"])
     if model != "lnm":
-        out["eta_std"], out["eta"] = _capture(rng, log_lib, log_M0, sigma_M)
+        out["eta"] = _capture(rng, log_lib, log_M0, sigma_M)
+        # the coordinates the programs sample (capture gauge as one scalar, eta_level)
+        out["eta_level"], out["eta_dev"] = pln.capture_coordinates(out["eta"])
+    if model == "nbvcp":
+        out["m_free"] = out["m"] - out["eta_level"]
+    elif model in ("pln", "nbln"):
+        out.update(pln.stan_parameters(out["mu"], out["W"], out["d"], out["x"], out["eta"]))
     return out
 
 

@@ -31,7 +31,7 @@ and ``sigma_M = 1`` (a factor e either way). Both are overridable.
 from __future__ import annotations
 
 import numpy as np
-from scipy import special, stats
+from scipy import linalg, special, stats
 
 from scribe_stan.models import loadings
 
@@ -164,6 +164,30 @@ def capture_coordinates(eta):
     t = eta + np.log(-np.expm1(-eta))  # inverse softplus, log(exp(eta) - 1), stable
     level = float(t.mean())
     return level, t - level
+
+
+def stan_parameters(mu, W, d, x, eta):
+    """The sampled coordinates of ``stan/pln.stan`` (and nbln's) at given quantities.
+
+    The program samples ``mu_free = mu - eta_level``, ``W``, ``d``, the innovations
+    ``z`` (``x_c = mu + L z_c``, ``L`` the Cholesky factor of ``Sigma``) and eta through
+    :func:`capture_coordinates`.
+
+    Parameters
+    ----------
+    mu : (G,);  W : (G, K);  d : (G,);  x : (N, G);  eta : (N,), eta > 0
+
+    Returns
+    -------
+    dict
+        ``mu_free, W, d, z, eta_level, eta_dev`` under their Stan names.
+    """
+    level, dev = capture_coordinates(eta)
+    mu = np.asarray(mu, float)
+    L = np.linalg.cholesky(covariance(W, d))
+    z = linalg.solve_triangular(L, (np.asarray(x, float) - mu).T, lower=True).T
+    return {"mu_free": mu - level, "W": np.asarray(W, float), "d": np.asarray(d, float),
+            "z": z, "eta_level": level, "eta_dev": dev}
 
 
 def log_lik_cells(counts, x, eta):
