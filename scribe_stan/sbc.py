@@ -222,11 +222,12 @@ def draw_prior(model, N, G, K, rng, *, log_lib, log_M0=float(np.log(pln.M0_DEFAU
     -------
     dict of str to ndarray or float
         The parameters under their Stan names on the constrained scale (pln:
-        ``mu (G,), W (G, K), d (G,), z (N, G), eta_std (N,)``; nbln adds ``log_r (G,)``;
-        nbvcp: ``m, log_r (G,), eta_std (N,)``; lnm: ``mu_alr, d_alr (G-1,), W_alr
-        (G-1, K), log_m_T, log_r_T, z (N, G-1)``; lnmvcp adds ``eta_std``) and the
-        transformed parameters the programs compute from them (``Sigma, x, eta, r``;
-        lnm: ``Sigma_alr, y, m_T, r_T``).
+        ``mu_free (G,), W (G, K), d (G,), z (N, G), eta_level, eta_dev (N,)``; nbln adds
+        ``log_r (G,)``; nbvcp: ``m_free, log_r (G,), eta_level, eta_dev (N,)``; lnm:
+        ``mu_alr, d_alr (G-1,), W_alr (G-1, K), log_m_T, log_r_T, z (N, G-1)``; lnmvcp:
+        lnm's with ``log_m_T_free`` for ``log_m_T``, plus ``eta_level, eta_dev``) and the
+        quantities the programs compute from them (``mu, m, Sigma, x, eta, r``; lnm:
+        ``Sigma_alr, y, log_m_T, m_T, r_T``).
 
     Raises
     ------
@@ -256,12 +257,11 @@ def draw_prior(model, N, G, K, rng, *, log_lib, log_M0=float(np.log(pln.M0_DEFAU
             out["r"] = np.exp(out["log_r"])
     if model != "lnm":
         out["eta"] = _capture(rng, log_lib, log_M0, sigma_M)
-        # the coordinates the programs sample (capture gauge as one scalar, eta_level)
+        # the programs sample eta as (eta_level, eta_dev) and their log-mean relative to
+        # eta_level (pln_capture_jacobian in stan/functions/pln.stanfunctions)
         out["eta_level"], out["eta_dev"] = pln.capture_coordinates(out["eta"])
-    if model == "nbvcp":
-        out["m_free"] = out["m"] - out["eta_level"]
-    elif model in ("pln", "nbln"):
-        out.update(pln.stan_parameters(out["mu"], out["W"], out["d"], out["x"], out["eta"]))
+        mean = {"pln": "mu", "nbln": "mu", "nbvcp": "m", "lnmvcp": "log_m_T"}[model]
+        out[f"{mean}_free"] = out[mean] - out["eta_level"]
     return out
 
 

@@ -461,7 +461,7 @@ class StanDraws:
         Every parameter, transformed parameter and generated quantity of the program,
         each shaped ``(chain, draw, *stan_shape)`` (e.g. ``x``: ``(chain, draw, N, G)``,
         ``y_rep``: int64 ``(chain, draw, N, G)``). The raw sampled coordinates
-        (e.g. ``mu_free``, ``z_free``, ``eta_level``, ``eta_dev``; ``z``, ``eta_std`` in
+        (e.g. ``mu_free``, ``z``, ``eta_level``, ``eta_dev``; ``z``, ``eta_std`` in
         the conditional programs) are included as well. Loadings ``W`` are sampled
         unconstrained and are identified only up to rotation (``W -> W R``): diagnose
         and compare ``Sigma``, correlations or per-cell latents, not ``W``.
