@@ -186,10 +186,10 @@ def _check_model(model):
 
 
 def _capture(rng, log_lib, log_M0, sigma_M):
-    """eta from Normal(log M0 - log L_c, sigma_M) truncated to ``eta >= 0``."""
+    """eta_std from the standard normal truncated to ``eta >= 0``; returns (eta_std, eta)."""
     a = pln.capture_prior_mean(log_lib, log_M0)
     eta_std = stats.truncnorm.rvs(-a / sigma_M, np.inf, size=a.shape, random_state=rng)
-    return a + sigma_M * eta_std
+    return eta_std, a + sigma_M * eta_std
 
 
 def _latent(rng, N, dim, K):
@@ -224,10 +224,9 @@ def draw_prior(model, N, G, K, rng, *, log_lib, log_M0=float(np.log(pln.M0_DEFAU
         The parameters under their Stan names on the constrained scale (pln:
         ``mu_free (G,), W (G, K), d (G,), z (N, G), eta_level, eta_dev (N,)``; nbln adds
         ``log_r (G,)``; nbvcp: ``m_free, log_r (G,), eta_level, eta_dev (N,)``; lnm:
-        ``mu_alr, d_alr (G-1,), W_alr (G-1, K), log_m_T, log_r_T, z (N, G-1)``; lnmvcp:
-        lnm's with ``log_m_T_free`` for ``log_m_T``, plus ``eta_level, eta_dev``) and the
-        quantities the programs compute from them (``mu, m, Sigma, x, eta, r``; lnm:
-        ``Sigma_alr, y, log_m_T, m_T, r_T``).
+        ``mu_alr, d_alr (G-1,), W_alr (G-1, K), log_m_T, log_r_T, z (N, G-1)``; lnmvcp adds
+        ``eta_std (N,)``) and the quantities the programs compute from them (``mu, m,
+        Sigma, x, eta, r``; lnm: ``Sigma_alr, y, m_T, r_T``).
 
     Raises
     ------
@@ -255,12 +254,14 @@ def draw_prior(model, N, G, K, rng, *, log_lib, log_M0=float(np.log(pln.M0_DEFAU
         if model == "nbln":
             out["log_r"] = rng.normal(dispersion.LOG_R_LOC, dispersion.LOG_R_SCALE, size=G)
             out["r"] = np.exp(out["log_r"])
-    if model != "lnm":
-        out["eta"] = _capture(rng, log_lib, log_M0, sigma_M)
+    if model == "lnmvcp":  # samples the standardized capture
+        out["eta_std"], out["eta"] = _capture(rng, log_lib, log_M0, sigma_M)
+    elif model != "lnm":
+        _, out["eta"] = _capture(rng, log_lib, log_M0, sigma_M)
         # the programs sample eta as (eta_level, eta_dev) and their log-mean relative to
         # eta_level (pln_capture_jacobian in stan/functions/pln.stanfunctions)
         out["eta_level"], out["eta_dev"] = pln.capture_coordinates(out["eta"])
-        mean = {"pln": "mu", "nbln": "mu", "nbvcp": "m", "lnmvcp": "log_m_T"}[model]
+        mean = "m" if model == "nbvcp" else "mu"
         out[f"{mean}_free"] = out[mean] - out["eta_level"]
     return out
 

@@ -6,10 +6,7 @@
 //   counts[c] | total_c ~ multinomial(total_c, softmax(y_c with 0 at `ref`))
 //
 // exp(-eta_c) is the capture efficiency; the capture prior is pln's. m_T is the mean
-// total mRNA count before capture. Priors as in stan/lnm.stan, written on log_m_T and eta.
-// Sampled: y non-centred as in stan/lnm.stan; log_m_T_free = log_m_T - eta_level and eta
-// through (eta_level, eta_dev) (pln_capture_jacobian): the capture gauge
-// (log_m_T + s, eta + s) is then eta_level alone.
+// total mRNA count before capture. Priors as in stan/lnm.stan. y and eta non-centred.
 functions {
   #include functions/pln.stanfunctions
   #include functions/dispersion.stanfunctions
@@ -32,22 +29,21 @@ transformed data {
     total[c] = sum(counts[c]);
   }
   vector[N] a = log_M0 - log_lib;  // prior location of eta
+  vector[N] eta_std_lower = -a / sigma_M;  // eta >= 0
 }
 parameters {
   vector[D] mu_alr;
   matrix[D, K] W_alr;  // loadings, identified only up to rotation W_alr -> W_alr R
   vector<lower=0>[D] d_alr;
-  real log_m_T_free;  // log_m_T - eta_level
+  real log_m_T;  // log mean total mRNA before capture
   real log_r_T;
   matrix[N, D] z;
-  real eta_level;  // common level of the capture losses
-  sum_to_zero_vector[N] eta_dev;  // their differences between cells
+  vector<lower=eta_std_lower>[N] eta_std;  // standardized capture
 }
 transformed parameters {
   matrix[D, D] Sigma_alr = pln_covariance(W_alr, d_alr);
   matrix[N, D] y = pln_latent(mu_alr, cholesky_decompose(Sigma_alr), z);
-  vector[N] eta = pln_capture_jacobian(eta_level, eta_dev);
-  real log_m_T = log_m_T_free + eta_level;  // log mean total mRNA before capture
+  vector[N] eta = a + sigma_M * eta_std;
   real m_T = exp(log_m_T);
   real r_T = exp(log_r_T);
 }
@@ -56,7 +52,7 @@ model {
   target += normal_lpdf(log_m_T | 0, 10);
   target += dispersion_lpdf([log_r_T]');
   target += std_normal_lpdf(to_vector(z));
-  target += pln_capture_lpdf(eta | a, sigma_M);
+  target += pln_capture_std_lpdf(eta_std | eta_std_lower);
   target += sum(lnm_log_lik(counts, total, y, ref, log_m_T - eta, r_T));
 }
 generated quantities {

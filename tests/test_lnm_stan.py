@@ -83,11 +83,9 @@ def test_joint_log_density_matches_numpy(model):
         # unconstrained with lnm.log_joint's prior: no loadings term in the offset.
         offset = N * np.log(np.diag(L)).sum()
         if model == "lnmvcp":
-            # log_m_T and eta sampled as (log_m_T_free, eta_level, eta_dev); the capture
-            # prior is written on eta, so no offset for it
-            level, dev = pln.capture_coordinates(eta)
-            params |= {"log_m_T_free": log_m - level, "eta_level": level, "eta_dev": dev}
-            del params["log_m_T"]
+            a = pln.capture_prior_mean(cap["log_lib"], cap["log_M0"])
+            params["eta_std"] = (eta - a) / cap["sigma_M"]
+            offset += N * np.log(cap["sigma_M"])
         stan_lp.append(ss.log_prob(model, data, params, backend="pystan", jacobian=False))
         ref_lp.append(offset + lnm.log_joint(
             data["counts"], REF, mu, W, d, log_m, log_r, y,

@@ -19,9 +19,9 @@ Priors on the globals (identical in ``stan/functions/pln.stanfunctions``):
   (Chung et al. 2013, Psychometrika 78:685, doi:10.1007/s11336-013-9328-2).
 
 The ``eta >= 0`` boundary: both sides use the normalized truncated normal density on
-``[0, inf)``. The full Stan programs keep eta > 0 through a softplus of their sampled
-coordinates (:func:`capture_coordinates`; the conditional programs through a lower
-bound on the standardized eta); the Laplace solver
+``[0, inf)``. The full pln, nbln and nbvcp programs keep eta > 0 through a softplus of
+their sampled coordinates (:func:`capture_coordinates`), lnmvcp and the conditional
+programs through a lower bound on the standardized eta; the Laplace solver
 runs a projected Newton that keeps ``eta >= 0`` and flags cells whose mode sits on the
 bound (their Laplace value uses the untruncated Gaussian in eta).
 
