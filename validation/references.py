@@ -32,8 +32,9 @@ Sampler (:data:`SAMPLER`): NUTS with the adapted diagonal metric, 4 chains x (50
 (log-means and every eta_c shifted together) as one coordinate, ``eta_level``
 (``pln_capture_jacobian`` in ``stan/functions/pln.stanfunctions``): with one
 box-constrained eta per cell that ridge moved all cells at once, and NUTS with a
-diagonal metric crossed it by a slow random walk (nbvcp: max R-hat 1.19 / 1.08 before,
-about 1.01 with bulk ESS > 700 after; pln's mu: bulk ESS 83 -> 1600 on pbmc20).
+diagonal metric crossed it by a slow random walk (nbvcp at 500 draws: max R-hat 1.19 /
+1.08 before, 1.014 / 1.011 with bulk ESS > 1100 after, 1.004 at 1000 draws; pln's and
+nbln's mu on pbmc20: bulk ESS 83 -> 1500 and 30 -> 2300).
 Centring x did not help (pbmc20-pln: E-BFMI 0.11, a funnel with the small d of its
 genes); the remaining pln/nbln failures sit in Sigma, x and eta: per cell, x_c - eta_c
 is pinned by the counts and only the priors split it between eta_c and x_c, a ridge
