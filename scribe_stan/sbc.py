@@ -222,11 +222,11 @@ def draw_prior(model, N, G, K, rng, *, log_lib, log_M0=float(np.log(pln.M0_DEFAU
     -------
     dict of str to ndarray or float
         The parameters under their Stan names on the constrained scale (pln:
-        ``mu_free (G,), W (G, K), d (G,), z (N, G), eta_level, eta_dev (N,)``; nbln adds
-        ``log_r (G,)``; nbvcp: ``m_free, log_r (G,), eta_level, eta_dev (N,)``; lnm:
-        ``mu_alr, d_alr (G-1,), W_alr (G-1, K), log_m_T, log_r_T, z (N, G-1)``; lnmvcp adds
-        ``eta_std (N,)``) and the quantities the programs compute from them (``mu, m,
-        Sigma, x, eta, r``; lnm: ``Sigma_alr, y, m_T, r_T``).
+        ``mu (G,), W (G, K), d (G,), z (N, G), eta_std (N,)``; nbln adds ``log_r (G,)``;
+        nbvcp: ``m_free, log_r (G,), eta_level, eta_dev (N,)``; lnm: ``mu_alr, d_alr
+        (G-1,), W_alr (G-1, K), log_m_T, log_r_T, z (N, G-1)``; lnmvcp adds ``eta_std``)
+        and the quantities the programs compute from them (``Sigma, x, eta, r, m``; lnm:
+        ``Sigma_alr, y, m_T, r_T``).
 
     Raises
     ------
@@ -254,15 +254,13 @@ def draw_prior(model, N, G, K, rng, *, log_lib, log_M0=float(np.log(pln.M0_DEFAU
         if model == "nbln":
             out["log_r"] = rng.normal(dispersion.LOG_R_LOC, dispersion.LOG_R_SCALE, size=G)
             out["r"] = np.exp(out["log_r"])
-    if model == "lnmvcp":  # samples the standardized capture
-        out["eta_std"], out["eta"] = _capture(rng, log_lib, log_M0, sigma_M)
-    elif model != "lnm":
+    if model == "nbvcp":
+        # nbvcp.stan samples eta as (eta_level, eta_dev) and m relative to eta_level
         _, out["eta"] = _capture(rng, log_lib, log_M0, sigma_M)
-        # the programs sample eta as (eta_level, eta_dev) and their log-mean relative to
-        # eta_level (pln_capture_jacobian in stan/functions/pln.stanfunctions)
         out["eta_level"], out["eta_dev"] = pln.capture_coordinates(out["eta"])
-        mean = "m" if model == "nbvcp" else "mu"
-        out[f"{mean}_free"] = out[mean] - out["eta_level"]
+        out["m_free"] = out["m"] - out["eta_level"]
+    elif model != "lnm":
+        out["eta_std"], out["eta"] = _capture(rng, log_lib, log_M0, sigma_M)
     return out
 
 

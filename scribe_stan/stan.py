@@ -461,8 +461,8 @@ class StanDraws:
         Every parameter, transformed parameter and generated quantity of the program,
         each shaped ``(chain, draw, *stan_shape)`` (e.g. ``x``: ``(chain, draw, N, G)``,
         ``y_rep``: int64 ``(chain, draw, N, G)``). The raw sampled coordinates
-        (e.g. ``mu_free``, ``z``, ``eta_level``, ``eta_dev``; ``z``, ``eta_std`` in
-        the conditional programs) are included as well. Loadings ``W`` are sampled
+        (e.g. ``z``, ``eta_std``; nbvcp: ``m_free``, ``eta_level``, ``eta_dev``) are
+        included as well. Loadings ``W`` are sampled
         unconstrained and are identified only up to rotation (``W -> W R``): diagnose
         and compare ``Sigma``, correlations or per-cell latents, not ``W``.
     sample_stats : dict of str to ndarray
@@ -693,8 +693,7 @@ def log_prob(
         The program's data.
     params : mapping
         Values of every variable of the ``parameters`` block on the constrained
-        scale (e.g. for ``pln``: ``mu_free, W, d, z_free, eta_level, eta_dev``, see
-        :func:`scribe_stan.models.pln.stan_parameters`).
+        scale (e.g. for ``pln``: ``mu, W, d, z, eta_std``).
     backend : {"auto", "cmdstanpy", "pystan"}
     jacobian : bool
         Add the log Jacobian of the constraining transforms (the density of the

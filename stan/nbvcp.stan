@@ -9,9 +9,8 @@
 // (functions/dispersion.stanfunctions). Every term is a normalized _lpdf/_lpmf on m, log_r
 // and eta, so the log density keeps all constants.
 // Sampled: m_free = m - eta_level, log_r, and eta through (eta_level, eta_dev)
-// (pln_capture_jacobian): the capture gauge (m + s, eta + s) is then eta_level alone.
+// (nbvcp_capture_jacobian): the capture gauge (m + s, eta + s) is then eta_level alone.
 functions {
-  #include functions/pln.stanfunctions
   #include functions/dispersion.stanfunctions
   #include functions/nbvcp.stanfunctions
 }
@@ -33,13 +32,13 @@ parameters {
   sum_to_zero_vector[N] eta_dev;  // their differences between cells
 }
 transformed parameters {
-  vector[N] eta = pln_capture_jacobian(eta_level, eta_dev);
+  vector[N] eta = nbvcp_capture_jacobian(eta_level, eta_dev);
   vector[G] m = m_free + eta_level;  // log mean expression before capture
 }
 model {
   target += normal_lpdf(m | 0, 10);
   target += dispersion_lpdf(log_r);
-  target += pln_capture_lpdf(eta | a, sigma_M);
+  target += nbvcp_capture_lpdf(eta | a, sigma_M);
   target += sum(nbvcp_log_lik(counts, m, log_r, eta));
 }
 generated quantities {

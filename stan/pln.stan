@@ -9,13 +9,8 @@
 // columnwise shrinkage prior on W_perp with column scales tau (loadings_prior 1-3, for
 // adaptive rank), the Laplace solver's prior. W is identified only up to rotation and
 // sign; Sigma, corr and the singular values of W_perp are not, and are what to
-// diagnose and compare. Every term is added with an
-// explicit, normalized _lpdf/_lpmf on the quantities above, so the log density keeps
-// all constants.
-// Sampled: mu_free = mu - eta_level, W, d, innovations z (x_c = mu + L z_c, non-centred:
-// centring x stalled in a funnel with the small d of the PBMC genes) and eta through
-// (eta_level, eta_dev) (pln_capture_jacobian): the capture gauge (mu + s, eta + s) is
-// then eta_level alone.
+// diagnose and compare. Both x and eta are non-centred. Every term is added with an
+// explicit, normalized _lpdf/_lpmf so the log density keeps all constants.
 functions {
   #include functions/pln.stanfunctions
 }
@@ -31,26 +26,25 @@ data {
 }
 transformed data {
   vector[N] a = log_M0 - log_lib;  // prior location of eta
+  vector[N] eta_std_lower = -a / sigma_M;  // eta >= 0
 }
 parameters {
-  vector[G] mu_free;  // mu - eta_level
+  vector[G] mu;
   matrix[G, K] W;  // loadings, identified only up to rotation W -> W R
   vector<lower=0>[G] d;
   vector<lower=1e-3>[loadings_prior > 0 ? K : 0] tau;  // loadings column scales
   matrix[N, G] z;  // latent innovations
-  real eta_level;  // common level of the capture losses
-  sum_to_zero_vector[N] eta_dev;  // their differences between cells
+  vector<lower=eta_std_lower>[N] eta_std;  // standardized capture
 }
 transformed parameters {
   matrix[G, G] Sigma = pln_covariance(W, d);
-  vector[N] eta = pln_capture_jacobian(eta_level, eta_dev);
-  vector[G] mu = mu_free + eta_level;
+  vector[N] eta = a + sigma_M * eta_std;
   matrix[N, G] x = pln_latent(mu, cholesky_decompose(Sigma), z);
 }
 model {
   target += pln_globals_lpdf(mu | d, W, tau, loadings_prior);
   target += std_normal_lpdf(to_vector(z));
-  target += pln_capture_lpdf(eta | a, sigma_M);
+  target += pln_capture_std_lpdf(eta_std | eta_std_lower);
   target += sum(pln_log_lik(counts, x, eta));
 }
 generated quantities {

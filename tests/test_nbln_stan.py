@@ -64,10 +64,10 @@ def test_data_contract(name):
 
 
 def test_nbln_log_density_matches_numpy():
-    # nbln.stan samples pln.stan_parameters plus log_r, W unconstrained with the
-    # Laplace side's prior. Without the Jacobians (constraints, softplus of eta) its
-    # target is nbln.log_joint plus N log det L (density of the innovations z_c =
-    # L^-1 (x_c - mu), not of x); no loadings term.
+    # nbln.stan is written in (mu, W, d, log_r, z, eta_std), W unconstrained with the
+    # Laplace side's prior. Without the constraint Jacobians its target is
+    # nbln.log_joint plus N log det L (density of z, not x) and N log sigma_M (of
+    # eta_std, not eta); no loadings term.
     sim = _sim()
     data = _builders(sim)["nbln"]
     N, G, K = data["N"], data["G"], data["K"]
@@ -75,12 +75,12 @@ def test_nbln_log_density_matches_numpy():
     stan_lp, ref_lp = [], []
     for _ in range(3):
         mu, W, d, log_r, x, eta = _random_point(rng, N, G, K)
-        params = pln.stan_parameters(mu, W, d, x, eta) | {"log_r": log_r}
+        z, eta_std, logdet_L = _noncentred(data, mu, W, d, x, eta)
+        params = {"mu": mu, "W": W, "d": d, "log_r": log_r, "z": z, "eta_std": eta_std}
         stan_lp.append(stan.log_prob("nbln", data, params, jacobian=False))
         ref = nbln.log_joint(data["counts"], mu, W, d, log_r, x, eta, log_M0=data["log_M0"],
                              sigma_M=data["sigma_M"], log_lib=data["log_lib"])
-        logdet_L = np.log(np.diag(np.linalg.cholesky(pln.covariance(W, d)))).sum()
-        ref_lp.append(ref + N * logdet_L)
+        ref_lp.append(ref + N * logdet_L + N * np.log(data["sigma_M"]))
     np.testing.assert_allclose(stan_lp, ref_lp, rtol=1e-10, atol=0)
     assert np.abs(np.diff(ref_lp)).min() > 1.0  # the points really differ
 

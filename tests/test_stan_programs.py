@@ -112,13 +112,13 @@ def test_json_data_rejects_non_finite():
 # Log-density parity with the NumPy reference
 # --------------------------------------------------------------------------------------
 #
-# pln.stan samples (mu_free, W, d, z, eta_level, eta_dev) (pln.stan_parameters), with
-# x_c = mu + L z_c, and writes the capture prior on eta itself. W is unconstrained with
-# the Laplace side's prior, so without the Jacobians (constraints and the softplus of
-# eta) its target is
+# pln.stan is written in (mu, W, d, z, eta_std) with x_c = mu + L z_c and
+# eta = a + sigma_M eta_std. W is unconstrained with the Laplace side's prior, so without
+# the constraint Jacobians its target is
 #
 #   log_joint(u, mu, W, d, x, eta)            (pln.log_joint: density in x, eta)
 #   + N log det L                             (std_normal(z_c) = log N(x_c) + log det L)
+#   + N log sigma_M                           (density of eta_std, not eta)
 #
 # and nothing else: no term for the loadings.
 # The absolute values are compared (so every constant is checked), and the differences
@@ -126,8 +126,8 @@ def test_json_data_rejects_non_finite():
 # capture prior or of the likelihood would show).
 
 
-def _logdet_L(W, d):
-    return np.log(np.diag(np.linalg.cholesky(pln.covariance(W, d)))).sum()
+def _pln_offset(N, sigma_M, logdet_L):
+    return N * logdet_L + N * np.log(sigma_M)
 
 
 def test_pln_log_density_matches_numpy():
@@ -138,11 +138,12 @@ def test_pln_log_density_matches_numpy():
     stan_lp, ref_lp = [], []
     for _ in range(3):
         mu, W, d, x, eta = _random_point(rng, N, G, K)
-        params = pln.stan_parameters(mu, W, d, x, eta)
+        z, eta_std, logdet_L = _noncentred(data, mu, W, d, x, eta)
+        params = {"mu": mu, "W": W, "d": d, "z": z, "eta_std": eta_std}
         stan_lp.append(ss.log_prob("pln", data, params, backend="pystan", jacobian=False))
         ref = pln.log_joint(data["counts"], mu, W, d, x, eta,
                             log_M0=data["log_M0"], sigma_M=data["sigma_M"])
-        ref_lp.append(ref + N * _logdet_L(W, d))
+        ref_lp.append(ref + _pln_offset(N, data["sigma_M"], logdet_L))
     stan_lp, ref_lp = np.array(stan_lp), np.array(ref_lp)
     np.testing.assert_allclose(stan_lp, ref_lp, rtol=1e-10, atol=0)
     np.testing.assert_allclose(np.diff(stan_lp), np.diff(ref_lp),
@@ -167,11 +168,12 @@ def test_pln_shrinkage_prior_log_density_matches_numpy(prior):
     for _ in range(3):
         mu, W, d, x, eta = _random_point(rng, N, G, K)
         tau = rng.uniform(0.05, 2.0, K)
-        params = pln.stan_parameters(mu, W, d, x, eta) | {"tau": tau}
+        z, eta_std, logdet_L = _noncentred(data, mu, W, d, x, eta)
+        params = {"mu": mu, "W": W, "d": d, "tau": tau, "z": z, "eta_std": eta_std}
         stan_lp.append(ss.log_prob("pln", data, params, backend="pystan", jacobian=False))
         ref = pln.log_joint(data["counts"], mu, W, d, x, eta, log_M0=data["log_M0"],
                             sigma_M=data["sigma_M"], tau=tau, loadings_prior=prior)
-        ref_lp.append(ref + N * _logdet_L(W, d))
+        ref_lp.append(ref + _pln_offset(N, data["sigma_M"], logdet_L))
     np.testing.assert_allclose(stan_lp, ref_lp, rtol=1e-10, atol=0)
     assert np.abs(np.diff(ref_lp)).min() > 1.0
 

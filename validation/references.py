@@ -27,19 +27,19 @@ over every stored quantity except the loadings (identified only up to rotation, 
 their R-hat is meaningless). A failing pair is kept and reported as failing.
 
 Sampler (:data:`SAMPLER`): NUTS with the adapted diagonal metric, 4 chains x (500 warmup
-+ 500 draws), adapt_delta 0.95, seed 1; nbvcp 4 x (1000 + 1000)
-(:data:`SAMPLER_BY_MODEL`). The pln, nbln and nbvcp programs sample the capture gauge
-(log-means and every eta_c shifted together) as one coordinate, ``eta_level``
-(``pln_capture_jacobian`` in ``stan/functions/pln.stanfunctions``): with one
-box-constrained eta per cell that ridge moved all cells at once, and NUTS with a
-diagonal metric crossed it by a slow random walk (nbvcp at 500 draws: max R-hat 1.19 /
-1.08 before, 1.014 / 1.011 with bulk ESS > 1100 after, 1.004 at 1000 draws; pln's and
-nbln's mu on pbmc20: bulk ESS 83 -> 1500 and 30 -> 2300).
-Centring x did not help (pbmc20-pln: E-BFMI 0.11, a funnel with the small d of its
-genes); the remaining pln/nbln failures sit in Sigma, x and eta: per cell, x_c - eta_c
-is pinned by the counts and only the priors split it between eta_c and x_c, a ridge
-along eta_c and L^-1 1 in the innovations z_c. lnmvcp keeps one standardized eta per
-cell: the same change left its worst R-hat (r_T, the dispersion of the totals) as it was.
++ 500 draws), adapt_delta 0.95, seed 1; nbvcp 4 x (1000 + 1000) (:data:`SAMPLER_BY_MODEL`).
+nbvcp samples its capture gauge (m and every eta_c shifted together) as one coordinate,
+``eta_level`` (``nbvcp_capture_jacobian`` in ``stan/functions/nbvcp.stanfunctions``): with
+one box-constrained eta per cell that ridge moved all cells at once and NUTS with a
+diagonal metric crossed it by a slow random walk (max R-hat 1.19 / 1.08 before; 1.014 /
+1.011 with bulk ESS > 1100 after at 500 draws, both checks passed at 1000). The same
+coordinates in pln and nbln fixed their mu (pbmc20 bulk ESS 83 -> 1500 and 30 -> 2300)
+but made Sigma, x and eta mix worse in all four pairs (max R-hat 1.04-1.12 -> 1.07-1.23):
+likely because per cell only the priors split x_c - eta_c (pinned by the counts) between
+eta_c and x_c and the sum-to-zero eta_dev spreads that ridge over all cells. They keep one
+standardized eta per cell, and so does lnmvcp (its worst R-hat, r_T, did not move).
+Centring x or y did not help either (pbmc20-pln and pbmc20-lnm: E-BFMI 0.10-0.11, a
+funnel with the small d of the PBMC genes).
 
 Regenerate (a few minutes per pair on 2 cores)::
 

@@ -19,9 +19,9 @@ Priors on the globals (identical in ``stan/functions/pln.stanfunctions``):
   (Chung et al. 2013, Psychometrika 78:685, doi:10.1007/s11336-013-9328-2).
 
 The ``eta >= 0`` boundary: both sides use the normalized truncated normal density on
-``[0, inf)``. The full pln, nbln and nbvcp programs keep eta > 0 through a softplus of
-their sampled coordinates (:func:`capture_coordinates`), lnmvcp and the conditional
-programs through a lower bound on the standardized eta; the Laplace solver
+``[0, inf)``. The Stan programs declare the standardized eta with a lower bound that
+keeps eta >= 0 (nbvcp: a softplus of its sampled coordinates, :func:`capture_coordinates`);
+the Laplace solver
 runs a projected Newton that keeps ``eta >= 0`` and flags cells whose mode sits on the
 bound (their Laplace value uses the untruncated Gaussian in eta).
 
@@ -33,7 +33,7 @@ and ``sigma_M = 1`` (a factor e either way). Both are overridable.
 from __future__ import annotations
 
 import numpy as np
-from scipy import linalg, special, stats
+from scipy import special, stats
 
 from scribe_stan.models import loadings
 
@@ -148,7 +148,7 @@ def log_capture_prior(eta, a, sigma_M):
 
 
 def capture_coordinates(eta):
-    """Sampled coordinates of eta in the full Stan programs (``pln_capture_jacobian``).
+    """Sampled coordinates of eta in ``stan/nbvcp.stan`` (``nbvcp_capture_jacobian``).
 
     ``eta = log1p(exp(eta_level + eta_dev))`` with ``eta_dev`` summing to zero: the scalar
     ``eta_level`` carries the capture gauge, the common shift of all eta_c.
@@ -166,30 +166,6 @@ def capture_coordinates(eta):
     t = eta + np.log(-np.expm1(-eta))  # inverse softplus, log(exp(eta) - 1), stable
     level = float(t.mean())
     return level, t - level
-
-
-def stan_parameters(mu, W, d, x, eta):
-    """The sampled coordinates of ``stan/pln.stan`` (and nbln's) at given quantities.
-
-    The program samples ``mu_free = mu - eta_level``, ``W``, ``d``, the innovations
-    ``z`` (``x_c = mu + L z_c``, ``L`` the Cholesky factor of ``Sigma``) and eta through
-    :func:`capture_coordinates`.
-
-    Parameters
-    ----------
-    mu : (G,);  W : (G, K);  d : (G,);  x : (N, G);  eta : (N,), eta > 0
-
-    Returns
-    -------
-    dict
-        ``mu_free, W, d, z, eta_level, eta_dev`` under their Stan names.
-    """
-    level, dev = capture_coordinates(eta)
-    mu = np.asarray(mu, float)
-    L = np.linalg.cholesky(covariance(W, d))
-    z = linalg.solve_triangular(L, (np.asarray(x, float) - mu).T, lower=True).T
-    return {"mu_free": mu - level, "W": np.asarray(W, float), "d": np.asarray(d, float),
-            "z": z, "eta_level": level, "eta_dev": dev}
 
 
 def log_lik_cells(counts, x, eta):
