@@ -21,9 +21,8 @@ Priors on the globals (identical in ``stan/functions/pln.stanfunctions``):
 The ``eta >= 0`` boundary: both sides use the normalized truncated normal density on
 ``[0, inf)``. The Stan programs declare the standardized eta with a lower bound that
 keeps eta >= 0 (nbvcp: a softplus of its sampled coordinates, :func:`capture_coordinates`);
-the Laplace solver
-runs a projected Newton that keeps ``eta >= 0`` and flags cells whose mode sits on the
-bound (their Laplace value uses the untruncated Gaussian in eta).
+the Laplace solver runs a projected Newton that keeps ``eta >= 0`` and flags cells whose
+mode sits on the bound (their Laplace value uses the untruncated Gaussian in eta).
 
 Default capture prior: ``M0 = 1e5`` mRNA molecules per cell (mammalian cells hold about
 5e4 - 3e5 mRNAs; Marinov et al. 2014, Genome Research 24:496, doi:10.1101/gr.161034.113)
