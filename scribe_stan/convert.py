@@ -347,7 +347,7 @@ def to_datatree_from_stan(
         ``x (N, G)``, ``eta (N,)`` and the generated quantities ``log_lik (N,)`` and
         ``y_rep (N, G)``. ``log_lik`` goes to ``log_likelihood["counts"]`` and
         ``y_rep`` to ``posterior_predictive["counts"]``. Other posterior entries that
-        are not in :data:`VARIABLE_DIMS` (non-centred raw parameters, ``lp__``...)
+        are not in :data:`VARIABLE_DIMS` (raw sampled coordinates, ``lp__``...)
         are dropped. ``sample_stats`` keys outside the known set are dropped too.
     cell_names, gene_names : sequence of str
         Coordinates for ``cell`` and ``gene``.

@@ -188,8 +188,7 @@ def _check_model(model):
 def _capture(rng, log_lib, log_M0, sigma_M):
     """eta_std from the standard normal truncated to ``eta >= 0``; returns (eta_std, eta)."""
     a = pln.capture_prior_mean(log_lib, log_M0)
-    lower = -a / sigma_M
-    eta_std = stats.truncnorm.rvs(lower, np.inf, size=a.shape, random_state=rng)
+    eta_std = stats.truncnorm.rvs(-a / sigma_M, np.inf, size=a.shape, random_state=rng)
     return eta_std, a + sigma_M * eta_std
 
 
@@ -224,10 +223,10 @@ def draw_prior(model, N, G, K, rng, *, log_lib, log_M0=float(np.log(pln.M0_DEFAU
     dict of str to ndarray or float
         The parameters under their Stan names on the constrained scale (pln:
         ``mu (G,), W (G, K), d (G,), z (N, G), eta_std (N,)``; nbln adds ``log_r (G,)``;
-        nbvcp: ``m, log_r (G,), eta_std (N,)``; lnm: ``mu_alr, d_alr (G-1,), W_alr
-        (G-1, K), log_m_T, log_r_T, z (N, G-1)``; lnmvcp adds ``eta_std``) and the
-        transformed parameters the programs compute from them (``Sigma, x, eta, r``;
-        lnm: ``Sigma_alr, y, m_T, r_T``).
+        nbvcp: ``m_free, log_r (G,), eta_level, eta_dev (N,)``; lnm: ``mu_alr, d_alr
+        (G-1,), W_alr (G-1, K), log_m_T, log_r_T, z (N, G-1)``; lnmvcp adds ``eta_std``)
+        and the quantities the programs compute from them (``Sigma, x, eta, r, m``; lnm:
+        ``Sigma_alr, y, m_T, r_T``).
 
     Raises
     ------
@@ -255,7 +254,12 @@ def draw_prior(model, N, G, K, rng, *, log_lib, log_M0=float(np.log(pln.M0_DEFAU
         if model == "nbln":
             out["log_r"] = rng.normal(dispersion.LOG_R_LOC, dispersion.LOG_R_SCALE, size=G)
             out["r"] = np.exp(out["log_r"])
-    if model != "lnm":
+    if model == "nbvcp":
+        # nbvcp.stan samples eta as (eta_level, eta_dev) and m relative to eta_level
+        _, out["eta"] = _capture(rng, log_lib, log_M0, sigma_M)
+        out["eta_level"], out["eta_dev"] = pln.capture_coordinates(out["eta"])
+        out["m_free"] = out["m"] - out["eta_level"]
+    elif model != "lnm":
         out["eta_std"], out["eta"] = _capture(rng, log_lib, log_M0, sigma_M)
     return out
 

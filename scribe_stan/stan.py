@@ -460,10 +460,11 @@ class StanDraws:
     posterior : dict of str to ndarray
         Every parameter, transformed parameter and generated quantity of the program,
         each shaped ``(chain, draw, *stan_shape)`` (e.g. ``x``: ``(chain, draw, N, G)``,
-        ``y_rep``: int64 ``(chain, draw, N, G)``). Raw non-centred parameters
-        (``z``, ``eta_std``) are included as well. Loadings ``W`` are sampled
-        unconstrained and are identified only up to rotation (``W -> W R``): diagnose
-        and compare ``Sigma``, correlations or per-cell latents, not ``W``.
+        ``y_rep``: int64 ``(chain, draw, N, G)``). The raw sampled coordinates
+        (e.g. ``z``, ``eta_std``; nbvcp: ``m_free``, ``eta_level``, ``eta_dev``) are
+        included as well. Loadings ``W`` are sampled unconstrained and are identified
+        only up to rotation (``W -> W R``): diagnose and compare ``Sigma``,
+        correlations or per-cell latents, not ``W``.
     sample_stats : dict of str to ndarray
         ``(chain, draw)`` arrays ``lp`` (log density incl. Jacobian), ``diverging``
         (bool), ``tree_depth`` (int), ``n_steps`` (int, leapfrog steps), ``energy``,

@@ -6,10 +6,11 @@
 //
 // It is the Sigma -> 0 limit of the nbln model. Priors (see
 // scribe_stan/models/nbvcp.py): m ~ normal(0, 10) as pln's mu; log_r ~ normal(log 10, 3)
-// (functions/dispersion.stanfunctions). eta is non-centred as in stan/pln.stan. Every
-// term is a normalized _lpdf/_lpmf, so the log density keeps all constants.
+// (functions/dispersion.stanfunctions). Every term is a normalized _lpdf/_lpmf on m, log_r
+// and eta, so the log density keeps all constants.
+// Sampled: m_free = m - eta_level, log_r, and eta through (eta_level, eta_dev)
+// (nbvcp_capture_jacobian): the capture gauge (m + s, eta + s) is then eta_level alone.
 functions {
-  #include functions/pln.stanfunctions
   #include functions/dispersion.stanfunctions
   #include functions/nbvcp.stanfunctions
 }
@@ -23,20 +24,21 @@ data {
 }
 transformed data {
   vector[N] a = log_M0 - log_lib;  // prior location of eta
-  vector[N] eta_std_lower = -a / sigma_M;  // eta >= 0
 }
 parameters {
-  vector[G] m;  // log mean expression before capture
+  vector[G] m_free;  // log mean relative to the capture level, m - eta_level
   vector[G] log_r;  // log dispersion
-  vector<lower=eta_std_lower>[N] eta_std;  // standardized capture
+  real eta_level;  // common level of the capture losses
+  sum_to_zero_vector[N] eta_dev;  // their differences between cells
 }
 transformed parameters {
-  vector[N] eta = a + sigma_M * eta_std;
+  vector[N] eta = nbvcp_capture_jacobian(eta_level, eta_dev);
+  vector[G] m = m_free + eta_level;  // log mean expression before capture
 }
 model {
   target += normal_lpdf(m | 0, 10);
   target += dispersion_lpdf(log_r);
-  target += pln_capture_std_lpdf(eta_std | eta_std_lower);
+  target += nbvcp_capture_lpdf(eta | a, sigma_M);
   target += sum(nbvcp_log_lik(counts, m, log_r, eta));
 }
 generated quantities {

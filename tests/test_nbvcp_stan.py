@@ -31,10 +31,11 @@ def test_data_contract():
     assert np.issubdtype(data["counts"].dtype, np.integer)
 
 
-# nbvcp.stan is written in (m, log_r, eta_std) with eta = a + sigma_M eta_std. Without
-# the constraint Jacobian its target is the NumPy log_joint (a density in eta) plus
-# N log sigma_M (the density of eta_std rather than eta). Absolute values are compared,
-# so every constant (NB normalization, truncation, priors) is checked.
+# nbvcp.stan samples (m_free, log_r, eta_level, eta_dev) with m = m_free + eta_level and
+# eta = log1p_exp(eta_level + eta_dev), and writes every term on (m, log_r, eta). Without
+# the Jacobians (of the constraint and of the softplus, jacobian +=) its target is the
+# NumPy log_joint itself. Absolute values are compared, so every constant (NB
+# normalization, truncation, priors) is checked.
 
 
 def test_log_density_matches_numpy():
@@ -42,16 +43,15 @@ def test_log_density_matches_numpy():
     log_lib = np.log(sim["counts"].sum(axis=1))
     capture = {"log_M0": float(log_lib.mean()), "sigma_M": 0.7}  # the truncation matters
     data = nbvcp.stan_data(sim["counts"], **capture)
-    a = pln.capture_prior_mean(data["log_lib"], data["log_M0"])
     rng = np.random.default_rng(11)
     for _ in range(3):
         m = sim["m"] + 0.5 * rng.standard_normal(4)
         log_r = rng.normal(1.0, 1.5, 4)
         eta = rng.uniform(0.05, 2.0, 5)
-        params = {"m": m, "log_r": log_r, "eta_std": (eta - a) / capture["sigma_M"]}
+        level, dev = pln.capture_coordinates(eta)
+        params = {"m_free": m - level, "log_r": log_r, "eta_level": level, "eta_dev": dev}
         stan_lp = sst.log_prob("nbvcp", data, params, backend="pystan", jacobian=False)
-        ref = (nbvcp.log_joint(sim["counts"], m, log_r, eta, **capture)
-               + 5 * np.log(capture["sigma_M"]))
+        ref = nbvcp.log_joint(sim["counts"], m, log_r, eta, **capture)
         assert stan_lp == pytest.approx(ref, rel=1e-10, abs=0)
 
 

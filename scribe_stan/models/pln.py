@@ -19,9 +19,10 @@ Priors on the globals (identical in ``stan/functions/pln.stanfunctions``):
   (Chung et al. 2013, Psychometrika 78:685, doi:10.1007/s11336-013-9328-2).
 
 The ``eta >= 0`` boundary: both sides use the normalized truncated normal density on
-``[0, inf)``. Stan declares eta with a lower bound of 0 (non-centred); the Laplace solver
-runs a projected Newton that keeps ``eta >= 0`` and flags cells whose mode sits on the
-bound (their Laplace value uses the untruncated Gaussian in eta).
+``[0, inf)``. The Stan programs declare the standardized eta with a lower bound that
+keeps eta >= 0 (nbvcp: a softplus of its sampled coordinates, :func:`capture_coordinates`);
+the Laplace solver runs a projected Newton that keeps ``eta >= 0`` and flags cells whose
+mode sits on the bound (their Laplace value uses the untruncated Gaussian in eta).
 
 Default capture prior: ``M0 = 1e5`` mRNA molecules per cell (mammalian cells hold about
 5e4 - 3e5 mRNAs; Marinov et al. 2014, Genome Research 24:496, doi:10.1101/gr.161034.113)
@@ -143,6 +144,27 @@ def log_capture_prior(eta, a, sigma_M):
     eta = np.asarray(eta, float)
     lp = stats.norm.logpdf(eta, a, sigma_M) - stats.norm.logsf(0.0, a, sigma_M)
     return np.where(eta >= 0, lp, -np.inf)
+
+
+def capture_coordinates(eta):
+    """Sampled coordinates of eta in ``stan/nbvcp.stan`` (``nbvcp_capture_jacobian``).
+
+    ``eta = log1p(exp(eta_level + eta_dev))`` with ``eta_dev`` summing to zero: the scalar
+    ``eta_level`` carries the capture gauge, the common shift of all eta_c.
+
+    Parameters
+    ----------
+    eta : (N,) array, eta > 0
+
+    Returns
+    -------
+    eta_level : float
+    eta_dev : (N,) ndarray, sums to zero
+    """
+    eta = np.asarray(eta, float)
+    t = eta + np.log(-np.expm1(-eta))  # inverse softplus, log(exp(eta) - 1), stable
+    level = float(t.mean())
+    return level, t - level
 
 
 def log_lik_cells(counts, x, eta):
