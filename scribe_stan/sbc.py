@@ -186,10 +186,10 @@ def _check_model(model):
 
 
 def _capture(rng, log_lib, log_M0, sigma_M):
-    """eta_std from the standard normal truncated to ``eta >= 0``; returns (eta_std, eta)."""
+    """eta from its prior, normal(a, sigma_M) truncated to ``eta >= 0``."""
     a = pln.capture_prior_mean(log_lib, log_M0)
-    eta_std = stats.truncnorm.rvs(-a / sigma_M, np.inf, size=a.shape, random_state=rng)
-    return eta_std, a + sigma_M * eta_std
+    return stats.truncnorm.rvs(-a / sigma_M, np.inf, loc=a, scale=sigma_M, size=a.shape,
+                               random_state=rng)
 
 
 def _latent(rng, N, dim, K):
@@ -222,11 +222,12 @@ def draw_prior(model, N, G, K, rng, *, log_lib, log_M0=float(np.log(pln.M0_DEFAU
     -------
     dict of str to ndarray or float
         The parameters under their Stan names on the constrained scale (pln:
-        ``mu (G,), W (G, K), d (G,), z (N, G), eta_std (N,)``; nbln adds ``log_r (G,)``;
-        nbvcp: ``m_free, log_r (G,), eta_level, eta_dev (N,)``; lnm: ``mu_alr, d_alr
-        (G-1,), W_alr (G-1, K), log_m_T, log_r_T, z (N, G-1)``; lnmvcp adds ``eta_std``)
-        and the quantities the programs compute from them (``Sigma, x, eta, r, m``; lnm:
-        ``Sigma_alr, y, m_T, r_T``).
+        ``mu (G,), W (G, K), d (G,), obs_level (N,), zeta (N, G), eta_q (N,)``; nbln
+        adds ``log_r (G,)``; nbvcp: ``m_free, log_r (G,), eta_level, eta_dev (N,)``; lnm:
+        ``mu_alr, d_alr (G-1,), W_alr (G-1, K), log_m_T, log_r_T, z (N, G-1)``; lnmvcp's
+        ``eta_q`` depends on the totals, so :func:`simulate` adds it) and the quantities
+        the programs compute from them (``Sigma, x, eta, r, m``; lnm: ``Sigma_alr, y,
+        m_T, r_T``).
 
     Raises
     ------
@@ -249,18 +250,25 @@ def draw_prior(model, N, G, K, rng, *, log_lib, log_M0=float(np.log(pln.M0_DEFAU
         out["log_r_T"] = float(rng.normal(dispersion.LOG_R_LOC, dispersion.LOG_R_SCALE))
         out["m_T"], out["r_T"] = float(np.exp(out["log_m_T"])), float(np.exp(out["log_r_T"]))
     else:
-        mu, W, d, z, Sigma, x = _latent(rng, N, G, K)
-        out.update(mu=mu, W=W, d=d, z=z, Sigma=Sigma, x=x)
+        mu, W, d, _, Sigma, x = _latent(rng, N, G, K)
+        out.update(mu=mu, W=W, d=d, Sigma=Sigma, x=x)
         if model == "nbln":
             out["log_r"] = rng.normal(dispersion.LOG_R_LOC, dispersion.LOG_R_SCALE, size=G)
             out["r"] = np.exp(out["log_r"])
     if model == "nbvcp":
         # nbvcp.stan samples eta as (eta_level, eta_dev) and m relative to eta_level
-        _, out["eta"] = _capture(rng, log_lib, log_M0, sigma_M)
+        out["eta"] = _capture(rng, log_lib, log_M0, sigma_M)
         out["eta_level"], out["eta_dev"] = pln.capture_coordinates(out["eta"])
         out["m_free"] = out["m"] - out["eta_level"]
+    elif model == "lnmvcp":
+        out["eta"] = _capture(rng, log_lib, log_M0, sigma_M)  # eta_q: see simulate
     elif model != "lnm":
-        out["eta_std"], out["eta"] = _capture(rng, log_lib, log_M0, sigma_M)
+        # pln.stan and nbln.stan sample the captured log-rates x - eta and eta's quantile
+        out["eta"] = _capture(rng, log_lib, log_M0, sigma_M)
+        coords = pln.observed_capture_coordinates(
+            out["x"], out["eta"], out["mu"], out["W"], out["d"],
+            pln.capture_prior_mean(log_lib, log_M0), sigma_M)
+        out.update({k: coords[k] for k in ("obs_level", "zeta", "eta_q")})
     return out
 
 
@@ -330,7 +338,8 @@ def simulate(model, settings, rng):
     Returns
     -------
     truth : dict
-        :func:`draw_prior` output plus ``log_lib`` (N,) and ``counts`` (N, G).
+        :func:`draw_prior` output plus ``log_lib`` (N,) and ``counts`` (N, G); lnmvcp
+        also ``eta_q`` (N,).
     n_rejected : int
         Simulations redrawn before this one was accepted.
     """
@@ -343,6 +352,10 @@ def simulate(model, settings, rng):
         counts = simulate_counts(model, truth, rng, max_total=s.max_total)
         if counts.sum(axis=1).max() <= s.max_total:
             truth.update(log_lib=log_lib, counts=counts)
+            if model == "lnmvcp":
+                truth["eta_q"], _ = lnm.capture_quantile_coordinates(
+                    truth["eta"], counts.sum(axis=1), truth["log_m_T"], truth["log_r_T"],
+                    pln.capture_prior_mean(log_lib, s.log_M0), s.sigma_M)
             return truth, n_rejected
         n_rejected += 1
 

@@ -6,11 +6,14 @@
 //   counts[c] | total_c ~ multinomial(total_c, softmax(y_c with 0 at `ref`))
 //
 // exp(-eta_c) is the capture efficiency; the capture prior is pln's. m_T is the mean
-// total mRNA count before capture. Priors as in stan/lnm.stan. y and eta non-centred.
+// total mRNA count before capture. Priors as in stan/lnm.stan. y is non-centred; eta is
+// sampled as its quantile eta_q in an approximate conditional given (m_T, r_T)
+// (functions/capture.stanfunctions explains why).
 functions {
   #include functions/pln.stanfunctions
   #include functions/dispersion.stanfunctions
   #include functions/lnm.stanfunctions
+  #include functions/capture.stanfunctions
 }
 data {
   int<lower=2> N;  // cells
@@ -29,7 +32,6 @@ transformed data {
     total[c] = sum(counts[c]);
   }
   vector[N] a = log_M0 - log_lib;  // prior location of eta
-  vector[N] eta_std_lower = -a / sigma_M;  // eta >= 0
 }
 parameters {
   vector[D] mu_alr;
@@ -38,21 +40,24 @@ parameters {
   real log_m_T;  // log mean total mRNA before capture
   real log_r_T;
   matrix[N, D] z;
-  vector<lower=eta_std_lower>[N] eta_std;  // standardized capture
+  vector<lower=0, upper=1>[N] eta_q;  // quantile of eta_c given (m_T, r_T), approx.
 }
 transformed parameters {
   matrix[D, D] Sigma_alr = pln_covariance(W_alr, d_alr);
   matrix[N, D] y = pln_latent(mu_alr, cholesky_decompose(Sigma_alr), z);
-  vector[N] eta = a + sigma_M * eta_std;
   real m_T = exp(log_m_T);
   real r_T = exp(log_r_T);
+  vector[N] eta_loc = capture_totals_loc(total, log_m_T, r_T, a, sigma_M);
+  vector[N] eta_scale = inv_sqrt(capture_totals_precision(total, r_T, sigma_M));
+  vector[N] eta = capture_totals_jacobian(eta_q, eta_loc, eta_scale);
 }
 model {
   target += lnm_composition_prior_lpdf(mu_alr | W_alr, d_alr);
   target += normal_lpdf(log_m_T | 0, 10);
   target += dispersion_lpdf([log_r_T]');
   target += std_normal_lpdf(to_vector(z));
-  target += pln_capture_std_lpdf(eta_std | eta_std_lower);
+  target += capture_prior_lpdf(eta | a, sigma_M);
+  target += uniform_lpdf(eta_q | 0, 1);  // zero; eta_q is a quantile
   target += sum(lnm_log_lik(counts, total, y, ref, log_m_T - eta, r_T));
 }
 generated quantities {

@@ -7,11 +7,15 @@
 //
 // Priors (see scribe_stan/models/nbln.py): mu, W, d, the loadings column scales tau
 // and the capture prior exactly as stan/pln.stan (functions/pln.stanfunctions);
-// log_r ~ normal(log 10, 3) (functions/dispersion.stanfunctions). Both x and eta are
-// non-centred. Every term is added with an explicit, normalized _lpdf/_lpmf so the
-// log density keeps all constants.
+// log_r ~ normal(log 10, 3) (functions/dispersion.stanfunctions). The sampled per-cell
+// coordinates are the level obs_level and innovations zeta of the captured log-rates
+// x_obs = x - eta 1 and the conditional quantile eta_q of eta
+// (functions/capture.stanfunctions explains why).
+// Every term is added with an explicit, normalized _lpdf/_lpmf so the log density
+// keeps all constants.
 functions {
   #include functions/pln.stanfunctions
+  #include functions/capture.stanfunctions
   #include functions/dispersion.stanfunctions
   #include functions/nbln.stanfunctions
 }
@@ -27,7 +31,6 @@ data {
 }
 transformed data {
   vector[N] a = log_M0 - log_lib;  // prior location of eta
-  vector[N] eta_std_lower = -a / sigma_M;  // eta >= 0
 }
 parameters {
   vector[G] mu;
@@ -35,19 +38,26 @@ parameters {
   vector<lower=0>[G] d;
   vector<lower=1e-3>[loadings_prior > 0 ? K : 0] tau;  // loadings column scales
   vector[G] log_r;  // log dispersions
-  matrix[N, G] z;  // latent innovations
-  vector<lower=eta_std_lower>[N] eta_std;  // standardized capture
+  vector[N] obs_level;  // level of the captured log-rates x_obs_c along 1, centred
+  matrix[N, G] zeta;  // innovations of x_obs_c around that level
+  vector<lower=0, upper=1>[N] eta_q;  // quantile of eta_c given x_obs_c
 }
 transformed parameters {
   matrix[G, G] Sigma = pln_covariance(W, d);
-  vector[N] eta = a + sigma_M * eta_std;
-  matrix[N, G] x = pln_latent(mu, cholesky_decompose(Sigma), z);
+  real obs_level_scale = capture_level_scale(Sigma, sigma_M);
+  matrix[N, G] x_obs = capture_observed_latent(mu, Sigma, sigma_M, obs_level, zeta);
+  real eta_scale = capture_conditional_scale(Sigma, sigma_M);  // of eta_c | x_obs_c
+  vector[N] eta_loc = capture_conditional_loc(mu, Sigma, a, sigma_M, x_obs, eta_scale);
+  vector[N] eta = capture_from_quantile(eta_q, eta_loc, rep_vector(eta_scale, N));
+  matrix[N, G] x = x_obs + rep_matrix(eta, G);
 }
 model {
   target += pln_globals_lpdf(mu | d, W, tau, loadings_prior);
   target += dispersion_lpdf(log_r);
-  target += std_normal_lpdf(to_vector(z));
-  target += pln_capture_std_lpdf(eta_std | eta_std_lower);
+  target += normal_lpdf(obs_level | mean(mu) - a, obs_level_scale);
+  target += std_normal_lpdf(to_vector(zeta));
+  target += capture_truncation_lpdf(eta_loc | eta_scale, a, sigma_M);
+  target += uniform_lpdf(eta_q | 0, 1);  // zero; eta_q is a quantile
   target += sum(nbln_log_lik(counts, x, eta, log_r));
 }
 generated quantities {

@@ -83,10 +83,18 @@ def test_joint_log_density_matches_numpy(model):
         # unconstrained with lnm.log_joint's prior: no loadings term in the offset.
         offset = N * np.log(np.diag(L)).sum()
         if model == "lnmvcp":
+            # eta is sampled as its quantile eta_q; the program adds log |d eta/d eta_q|
+            # as a Jacobian, so the density without Jacobians is the density in eta
             a = pln.capture_prior_mean(cap["log_lib"], cap["log_M0"])
-            params["eta_std"] = (eta - a) / cap["sigma_M"]
-            offset += N * np.log(cap["sigma_M"])
+            params["eta_q"], log_jacobian = lnm.capture_quantile_coordinates(
+                eta, np.asarray(data["counts"]).sum(axis=1), log_m, log_r, a, cap["sigma_M"])
+            with_jacobian = ss.log_prob(model, data, params, backend="pystan", jacobian=True)
         stan_lp.append(ss.log_prob(model, data, params, backend="pystan", jacobian=False))
+        if model == "lnmvcp":  # the Jacobians: eta_q -> eta, and the bounds of eta_q, d
+            q = params["eta_q"]
+            np.testing.assert_allclose(
+                with_jacobian - stan_lp[-1],
+                log_jacobian + np.log(q * (1 - q)).sum() + np.log(d).sum(), rtol=1e-9)
         ref_lp.append(offset + lnm.log_joint(
             data["counts"], REF, mu, W, d, log_m, log_r, y,
             eta if model == "lnmvcp" else None, **cap))

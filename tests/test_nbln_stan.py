@@ -64,10 +64,10 @@ def test_data_contract(name):
 
 
 def test_nbln_log_density_matches_numpy():
-    # nbln.stan is written in (mu, W, d, log_r, z, eta_std), W unconstrained with the
-    # Laplace side's prior. Without the constraint Jacobians its target is
-    # nbln.log_joint plus N log det L (density of z, not x) and N log sigma_M (of
-    # eta_std, not eta); no loadings term.
+    # nbln.stan is written in (mu, W, d, log_r, obs_level, zeta, eta_q) as pln.stan (the
+    # captured log-rates x - eta and the quantile of eta given them), W unconstrained
+    # with the Laplace side's prior. Without the constraint Jacobians its target is
+    # nbln.log_joint plus pln.observed_capture_coordinates' log_offset; no loadings term.
     sim = _sim()
     data = _builders(sim)["nbln"]
     N, G, K = data["N"], data["G"], data["K"]
@@ -75,12 +75,15 @@ def test_nbln_log_density_matches_numpy():
     stan_lp, ref_lp = [], []
     for _ in range(3):
         mu, W, d, log_r, x, eta = _random_point(rng, N, G, K)
-        z, eta_std, logdet_L = _noncentred(data, mu, W, d, x, eta)
-        params = {"mu": mu, "W": W, "d": d, "log_r": log_r, "z": z, "eta_std": eta_std}
+        a = pln.capture_prior_mean(data["log_lib"], data["log_M0"])
+        coords = pln.observed_capture_coordinates(x, eta, mu, W, d, a, data["sigma_M"])
+        params = {"mu": mu, "W": W, "d": d, "log_r": log_r,
+                  "obs_level": coords["obs_level"], "zeta": coords["zeta"],
+                  "eta_q": coords["eta_q"]}
         stan_lp.append(stan.log_prob("nbln", data, params, jacobian=False))
         ref = nbln.log_joint(data["counts"], mu, W, d, log_r, x, eta, log_M0=data["log_M0"],
                              sigma_M=data["sigma_M"], log_lib=data["log_lib"])
-        ref_lp.append(ref + N * logdet_L + N * np.log(data["sigma_M"]))
+        ref_lp.append(ref + coords["log_offset"])
     np.testing.assert_allclose(stan_lp, ref_lp, rtol=1e-10, atol=0)
     assert np.abs(np.diff(ref_lp)).min() > 1.0  # the points really differ
 

@@ -50,6 +50,16 @@ def _noncentred(data, mu, W, d, x, eta):
     return z, eta_std, np.log(np.diag(L)).sum()
 
 
+def _stan_coordinates(data, mu, W, d, x, eta):
+    """pln.stan's per-cell parameters for given x, eta, and its log-density offset."""
+    a = pln.capture_prior_mean(data["log_lib"], data["log_M0"])
+    return pln.observed_capture_coordinates(x, eta, mu, W, d, a, data["sigma_M"])
+
+
+def _sampled(coords):
+    return {k: coords[k] for k in ("obs_level", "zeta", "eta_q")}
+
+
 def _eval_dims(dims, data):
     return tuple(int(eval(expr, {}, {k: data[k] for k in ("N", "G", "K")})) for expr in dims)
 
@@ -112,22 +122,19 @@ def test_json_data_rejects_non_finite():
 # Log-density parity with the NumPy reference
 # --------------------------------------------------------------------------------------
 #
-# pln.stan is written in (mu, W, d, z, eta_std) with x_c = mu + L z_c and
-# eta = a + sigma_M eta_std. W is unconstrained with the Laplace side's prior, so without
-# the constraint Jacobians its target is
+# pln.stan is written in (mu, W, d, obs_level, zeta, eta_q): the level and innovations
+# of the captured log-rates x_obs_c = x_c - eta_c under their marginal prior and the
+# quantile eta_q of eta_c given x_obs_c. W is unconstrained with the Laplace side's
+# prior, so without the constraint Jacobians its target is
 #
 #   log_joint(u, mu, W, d, x, eta)            (pln.log_joint: density in x, eta)
-#   + N log det L                             (std_normal(z_c) = log N(x_c) + log det L)
-#   + N log sigma_M                           (density of eta_std, not eta)
+#   + log_offset                              (pln.observed_capture_coordinates: the
+#                                              Jacobian, by SciPy's truncnorm)
 #
 # and nothing else: no term for the loadings.
 # The absolute values are compared (so every constant is checked), and the differences
 # between points (which move mu, W, d, x and eta: any change of a prior scale, of the
 # capture prior or of the likelihood would show).
-
-
-def _pln_offset(N, sigma_M, logdet_L):
-    return N * logdet_L + N * np.log(sigma_M)
 
 
 def test_pln_log_density_matches_numpy():
@@ -138,12 +145,12 @@ def test_pln_log_density_matches_numpy():
     stan_lp, ref_lp = [], []
     for _ in range(3):
         mu, W, d, x, eta = _random_point(rng, N, G, K)
-        z, eta_std, logdet_L = _noncentred(data, mu, W, d, x, eta)
-        params = {"mu": mu, "W": W, "d": d, "z": z, "eta_std": eta_std}
+        coords = _stan_coordinates(data, mu, W, d, x, eta)
+        params = {"mu": mu, "W": W, "d": d} | _sampled(coords)
         stan_lp.append(ss.log_prob("pln", data, params, backend="pystan", jacobian=False))
         ref = pln.log_joint(data["counts"], mu, W, d, x, eta,
                             log_M0=data["log_M0"], sigma_M=data["sigma_M"])
-        ref_lp.append(ref + _pln_offset(N, data["sigma_M"], logdet_L))
+        ref_lp.append(ref + coords["log_offset"])
     stan_lp, ref_lp = np.array(stan_lp), np.array(ref_lp)
     np.testing.assert_allclose(stan_lp, ref_lp, rtol=1e-10, atol=0)
     np.testing.assert_allclose(np.diff(stan_lp), np.diff(ref_lp),
@@ -168,12 +175,12 @@ def test_pln_shrinkage_prior_log_density_matches_numpy(prior):
     for _ in range(3):
         mu, W, d, x, eta = _random_point(rng, N, G, K)
         tau = rng.uniform(0.05, 2.0, K)
-        z, eta_std, logdet_L = _noncentred(data, mu, W, d, x, eta)
-        params = {"mu": mu, "W": W, "d": d, "tau": tau, "z": z, "eta_std": eta_std}
+        coords = _stan_coordinates(data, mu, W, d, x, eta)
+        params = {"mu": mu, "W": W, "d": d, "tau": tau} | _sampled(coords)
         stan_lp.append(ss.log_prob("pln", data, params, backend="pystan", jacobian=False))
         ref = pln.log_joint(data["counts"], mu, W, d, x, eta, log_M0=data["log_M0"],
                             sigma_M=data["sigma_M"], tau=tau, loadings_prior=prior)
-        ref_lp.append(ref + _pln_offset(N, data["sigma_M"], logdet_L))
+        ref_lp.append(ref + coords["log_offset"])
     np.testing.assert_allclose(stan_lp, ref_lp, rtol=1e-10, atol=0)
     assert np.abs(np.diff(ref_lp)).min() > 1.0
 

@@ -26,22 +26,35 @@ ESS >= 100 per chain, no divergent transitions, E-BFMI > 0.2 in every chain. The
 over every stored quantity except the loadings (identified only up to rotation, so
 their R-hat is meaningless). A failing pair is kept and reported as failing.
 
-Sampler (:data:`SAMPLER`): NUTS with the adapted diagonal metric, 4 chains x (500 warmup
-+ 500 draws), adapt_delta 0.95, seed 1; nbvcp 4 x (1000 + 1000) (:data:`SAMPLER_BY_MODEL`).
-nbvcp samples its capture gauge (m and every eta_c shifted together) as one coordinate,
-``eta_level`` (``nbvcp_capture_jacobian`` in ``stan/functions/nbvcp.stanfunctions``): with
-one box-constrained eta per cell that ridge moved all cells at once and NUTS with a
-diagonal metric crossed it by a slow random walk (max R-hat 1.19 / 1.08 before; 1.014 /
-1.011 with bulk ESS > 1100 after at 500 draws, both checks passed at 1000). The same
-coordinates in pln and nbln fixed their mu (pbmc20 bulk ESS 83 -> 1500 and 30 -> 2300)
-but made Sigma, x and eta mix worse in all four pairs (max R-hat 1.04-1.12 -> 1.07-1.23):
-likely because per cell only the priors split x_c - eta_c (pinned by the counts) between
-eta_c and x_c and the sum-to-zero eta_dev spreads that ridge over all cells. They keep one
-standardized eta per cell, and so does lnmvcp (its worst R-hat, r_T, did not move).
-Centring x or y did not help either (pbmc20-pln and pbmc20-lnm: E-BFMI 0.10-0.11, a
-funnel with the small d of the PBMC genes).
+Sampler (:data:`SAMPLER`, :data:`SAMPLER_BY_MODEL`): NUTS with the adapted diagonal
+metric (pystan offers no dense one), adapt_delta 0.95, seed 1, 4 chains; nbvcp
+1000 warmup + 1000 draws, the other models 1000 + 3000: their slowest quantities
+(Sigma and correlations of the PBMC genes with the smallest residual variance d) reach
+about 40-90 bulk ESS per 1000 draws, too few for the 100-per-chain check at 500.
 
-Regenerate (a few minutes per pair on 2 cores)::
+Parameterizations that made the chains mix (all in ``stan/functions/``):
+
+* nbvcp samples its capture gauge (m and every eta_c shifted together) as one
+  coordinate, ``eta_level`` (``nbvcp_capture_jacobian``): with one box-constrained eta
+  per cell that ridge moved all cells at once and NUTS crossed it by a slow random walk
+  (max R-hat 1.19 / 1.08 before, 1.004 after).
+* pln and nbln sample the captured log-rates ``x - eta`` (which the counts see) with
+  eta integrated out of its prior, and eta's quantile given them, whose posterior is
+  exactly uniform; the level of ``x - eta`` along ``(1, ..., 1)`` is sampled centred so
+  that mu's common shift is one coordinate (``capture.stanfunctions``). pbmc20-pln at
+  4 x (500 + 500): worst bulk ESS 23 (eta, R-hat 1.12) -> 77 (Sigma, R-hat 1.05), mu
+  ESS 25 -> 346. Sampled as (innovations of x, eta), per cell only the priors split
+  ``x_c - eta_c`` between x_c and eta_c, a ridge across every cell's coordinates.
+* lnmvcp samples eta_c's quantile in a Gaussian approximation of its conditional
+  given (m_T, r_T), which removes both the (m_T, eta) gauge and the funnel of eta's
+  spread in r_T (pbmc20: r_T bulk ESS 24 -> 2141, eta 81 -> 2850 at 4 x 500).
+
+Tried and dropped: the nbvcp coordinates in pln and nbln (they fixed mu but made
+Sigma, x and eta worse); centring x or y (E-BFMI 0.10-0.11, a funnel with the small d
+of the PBMC genes).
+
+Regenerate (2-40 minutes per pair on 2 cores; pbmc20-pln and pbmc20-nbln are the
+slowest)::
 
     python validation/references.py               # all pairs
     python validation/references.py grn-pln       # some pairs
@@ -71,11 +84,10 @@ GRN_RECIPE = {"n_cells": 100, "n_genes": 12, "rank": 1, "seed": 2, "lib_target":
               "density": 0.8, "edge_range": (0.8, 1.5)}
 PBMC_RECIPE = {"cells": 100, "genes": 20}
 RANK = {"grn": 1, "pbmc20": 2}
-SAMPLER = {"chains": 4, "draws": 500, "warmup": 500, "adapt_delta": 0.95, "seed": 1}
-#: Per-model changes to :data:`SAMPLER`. nbvcp is cheap (under 2 min) and at 500 draws its
-#: max R-hat over ~220 quantities sat at 1.011-1.014 with bulk ESS > 700: Monte Carlo
-#: noise of R-hat, which longer chains shrink.
-SAMPLER_BY_MODEL = {"nbvcp": {"draws": 1000, "warmup": 1000}}
+SAMPLER = {"chains": 4, "draws": 3000, "warmup": 1000, "adapt_delta": 0.95, "seed": 1}
+#: Per-model changes to :data:`SAMPLER`. nbvcp mixes well (bulk ESS > 1000 per 1000 draws
+#: on every quantity), so 1000 draws pass every check.
+SAMPLER_BY_MODEL = {"nbvcp": {"draws": 1000}}
 THIN_DRAWS = 25  # per chain: 100 stored draws per element
 #: Stored quantities (rotation-invariant or per-cell); W and its variants are left out.
 STORED = ("mu", "d", "r", "m", "Sigma", "corr", "x", "eta", "mu_clr", "Sigma_clr",

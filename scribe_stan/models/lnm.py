@@ -256,6 +256,47 @@ def log_lik_cells(counts, y, ref, log_mean_T, r_T):
             + log_multinomial_cells(counts, y, ref))
 
 
+def capture_quantile_coordinates(eta, total, log_m_T, log_r_T, a, sigma_M):
+    """Capture coordinates sampled by ``stan/lnmvcp.stan``.
+
+    lnmvcp.stan samples the quantile ``eta_q_c`` of eta_c in a Gaussian approximation
+    of its conditional posterior given ``(m_T, r_T)``, truncated to ``eta_c >= 0``:
+    the capture prior ``Normal(a_c, sigma_M)`` times the total's likelihood expanded
+    to second order in ``log m_T - eta_c`` at ``log total_c``, where its information is
+    ``I_c = total_c r_T / (total_c + r_T)`` (``stan/functions/capture.stanfunctions``).
+
+    Parameters
+    ----------
+    eta : (N,) array, eta >= 0
+        Capture losses.
+    total : (N,) array of int
+        Per-cell totals of the counts.
+    log_m_T, log_r_T : float
+        Log mean and log dispersion of the total.
+    a : (N,) array
+        Capture prior location, :func:`scribe_stan.models.pln.capture_prior_mean`.
+    sigma_M : float
+        Capture prior scale.
+
+    Returns
+    -------
+    eta_q : (N,) ndarray in [0, 1]
+    log_jacobian : float
+        ``log |d eta / d eta_q|`` summed over cells, ``-sum_c log q(eta_c)`` with ``q``
+        the truncated approximation. The program's log density in ``eta_q`` is the
+        density in ``eta`` plus this.
+    """
+    t = np.asarray(total, float)
+    r_T = np.exp(log_r_T)
+    information = t * r_T / (t + r_T)
+    precision = 1.0 / sigma_M**2 + information
+    loc = (np.asarray(a, float) / sigma_M**2
+           + information * (log_m_T - np.log(np.maximum(t, 1.0)))) / precision
+    scale = 1.0 / np.sqrt(precision)
+    approximation = stats.truncnorm(-loc / scale, np.inf, loc=loc, scale=scale)
+    return approximation.cdf(eta), float(-approximation.logpdf(eta).sum())
+
+
 def log_joint(counts, ref, mu, W, d, log_m_T, log_r_T, y, eta=None, *,
               log_M0=np.log(pln.M0_DEFAULT), sigma_M=pln.SIGMA_M_DEFAULT, log_lib=None):
     """Exact joint log density of lnm (``eta=None``) or lnmvcp, all constants included.

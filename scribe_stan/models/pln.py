@@ -19,8 +19,9 @@ Priors on the globals (identical in ``stan/functions/pln.stanfunctions``):
   (Chung et al. 2013, Psychometrika 78:685, doi:10.1007/s11336-013-9328-2).
 
 The ``eta >= 0`` boundary: both sides use the normalized truncated normal density on
-``[0, inf)``. The Stan programs declare the standardized eta with a lower bound that
-keeps eta >= 0 (nbvcp: a softplus of its sampled coordinates, :func:`capture_coordinates`);
+``[0, inf)``. The full-joint Stan programs sample eta through coordinates that keep
+eta >= 0 (pln, nbln: its quantile given the captured log-rates,
+:func:`observed_capture_coordinates`; nbvcp: a softplus, :func:`capture_coordinates`);
 the Laplace solver runs a projected Newton that keeps ``eta >= 0`` and flags cells whose
 mode sits on the bound (their Laplace value uses the untruncated Gaussian in eta).
 
@@ -32,7 +33,7 @@ and ``sigma_M = 1`` (a factor e either way). Both are overridable.
 from __future__ import annotations
 
 import numpy as np
-from scipy import special, stats
+from scipy import linalg, special, stats
 
 from scribe_stan.models import loadings
 
@@ -165,6 +166,64 @@ def capture_coordinates(eta):
     t = eta + np.log(-np.expm1(-eta))  # inverse softplus, log(exp(eta) - 1), stable
     level = float(t.mean())
     return level, t - level
+
+
+def observed_capture_coordinates(x, eta, mu, W, d, a, sigma_M):
+    """Per-cell coordinates sampled by ``stan/pln.stan`` and ``stan/nbln.stan``.
+
+    Those programs sample the captured log-rates ``x_obs_c = x_c - eta_c`` under their
+    marginal prior ``MultiNormal(mu - a_c, Sigma + sigma_M^2 1 1')`` (times the
+    truncation factor), as ``x_obs_c = mu - a_c + L z_c`` with the level of ``z_c``
+    along ``u = L^-1 1 / |L^-1 1|`` sampled centred,
+    ``obs_level_c = k u'z_c + mean(mu) - a_c`` (``k = 1 / |L^-1 1|``), and the rest as
+    ``zeta_c`` (whose unused component along ``u`` is set to 0 here); and the quantile
+    ``eta_q_c`` of eta_c in its conditional prior given ``x_obs_c``, ``Normal(m_c, s)``
+    truncated to ``eta_c >= 0`` with ``1/s^2 = 1/sigma_M^2 + 1' Sigma^-1 1`` and
+    ``m_c = s^2 (a_c/sigma_M^2 + 1' Sigma^-1 (mu - x_obs_c))``
+    (``stan/functions/capture.stanfunctions`` explains why).
+
+    Parameters
+    ----------
+    x : (N, G) array
+        Latent log-rates.
+    eta : (N,) array, eta >= 0
+        Capture losses.
+    mu, W, d : arrays (G,), (G, K), (G,)
+        Globals.
+    a : (N,) array
+        Capture prior location, :func:`capture_prior_mean`.
+    sigma_M : float
+        Capture prior scale.
+
+    Returns
+    -------
+    dict
+        ``obs_level (N,)``, ``zeta (N, G)``, ``eta_q (N,)`` in [0, 1], and
+        ``log_offset`` (float): the programs' log density at these coordinates minus
+        :func:`log_joint` at ``(x, eta)``, i.e. ``log |det d(x, eta)/d(z, eta_q)|
+        = N log det L - sum_c log p(eta_c | x_obs_c)``, minus ``N log k`` (density of
+        obs_level, not of ``u'z_c``) plus the standard normal log density of the N
+        unused components.
+    """
+    x, eta, mu = np.asarray(x, float), np.asarray(eta, float), np.asarray(mu, float)
+    a = np.asarray(a, float)
+    N, G = x.shape
+    Sigma = covariance(W, d)
+    x_obs = x - eta[:, None]
+    L = np.linalg.cholesky(Sigma + sigma_M**2)
+    z = linalg.solve_triangular(L, (x_obs - mu + a[:, None]).T, lower=True).T
+    u = linalg.solve_triangular(L, np.ones(G), lower=True)
+    k = 1.0 / np.linalg.norm(u)
+    u *= k
+    level = z @ u
+    w = np.linalg.solve(Sigma, np.ones(G))
+    scale = 1.0 / np.sqrt(1.0 / sigma_M**2 + w.sum())
+    loc = scale**2 * (a / sigma_M**2 + (mu - x_obs) @ w)
+    conditional = stats.truncnorm(-loc / scale, np.inf, loc=loc, scale=scale)
+    log_offset = (N * np.log(np.diag(L)).sum() - conditional.logpdf(eta).sum()
+                  - N * np.log(k) + N * stats.norm.logpdf(0.0))
+    return {"obs_level": k * level + mu.mean() - a, "zeta": z - np.outer(level, u),
+            "eta_q": conditional.cdf(eta), "log_offset": float(log_offset)}
 
 
 def log_lik_cells(counts, x, eta):
