@@ -53,8 +53,7 @@ Tried and dropped: the nbvcp coordinates in pln and nbln (they fixed mu but made
 Sigma, x and eta worse); centring x or y (E-BFMI 0.10-0.11, a funnel with the small d
 of the PBMC genes).
 
-Regenerate (2-40 minutes per pair on 2 cores; pbmc20-pln and pbmc20-nbln are the
-slowest)::
+Regenerate (3-23 minutes of sampling per pair on 2 cores; pbmc20-pln is the slowest)::
 
     python validation/references.py               # all pairs
     python validation/references.py grn-pln       # some pairs
