@@ -19,7 +19,7 @@ Figures: ``validation/figures/sbc-<model>-ranks.png`` (rank histograms),
 Usage (prints the JSON summaries; run nice'd, one model at a time on a small machine)::
 
     python validation/run_sbc.py pln nbvcp --sims 100 [--cells 20 --genes 5 --rank 1]
-        [--chains 2 --warmup 300 --draws 300 --L 100] [--max-minutes 30] [--seed 0]
+        [--chains 2 --warmup 1000 --draws 500 --L 100 --max-total 1e4] [--max-minutes 30] [--seed 0]
 
 ``--resummarize`` rebuilds ``sbc.json`` and the figures from the stored CSVs without
 sampling. ``--max-minutes`` stops starting new simulations after that much wall time per model;
@@ -51,7 +51,7 @@ BAND_PROB = 0.99
 def run_model(model, args):
     settings = sbc.SBCSettings(N=args.cells, G=args.genes, K=args.rank, chains=args.chains,
                                warmup=args.warmup, draws=args.draws, L=args.L,
-                               adapt_delta=args.adapt_delta)
+                               adapt_delta=args.adapt_delta, max_total=args.max_total)
     out = OUT / model
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -121,11 +121,14 @@ def main(argv=None):
     p.add_argument("--cells", type=int, default=20)
     p.add_argument("--genes", type=int, default=5)
     p.add_argument("--rank", type=int, default=1)
-    p.add_argument("--chains", type=int, default=2)
-    p.add_argument("--warmup", type=int, default=300)
-    p.add_argument("--draws", type=int, default=300)
-    p.add_argument("--L", type=int, default=100)
-    p.add_argument("--adapt-delta", type=float, default=0.9)
+    defaults = sbc.SBCSettings()
+    p.add_argument("--chains", type=int, default=defaults.chains)
+    p.add_argument("--warmup", type=int, default=defaults.warmup)
+    p.add_argument("--draws", type=int, default=defaults.draws)
+    p.add_argument("--L", type=int, default=defaults.L)
+    p.add_argument("--adapt-delta", type=float, default=defaults.adapt_delta)
+    p.add_argument("--max-total", type=float, default=defaults.max_total,
+                   help="redraw simulations whose largest per-cell total exceeds this")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-minutes", type=float, default=None)
     p.add_argument("--resummarize", action="store_true",
