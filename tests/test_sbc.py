@@ -184,6 +184,20 @@ def test_simulate_rejects_on_totals_only():
     assert np.array_equal(data["log_lib"], truth["log_lib"])
 
 
+def test_simulate_redraws_empty_data_under_min_total():
+    # Normal(0, 10) on log m_T makes most lnm data sets all zeros; min_total redraws them.
+    settings = sbc.SBCSettings(N=6, G=4, min_total=100.0)
+    rng = np.random.default_rng(5)
+    n_rej = 0
+    for _ in range(10):
+        truth, n = sbc.simulate("lnmvcp", settings, rng)
+        assert 100 <= truth["counts"].sum(axis=1).max() <= settings.max_total
+        n_rej += n
+    assert n_rej > 0
+    with pytest.raises(ValueError, match="min_total"):
+        sbc.SBCSettings(min_total=2e4)
+
+
 def test_quantities_skip_loadings_and_match_shapes():
     settings = sbc.SBCSettings(N=6, G=4)
     truth = _draws("pln", n=1, G=4)[0]

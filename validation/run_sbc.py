@@ -3,7 +3,8 @@
 For each model: ``--sims`` simulations of :func:`scribe_stan.sbc.run_simulation` (prior
 draw -> counts -> NUTS on ``stan/<model>.stan`` -> rank of the truth among L thinned
 draws; Laplace fit of the same counts -> PIT of the true per-cell latents). Stored under
-``validation/sbc/<model>/``:
+``validation/sbc/<study>/``, where the study is the model name, or ``<model>-<suffix>``
+with ``--study <suffix>`` (a replication with another seed, other settings):
 
 * ``ranks.csv``: one row per simulation (seed), one column per quantity (ranks 0..L);
 * ``sims.csv``: per-simulation diagnostics (rejections, divergences, tree-depth hits,
@@ -12,14 +13,15 @@ draws; Laplace fit of the same counts -> PIT of the true per-cell latents). Stor
 * ``sbc.json``: settings, seed, versions, Stan hash, wall times, the per-quantity ECDF
   band test (flags), Laplace coverage of central 50 %/90 % intervals.
 
-Figures: ``validation/figures/sbc-<model>-ranks.png`` (rank histograms),
-``sbc-<model>-ecdf.png`` (ECDF differences with the simultaneous band) and
-``sbc-<model>-laplace-ecdf.png`` (the same for the Laplace PIT of tracked latents).
+Figures: ``validation/figures/sbc-<study>-ranks.png`` (rank histograms),
+``sbc-<study>-ecdf.png`` (ECDF differences with the simultaneous band) and
+``sbc-<study>-laplace-ecdf.png`` (the same for the Laplace PIT of tracked latents).
 
 Usage (prints the JSON summaries; run nice'd, one model at a time on a small machine)::
 
     python validation/run_sbc.py pln nbvcp --sims 100 [--cells 20 --genes 5 --rank 1]
-        [--chains 2 --warmup 1000 --draws 500 --L 100 --max-total 1e4] [--max-minutes 30] [--seed 0]
+        [--chains 2 --warmup 1000 --draws 500 --L 100 --max-total 1e4 --min-total 0]
+        [--max-minutes 30] [--seed 0] [--study SUFFIX]
 
 ``--resummarize`` rebuilds ``sbc.json`` and the figures from the stored CSVs without
 sampling. ``--max-minutes`` stops starting new simulations after that much wall time per model;
@@ -51,13 +53,15 @@ BAND_PROB = 0.99
 def run_model(model, args):
     settings = sbc.SBCSettings(N=args.cells, G=args.genes, K=args.rank, chains=args.chains,
                                warmup=args.warmup, draws=args.draws, L=args.L,
-                               adapt_delta=args.adapt_delta, max_total=args.max_total)
-    out = OUT / model
+                               adapt_delta=args.adapt_delta, max_total=args.max_total,
+                               min_total=args.min_total)
+    study = model + (f"-{args.study}" if args.study else "")
+    out = OUT / study
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
     def progress(i, res):
-        print(f"[{model}] sim {i + 1}/{args.sims}: {res['wall_time_s']:.1f} s, "
+        print(f"[{study}] sim {i + 1}/{args.sims}: {res['wall_time_s']:.1f} s, "
               f"divergences {res['divergences']}, max R-hat {res['max_rhat']:.3f}",
               file=sys.stderr, flush=True)
 
@@ -83,21 +87,21 @@ def run_model(model, args):
     (out / "sbc.json").write_text(json.dumps(summary, indent=1, default=_json_default) + "\n")
 
     FIGURES.mkdir(exist_ok=True)
-    title = (f"SBC {model}: {len(res.ranks)} sims, N={settings.N}, G={settings.G}, "
+    title = (f"SBC {study}: {len(res.ranks)} sims, N={settings.N}, G={settings.G}, "
              f"K={settings.K}, L={settings.L}")
     fig = sbc.plot_rank_histograms(res.ranks, settings.L, flagged=summary["flagged"],
                                    title=title)
-    fig.savefig(FIGURES / f"sbc-{model}-ranks.png", dpi=90)
+    fig.savefig(FIGURES / f"sbc-{study}-ranks.png", dpi=90)
     plt.close(fig)
     fig = sbc.plot_ecdf_differences(res.pit(), prob=BAND_PROB, flagged=summary["flagged"],
                                     title=title)
-    fig.savefig(FIGURES / f"sbc-{model}-ecdf.png", dpi=90)
+    fig.savefig(FIGURES / f"sbc-{study}-ecdf.png", dpi=90)
     plt.close(fig)
     lap = res.laplace_tracked_pit().dropna(axis=1, how="all")
     if lap.shape[1] and lap.dropna().shape[0] >= 2:
         fig = sbc.plot_ecdf_differences(lap, prob=BAND_PROB,
-                                        title=f"Laplace PIT of tracked latents, {model}")
-        fig.savefig(FIGURES / f"sbc-{model}-laplace-ecdf.png", dpi=90)
+                                        title=f"Laplace PIT of tracked latents, {study}")
+        fig.savefig(FIGURES / f"sbc-{study}-laplace-ecdf.png", dpi=90)
         plt.close(fig)
     return summary
 
@@ -129,6 +133,11 @@ def main(argv=None):
     p.add_argument("--adapt-delta", type=float, default=defaults.adapt_delta)
     p.add_argument("--max-total", type=float, default=defaults.max_total,
                    help="redraw simulations whose largest per-cell total exceeds this")
+    p.add_argument("--min-total", type=float, default=defaults.min_total,
+                   help="redraw simulations in which no cell reaches this total")
+    p.add_argument("--study", default="",
+                   help="suffix of the study name: results go to validation/sbc/<model>-<study>/ "
+                        "(e.g. a replication with another --seed) instead of <model>/")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-minutes", type=float, default=None)
     p.add_argument("--resummarize", action="store_true",
