@@ -184,14 +184,15 @@ def test_simulate_rejects_on_totals_only():
     assert np.array_equal(data["log_lib"], truth["log_lib"])
 
 
-def test_simulate_redraws_empty_data_under_min_total():
+def test_simulate_redraws_empty_data_and_undetected_genes():
     # Normal(0, 10) on log m_T makes most lnm data sets all zeros; min_total redraws them.
-    settings = sbc.SBCSettings(N=6, G=4, min_total=100.0)
+    settings = sbc.SBCSettings(N=6, G=4, min_total=100.0, all_genes_detected=True)
     rng = np.random.default_rng(5)
     n_rej = 0
     for _ in range(10):
         truth, n = sbc.simulate("lnmvcp", settings, rng)
         assert 100 <= truth["counts"].sum(axis=1).max() <= settings.max_total
+        assert truth["counts"].sum(axis=0).min() > 0
         n_rej += n
     assert n_rej > 0
     with pytest.raises(ValueError, match="min_total"):

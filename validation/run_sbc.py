@@ -21,6 +21,7 @@ Usage (prints the JSON summaries; run nice'd, one model at a time on a small mac
 
     python validation/run_sbc.py pln nbvcp --sims 100 [--cells 20 --genes 5 --rank 1]
         [--chains 2 --warmup 1000 --draws 500 --L 100 --max-total 1e4 --min-total 0]
+        [--all-genes-detected]
         [--max-minutes 30] [--seed 0] [--study SUFFIX]
 
 ``--resummarize`` rebuilds ``sbc.json`` and the figures from the stored CSVs without
@@ -54,7 +55,8 @@ def run_model(model, args):
     settings = sbc.SBCSettings(N=args.cells, G=args.genes, K=args.rank, chains=args.chains,
                                warmup=args.warmup, draws=args.draws, L=args.L,
                                adapt_delta=args.adapt_delta, max_total=args.max_total,
-                               min_total=args.min_total)
+                               min_total=args.min_total,
+                               all_genes_detected=args.all_genes_detected)
     study = model + (f"-{args.study}" if args.study else "")
     out = OUT / study
     out.mkdir(parents=True, exist_ok=True)
@@ -135,6 +137,8 @@ def main(argv=None):
                    help="redraw simulations whose largest per-cell total exceeds this")
     p.add_argument("--min-total", type=float, default=defaults.min_total,
                    help="redraw simulations in which no cell reaches this total")
+    p.add_argument("--all-genes-detected", action="store_true",
+                   help="redraw simulations in which a gene has no count in any cell")
     p.add_argument("--study", default="",
                    help="suffix of the study name: results go to validation/sbc/<model>-<study>/ "
                         "(e.g. a replication with another --seed) instead of <model>/")
