@@ -52,12 +52,13 @@ Parameterizations that made the chains mix (all in ``stan/functions/``):
 Tried and dropped: the nbvcp coordinates in pln and nbln (they fixed mu but made
 Sigma, x and eta worse); centring x or y (E-BFMI 0.10-0.11, a funnel with the small d
 of the PBMC genes).
-pbmc20-pln at 4 x (1000 + 7000) with adapt_delta 0.99 (5865 s of sampling): chain 2 of
-4 stayed in a second mode (or a region it could not leave) for all 7000 draws, with mu about 4.7 lower on every gene and
-one loadings column carrying that level (diagonal of Sigma about 9 instead of 0.2), so
-R-hat 1.60 and bulk ESS 7 (the other three chains agree with the stored 1000 + 3000
-run). The stored run is kept; a run that samples this posterior honestly would need
-starts checked against that mode (e.g. from the Laplace fit) or more chains.
+pbmc20-pln at 4 x (1000 + 7000) with adapt_delta 0.99 (5865 s of sampling): chain 2 of 4
+stayed in a second mode (or a region it could not leave) for all 7000 draws, with mu
+about 4.7 lower on every gene and one loadings column carrying that level (diagonal of
+Sigma about 9 instead of 0.2), so R-hat 1.60 and bulk ESS 7 (the other three chains
+agree with the stored 1000 + 3000 run). The stored run is kept; a run that samples this
+posterior honestly would need starts checked against that mode (e.g. from the Laplace
+fit) or more chains.
 
 Regenerate (3-23 minutes of sampling per pair on 2 cores; pbmc20-pln is the slowest)::
 
