@@ -342,6 +342,13 @@ def _pct(v):
     return f"{100 * v:.0f}%"
 
 
+def _data_conditions(settings):
+    """The data-only redraw conditions of an SBC study, e.g. ``1e+02 - 1e+04``."""
+    low, high = settings.get("min_total", 0.0), settings["max_total"]
+    text = f"{low:.0e} - {high:.0e}" if low else f"<= {high:.0e}"
+    return text + (", all genes detected" if settings.get("all_genes_detected") else "")
+
+
 def sbc_section(out_dir, sbc_root=SBC_ROOT):
     """Markdown lines of the SBC section from the stored ``validation/sbc/<study>/sbc.json``.
 
@@ -388,15 +395,12 @@ def sbc_section(out_dir, sbc_root=SBC_ROOT):
     for study in studies:
         r = json.loads((sbc_root / study / "sbc.json").read_text())
         st, nuts = r["settings"], r["nuts"]
-        low = st.get("min_total", 0.0)
         rows.append({
             "study": study, "seed": r.get("seed"), "sims": r["n_sims"],
             "N x G x K": f"{st['N']} x {st['G']} x {st['K']}",
             "chains x (warmup + draws)": f"{st['chains']} x ({st['warmup']} + {st['draws']})",
             "L": st["L"], "s / sim (median)": r["wall_time_per_sim_s"]["median"],
-            "cell totals": (f"{low:.0e} - {st['max_total']:.0e}" if low
-                            else f"<= {st['max_total']:.0e}")
-                           + (", all genes detected" if st.get("all_genes_detected") else ""), "rejected draws": r["rejected_draws"],
+            "cell totals": _data_conditions(st), "rejected draws": r["rejected_draws"],
             "sims w/ divergences": nuts["sims_with_divergences"],
             "sims w/ max tree depth": nuts["sims_with_treedepth_hits"],
             "sims R-hat > 1.01": nuts["sims_max_rhat_above_1.01"],
