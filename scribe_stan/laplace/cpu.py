@@ -132,43 +132,64 @@ def _a_inv_apply(v, W, h, invB, Lm, G, K, tmpK, tmpK2, out):
 
 
 @njit(cache=True, inline="always", fastmath=_FAST)
-def _obs_loglik(u, v, phi):
-    """v-dependent part of the NegBinomial2 log pmf at log mean v (Poisson at phi = 0)."""
+def _obs_loglik(u, v, m, phi):
+    """v-dependent part of the NegBinomial2 log pmf at log mean v, ``m = exp(v)``
+    (Poisson at phi = 0)."""
     if phi == 0.0:
-        return u * v - math.exp(v)
-    return u * v - (u + 1.0 / phi) * math.log1p(phi * math.exp(v))
+        return u * v - m
+    return u * v - (u + 1.0 / phi) * math.log1p(phi * m)
 
 
 @njit(cache=True, inline="always", fastmath=_FAST)
-def _obs_score_curv(u, v, phi):
-    """(m, dl/dv, -d2l/dv2) of the NegBinomial2 log pmf at log mean v (phi = 1/r)."""
-    m = math.exp(v)
+def _obs_score_curv(u, m, phi):
+    """(dl/dv, -d2l/dv2) of the NegBinomial2 log pmf at mean ``m = exp(v)`` (phi = 1/r)."""
     if phi == 0.0:
-        return m, u - m, m
+        return u - m, m
     q = 1.0 + phi * m
-    return m, (u - m) / q, m * (1.0 + phi * u) / (q * q)
+    return (u - m) / q, m * (1.0 + phi * u) / (q * q)
 
 
 @njit(cache=True, inline="always", fastmath=_FAST)
-def _curvature(u, x, eta, inv_r, W, d, WW, G, K, score, lam, h, invB, Mf, Lm):
-    """Fill the score dl/dv, lambda, h, 1/B and the Cholesky factor of M at (x, eta).
-
-    False if the Cholesky factorization of M fails. ``WW[g, k*K + j] = W[g, k] W[g, j]``
-    turns the G x K^2 work of forming M into one contiguous (vectorizable) loop per gene.
-    """
-    KK = K * K
-    for kj in range(KK):
-        Mf[kj] = 0.0
+def _fill_means(x, eta, G, m):
+    """m = exp(x - eta): the means, computed once per point (exp dominates the cost)."""
     for g in range(G):
-        _, sg, lg = _obs_score_curv(u[g], x[g] - eta, inv_r[g])
+        m[g] = math.exp(x[g] - eta)
+
+
+@njit(cache=True, inline="always", fastmath=_FAST)
+def _sum_log1p(lam, d, G):
+    """``sum_g log(1 + lam_g d_g)`` with one log per four terms (exact unless the product
+    of four overflows, where it falls back to one log per term)."""
+    total = 0.0
+    G4 = G - G % 4
+    for g in range(0, G4, 4):
+        p = ((1.0 + lam[g] * d[g]) * (1.0 + lam[g + 1] * d[g + 1])
+             * (1.0 + lam[g + 2] * d[g + 2]) * (1.0 + lam[g + 3] * d[g + 3]))
+        if p < 1e300:
+            total += math.log(p)
+        else:
+            for j in range(g, g + 4):
+                total += math.log1p(lam[j] * d[j])
+    for g in range(G4, G):
+        total += math.log1p(lam[g] * d[g])
+    return total
+
+
+@njit(cache=True, inline="always", fastmath=_FAST)
+def _cell_terms(u, m, inv_r, d, G, score, lam, h, invB):
+    """Fill the score dl/dv, lambda, h = 1/(1 + lambda d) and 1/B = d h at means m."""
+    for g in range(G):
+        sg, lg = _obs_score_curv(u[g], m[g], inv_r[g])
         score[g] = sg
         lam[g] = lg
         hg = 1.0 / (1.0 + lg * d[g])
         h[g] = hg
         invB[g] = d[g] * hg  # 1 / (lambda + 1/d)
-        wg = lg * hg
-        for kj in range(KK):
-            Mf[kj] += wg * WW[g, kj]
+
+
+@njit(cache=True, inline="always", fastmath=_FAST)
+def _factor_m(Mf, K, Lm):
+    """Lm = Cholesky factor of ``I + Mf`` (Mf the K*K entries of ``W' diag(lambda h) W``)."""
     for k in range(K):
         for j in range(K):
             Lm[k, j] = Mf[k * K + j]
@@ -177,21 +198,130 @@ def _curvature(u, x, eta, inv_r, W, d, WW, G, K, score, lam, h, invB, Mf, Lm):
 
 
 @njit(cache=True, inline="always", fastmath=_FAST)
-def _log_density(u, x, eta, mu, W, inv_d, inv_r, Lc, a, inv_sig2, G, K, r, alpha, tmpK,
+def _curvature(u, m, inv_r, W, d, WW, G, K, score, lam, h, invB, Mf, Lm):
+    """Fill the score dl/dv, lambda, h, 1/B and the Cholesky factor of M at means m.
+
+    False if the Cholesky factorization of M fails. ``WW[g, k*K + j] = W[g, k] W[g, j]``
+    turns the G x K^2 work of forming M into one contiguous (vectorizable) loop per gene.
+    """
+    _cell_terms(u, m, inv_r, d, G, score, lam, h, invB)
+    KK = K * K
+    for kj in range(KK):
+        Mf[kj] = 0.0
+    for g in range(G):
+        wg = lam[g] * h[g]
+        for kj in range(KK):
+            Mf[kj] += wg * WW[g, kj]
+    return _factor_m(Mf, K, Lm)
+
+
+@njit(cache=True, inline="always", fastmath=_FAST)
+def _log_density(u, x, eta, m, mu, W, inv_d, inv_r, Lc, a, inv_sig2, G, K, r, alpha, tmpK,
                  tmpK2):
-    """f(x, eta) without z-independent constants; fills r = x - mu, alpha = Sigma^{-1} r."""
+    """f(x, eta) without z-independent constants, ``m = exp(x - eta)``; fills
+    r = x - mu, alpha = Sigma^{-1} r."""
     lik = 0.0
     for g in range(G):
-        lik += _obs_loglik(u[g], x[g] - eta, inv_r[g])
+        lik += _obs_loglik(u[g], x[g] - eta, m[g], inv_r[g])
+    q = _residual_alpha(x, mu, W, inv_d, Lc, G, K, r, alpha, tmpK, tmpK2)
+    return lik - 0.5 * q - 0.5 * (eta - a) ** 2 * inv_sig2, q
+
+
+@njit(cache=True, inline="always", fastmath=_FAST)
+def _residual_alpha(x, mu, W, inv_d, Lc, G, K, r, alpha, tmpK, tmpK2):
+    """Fill r = x - mu and alpha = Sigma^{-1} r; return the quadratic form r' alpha."""
+    for g in range(G):
         r[g] = x[g] - mu[g]
     _sigma_inv_apply(r, W, inv_d, Lc, G, K, tmpK, tmpK2, alpha)
     q = 0.0
     for g in range(G):
         q += r[g] * alpha[g]
-    return lik - 0.5 * q - 0.5 * (eta - a) ** 2 * inv_sig2, q
+    return q
 
 
 # ---------------------------------------------------------------- per-cell Newton
+
+
+#: Outcomes of one Newton iteration (:func:`_newton_iteration`).
+STEP_CONTINUE, STEP_CONVERGED, STEP_STOPPED, STEP_FAILED = 0, 1, 2, 3
+
+
+@njit(cache=True, inline="always", fastmath=_FAST)
+def _newton_iteration(u, a, inv_sig2, mu, W, inv_d, inv_r, Lc, x, eta, m, f, fix_eta, tol,
+                      ws_G, ws_K, Lm, G, K):
+    """One projected damped Newton iteration with Armijo line search; x, m updated in place.
+
+    Expects in ``ws_G`` the score, lambda, h, 1/B at (x, eta) (:func:`_cell_terms`) and
+    ``alpha = Sigma^{-1}(x - mu)``; ``m = exp(x - eta)``; ``Lm`` the Cholesky factor of
+    M; ``f`` the log density at (x, eta). On return with STEP_CONTINUE, ``f``, ``m`` and
+    ``alpha`` are those of the new point. Returns (outcome, eta, f, at_bound): outcome
+    STEP_CONVERGED, STEP_CONTINUE, or STEP_STOPPED (no acceptable step at a gain above
+    1e3 tol).
+    """
+    lam, h, invB, gx, r, alpha, dx, phi = (ws_G[0], ws_G[1], ws_G[2], ws_G[3], ws_G[4],
+                                           ws_G[5], ws_G[6], ws_G[7])
+    xn, score, mn = ws_G[8], ws_G[9], ws_G[10]
+    tmpK, tmpK2 = ws_K[0], ws_K[1]
+    at_bound = False
+    sum_lam = 0.0
+    resid = 0.0
+    for g in range(G):
+        gx[g] = score[g] - alpha[g]
+        sum_lam += lam[g]
+        resid += score[g]
+    g_eta = -resid - (eta - a) * inv_sig2
+    _a_inv_apply(gx, W, h, invB, Lm, G, K, tmpK, tmpK2, dx)  # psi = A^{-1} gx
+    d_eta = 0.0
+    if not fix_eta:
+        _a_inv_apply(lam, W, h, invB, Lm, G, K, tmpK, tmpK2, phi)  # A^{-1} lambda
+        s = sum_lam + inv_sig2
+        lpsi = 0.0
+        for g in range(G):
+            s -= lam[g] * phi[g]
+            lpsi += lam[g] * dx[g]
+        d_eta = (g_eta + lpsi) / s
+        if eta <= 0.0 and d_eta < 0.0:
+            d_eta = 0.0  # bound active: x-only step
+            at_bound = True
+        else:
+            for g in range(G):
+                dx[g] += phi[g] * d_eta
+    dec = g_eta * d_eta
+    for g in range(G):
+        dec += gx[g] * dx[g]
+    if 0.5 * dec < tol:
+        # Converged (half the Newton decrement is the predicted gain). Tested before
+        # the line search: with tiny d, f sums large cancelling terms and its rounding
+        # noise can exceed tol, so an Armijo test on f cannot confirm such a step.
+        for g in range(G):
+            x[g] += dx[g]
+        eta = max(eta + d_eta, 0.0)
+        return STEP_CONVERGED, eta, f, at_bound and eta == 0.0
+    # Backtracking line search (Armijo), eta projected onto [0, inf).
+    t = 1.0
+    for _ls in range(60):
+        for g in range(G):
+            xn[g] = x[g] + t * dx[g]
+        en = eta + t * d_eta
+        if en < 0.0:
+            en = 0.0
+        _fill_means(xn, en, G, mn)
+        fn, _ = _log_density(u, xn, en, mn, mu, W, inv_d, inv_r, Lc, a, inv_sig2, G, K, r,
+                             alpha, tmpK, tmpK2)
+        if math.isfinite(fn) and fn >= f + 1e-4 * t * dec - 1e-12 * abs(f):
+            for g in range(G):
+                x[g] = xn[g]
+                m[g] = mn[g]
+            if t < 1.0 and 0.5 * dec < 1e3 * tol:
+                # Near the mode Newton's full step always passes Armijo; a backtrack at a
+                # predicted gain this small is the rounding noise of f (or its gradient).
+                return STEP_CONVERGED, en, fn, at_bound and en == 0.0
+            return STEP_CONTINUE, en, fn, at_bound
+        t *= 0.5
+    # No acceptable step. Restore alpha for x (the line search overwrote it) and stop.
+    _log_density(u, x, eta, m, mu, W, inv_d, inv_r, Lc, a, inv_sig2, G, K, r, alpha, tmpK,
+                 tmpK2)
+    return (STEP_CONVERGED if dec < 1e3 * tol else STEP_STOPPED), eta, f, at_bound
 
 
 @njit(cache=True, fastmath=_FAST)
@@ -202,80 +332,20 @@ def _newton_cell(u, a, inv_sig2, mu, W, d, inv_r, WW, inv_d, Lc, x, eta0, fix_et
     Returns (eta, n_iter, converged, at_bound). With ``fix_eta`` only x moves.
     """
     G, K = W.shape
-    lam, h, invB, gx, r, alpha, dx, phi = (ws_G[0], ws_G[1], ws_G[2], ws_G[3], ws_G[4],
-                                           ws_G[5], ws_G[6], ws_G[7])
-    xn, score = ws_G[8], ws_G[9]
-    tmpK, tmpK2 = ws_K[0], ws_K[1]
     eta = eta0
     at_bound = False
-    f, _ = _log_density(u, x, eta, mu, W, inv_d, inv_r, Lc, a, inv_sig2, G, K, r, alpha, tmpK,
-                        tmpK2)
+    m = ws_G[11]
+    _fill_means(x, eta, G, m)
+    f, _ = _log_density(u, x, eta, m, mu, W, inv_d, inv_r, Lc, a, inv_sig2, G, K, ws_G[4],
+                        ws_G[5], ws_K[0], ws_K[1])
     for it in range(max_iter):
-        if not _curvature(u, x, eta, inv_r, W, d, WW, G, K, score, lam, h, invB, Mf, Lm):
+        if not _curvature(u, m, inv_r, W, d, WW, G, K, ws_G[9], ws_G[0], ws_G[1], ws_G[2], Mf,
+                          Lm):
             return eta, it, False, at_bound
-        sum_lam = 0.0
-        resid = 0.0
-        for g in range(G):
-            gx[g] = score[g] - alpha[g]
-            sum_lam += lam[g]
-            resid += score[g]
-        g_eta = -resid - (eta - a) * inv_sig2
-        _a_inv_apply(gx, W, h, invB, Lm, G, K, tmpK, tmpK2, dx)  # psi = A^{-1} gx
-        d_eta = 0.0
-        if not fix_eta:
-            _a_inv_apply(lam, W, h, invB, Lm, G, K, tmpK, tmpK2, phi)  # A^{-1} lambda
-            s = sum_lam + inv_sig2
-            lpsi = 0.0
-            for g in range(G):
-                s -= lam[g] * phi[g]
-                lpsi += lam[g] * dx[g]
-            d_eta = (g_eta + lpsi) / s
-            if eta <= 0.0 and d_eta < 0.0:
-                d_eta = 0.0  # bound active: x-only step
-                at_bound = True
-            else:
-                at_bound = False
-                for g in range(G):
-                    dx[g] += phi[g] * d_eta
-        dec = g_eta * d_eta
-        for g in range(G):
-            dec += gx[g] * dx[g]
-        if 0.5 * dec < tol:
-            # Converged (half the Newton decrement is the predicted gain). Tested before
-            # the line search: with tiny d, f sums large cancelling terms and its rounding
-            # noise can exceed tol, so an Armijo test on f cannot confirm such a step.
-            for g in range(G):
-                x[g] += dx[g]
-            eta = max(eta + d_eta, 0.0)
-            return eta, it + 1, True, at_bound and eta == 0.0
-        # Backtracking line search (Armijo), eta projected onto [0, inf).
-        t = 1.0
-        accepted = False
-        for _ls in range(60):
-            for g in range(G):
-                xn[g] = x[g] + t * dx[g]
-            en = eta + t * d_eta
-            if en < 0.0:
-                en = 0.0
-            fn, _ = _log_density(u, xn, en, mu, W, inv_d, inv_r, Lc, a, inv_sig2, G, K, r,
-                                 alpha, tmpK, tmpK2)
-            if math.isfinite(fn) and fn >= f + 1e-4 * t * dec - 1e-12 * abs(f):
-                accepted = True
-                break
-            t *= 0.5
-        if not accepted:
-            # Restore alpha for x (the line search overwrote it) and stop.
-            _log_density(u, x, eta, mu, W, inv_d, inv_r, Lc, a, inv_sig2, G, K, r, alpha, tmpK,
-                         tmpK2)
-            return eta, it + 1, dec < 1e3 * tol, at_bound
-        for g in range(G):
-            x[g] = xn[g]
-        eta = en
-        f = fn
-        if t < 1.0 and 0.5 * dec < 1e3 * tol:
-            # Near the mode Newton's full step always passes Armijo; a backtrack at a
-            # predicted gain this small is the rounding noise of f (or its gradient).
-            return eta, it + 1, True, at_bound and eta == 0.0
+        out, eta, f, at_bound = _newton_iteration(u, a, inv_sig2, mu, W, inv_d, inv_r, Lc, x,
+                                                  eta, m, f, fix_eta, tol, ws_G, ws_K, Lm, G, K)
+        if out != STEP_CONTINUE:
+            return eta, it + 1, out == STEP_CONVERGED, at_bound
     return eta, max_iter, False, at_bound
 
 
@@ -305,7 +375,7 @@ def newton_all(counts, a, sigma, mu, W, d, inv_r, WW, Lc, x, eta, fix_eta, tol, 
     at_bound = np.zeros(N, np.bool_)
     n_chunks = max(1, min(N, n_chunks))
     for ch in prange(n_chunks):
-        ws_G = np.empty((10, G))
+        ws_G = np.empty((12, G))
         ws_K = np.empty((2, K))
         Lm = np.empty((K, K))
         Mf = np.empty(K * K)
@@ -322,6 +392,111 @@ def newton_all(counts, a, sigma, mu, W, d, inv_r, WW, Lc, x, eta, fix_eta, tol, 
 
 
 # ---------------------------------------------------------------- value and gradient
+
+
+@njit(cache=True, inline="always", fastmath=_FAST)
+def _cell_value_grad(u, xc, e, mc, a, inv_sig2, const, mu, W, d, inv_d, inv_r, Lc, Lm,
+                     logdet_m, qrow, fix_eta, want_grad, want_grad_r, ws_G, ws_K, acc_mu, acc_W,
+                     acc_d, acc_r):
+    """Laplace log marginal of one cell at its mode, and its gradient added to the acc_*.
+
+    Expects ``mc = exp(xc - e)``, in ``ws_G`` rows 0-3 the score, lambda, h, 1/B at the
+    mode (:func:`_cell_terms`), ``Lm`` the Cholesky factor of M with ``logdet_m = log det M``
+    and ``qrow[g] = W_g M^{-1} W_g'``. The explicit ``sum (lambda h) M^{-1}`` term of the
+    W gradient is left to the caller. Returns the value.
+    """
+    G, K = W.shape
+    score, lam, h, invB, r, alpha, phi, t = (ws_G[0], ws_G[1], ws_G[2], ws_G[3], ws_G[4],
+                                             ws_G[5], ws_G[6], ws_G[7])
+    var_v, wx, beta, gam = ws_G[8], ws_G[9], ws_G[10], ws_G[11]
+    tmpK, tmpK2, ka, kb, kg = ws_K[0], ws_K[1], ws_K[2], ws_K[3], ws_K[4]
+    f, q = _log_density(u, xc, e, mc, mu, W, inv_d, inv_r, Lc, a, inv_sig2, G, K, r, alpha,
+                        tmpK, tmpK2)
+    lik_f = f + 0.5 * q + 0.5 * (e - a) ** 2 * inv_sig2
+    logdet = logdet_m + _sum_log1p(lam, d, G)
+    val = const + lik_f - 0.5 * q - 0.5 * logdet
+    s = 1.0
+    if not fix_eta:
+        _a_inv_apply(lam, W, h, invB, Lm, G, K, tmpK, tmpK2, phi)
+        s = inv_sig2
+        for g in range(G):
+            s += lam[g] * (1.0 - phi[g])
+        val += -0.5 * (e - a) ** 2 * inv_sig2 - 0.5 * math.log(s)
+    if not want_grad:
+        return val
+    for g in range(G):
+        qg = qrow[g]
+        vg = invB[g] + h[g] * h[g] * qg
+        if not fix_eta:
+            vg += (phi[g] - 1.0) ** 2 / s
+        var_v[g] = vg
+        # t_g = (d lambda_g / d v_g) Var_q(v_g): derivative of log det(-H) along v;
+        # d lambda / d v = lambda (1 - phi m) / (1 + phi m) (= lambda for Poisson).
+        pg = inv_r[g]
+        if pg == 0.0:
+            t[g] = lam[g] * vg
+        else:
+            pm = pg * mc[g]
+            t[g] = lam[g] * (1.0 - pm) / (1.0 + pm) * vg
+        # Explicit partial of -1/2 log det(Sigma A) w.r.t. d_g.
+        wg = lam[g] * h[g]
+        acc_d[g] += -0.5 * wg + 0.5 * wg * wg * qg
+    # Adjoint w = -1/2 (-H)^{-1} J' t: x part in wx, eta part w_eta.
+    _a_inv_apply(t, W, h, invB, Lm, G, K, tmpK, tmpK2, wx)
+    w_eta = 0.0
+    if not fix_eta:
+        d_eta = 0.0
+        for g in range(G):
+            d_eta += lam[g] * wx[g] - t[g]
+        d_eta /= s
+        for g in range(G):
+            wx[g] += phi[g] * d_eta
+        w_eta = -0.5 * d_eta
+    for g in range(G):
+        wx[g] *= -0.5
+    # log r_g enters through l_g only: explicit d l / d log r, the curvature in
+    # -1/2 log det(-H), and the score in grad_z f (weighted by the adjoint).
+    if want_grad_r:
+        for g in range(G):
+            pg = inv_r[g]
+            if pg == 0.0:
+                continue
+            ug = u[g]
+            m = mc[g]
+            q1 = 1.0 + pg * m
+            dlik = m * (1.0 + pg * ug) / q1 - math.log1p(pg * m) / pg
+            dlam = -pg * m * (ug * q1 - 2.0 * m * (1.0 + pg * ug)) / (q1 * q1 * q1)
+            dscore = pg * (ug - m) * m / (q1 * q1)
+            acc_r[g] += dlik - 0.5 * var_v[g] * dlam + (wx[g] - w_eta) * dscore
+    _sigma_inv_apply(wx, W, inv_d, Lc, G, K, tmpK, tmpK2, beta)
+    if not fix_eta:
+        _sigma_inv_apply(phi, W, inv_d, Lc, G, K, tmpK, tmpK2, gam)
+    for k in range(K):
+        ka[k] = 0.0
+        kb[k] = 0.0
+        kg[k] = 0.0
+    for g in range(G):
+        for k in range(K):
+            ka[k] += W[g, k] * alpha[g]
+            kb[k] += W[g, k] * beta[g]
+            if not fix_eta:
+                kg[k] += W[g, k] * gam[g]
+    inv_s = 1.0 / s
+    for g in range(G):
+        acc_mu[g] += alpha[g] + beta[g]
+        ag = alpha[g]
+        bg = beta[g]
+        dd = 0.5 * ag * ag + ag * bg
+        if not fix_eta:
+            gg = gam[g]
+            dd += 0.5 * gg * gg * inv_s
+            for k in range(K):
+                acc_W[g, k] += ag * (ka[k] + kb[k]) + bg * ka[k] + gg * kg[k] * inv_s
+        else:
+            for k in range(K):
+                acc_W[g, k] += ag * (ka[k] + kb[k]) + bg * ka[k]
+        acc_d[g] += dd
+    return val
 
 
 @njit(parallel=True, cache=True, fastmath=_FAST)
@@ -373,133 +548,40 @@ def laplace_value_grad(counts, const, a, sigma, mu, W, d, inv_r, WW, Lc, x, eta,
     # sum_c (lambda h)_g M_c^{-1}, contracted with W at the end (gradient of log det M)
     acc_R = np.zeros((n_chunks, G, K * K)) if want_grad else np.zeros((1, 1, 1))
     for ch in prange(n_chunks):
-        score = np.empty(G)
-        lam = np.empty(G)
-        h = np.empty(G)
-        invB = np.empty(G)
-        r = np.empty(G)
-        alpha = np.empty(G)
-        phi = np.empty(G)
-        t = np.empty(G)
-        var_v = np.empty(G)
-        wx = np.empty(G)
-        beta = np.empty(G)
-        gam = np.empty(G)
+        ws_G = np.empty((12, G))
+        ws_K = np.empty((5, K))
         Minv = np.empty(K * K)
         Mf = np.empty(K * K)
-        unit = np.empty(K)
         Lm = np.empty((K, K))
-        tmpK = np.empty(K)
-        tmpK2 = np.empty(K)
-        ka = np.empty(K)
-        kb = np.empty(K)
-        kg = np.empty(K)
+        qrow = np.empty(G)
+        mc = np.empty(G)
         for c in range(ch * N // n_chunks, (ch + 1) * N // n_chunks):
             u = counts[c]
             xc = x[c]
             e = eta[c]
-            inv_sig2 = 1.0 / (sigma[c] * sigma[c])
-            _curvature(u, xc, e, inv_r, W, d, WW, G, K, score, lam, h, invB, Mf, Lm)
-            f, q = _log_density(u, xc, e, mu, W, inv_d, inv_r, Lc, a[c], inv_sig2, G, K, r,
-                                alpha, tmpK, tmpK2)
-            lik_f = f + 0.5 * q + 0.5 * (e - a[c]) ** 2 * inv_sig2
-            logdet = _chol_logdet(Lm, K)
-            for g in range(G):
-                logdet += math.log1p(lam[g] * d[g])
-            val = const[c] + lik_f - 0.5 * q - 0.5 * logdet
-            s = 1.0
-            if not fix_eta:
-                _a_inv_apply(lam, W, h, invB, Lm, G, K, tmpK, tmpK2, phi)
-                s = inv_sig2
-                for g in range(G):
-                    s += lam[g] * (1.0 - phi[g])
-                val += -0.5 * (e - a[c]) ** 2 * inv_sig2 - 0.5 * math.log(s)
-            value[c] = val
-            if not want_grad:
-                continue
-            # M^{-1} column by column (K^3), then q_g = W_g M^{-1} W_g' = WW[g] . Minv
-            for k in range(K):
-                for j in range(K):
-                    unit[j] = 0.0
-                unit[k] = 1.0
-                _chol_solve(Lm, unit, K, tmpK2)
-                for j in range(K):
-                    Minv[k * K + j] = tmpK2[j]
-            for g in range(G):
-                qg = 0.0
-                for kj in range(K * K):
-                    qg += WW[g, kj] * Minv[kj]
-                vg = invB[g] + h[g] * h[g] * qg
-                if not fix_eta:
-                    vg += (phi[g] - 1.0) ** 2 / s
-                var_v[g] = vg
-                # t_g = (d lambda_g / d v_g) Var_q(v_g): derivative of log det(-H) along v;
-                # d lambda / d v = lambda (1 - phi m) / (1 + phi m) (= lambda for Poisson).
-                pg = inv_r[g]
-                if pg == 0.0:
-                    t[g] = lam[g] * vg
-                else:
-                    pm = pg * math.exp(xc[g] - e)
-                    t[g] = lam[g] * (1.0 - pm) / (1.0 + pm) * vg
-                # Explicit partials of -1/2 log det(Sigma A) w.r.t. d_g and (via acc_R) W.
-                wg = lam[g] * h[g]
-                acc_d[ch, g] += -0.5 * wg + 0.5 * wg * wg * qg
-                for kj in range(K * K):
-                    acc_R[ch, g, kj] += wg * Minv[kj]
-            # Adjoint w = -1/2 (-H)^{-1} J' t: x part in wx, eta part w_eta.
-            _a_inv_apply(t, W, h, invB, Lm, G, K, tmpK, tmpK2, wx)
-            w_eta = 0.0
-            if not fix_eta:
-                d_eta = 0.0
-                for g in range(G):
-                    d_eta += lam[g] * wx[g] - t[g]
-                d_eta /= s
-                for g in range(G):
-                    wx[g] += phi[g] * d_eta
-                w_eta = -0.5 * d_eta
-            for g in range(G):
-                wx[g] *= -0.5
-            # log r_g enters through l_g only: explicit d l / d log r, the curvature in
-            # -1/2 log det(-H), and the score in grad_z f (weighted by the adjoint).
-            for g in range(G):
-                pg = inv_r[g]
-                if pg == 0.0 or not want_grad_r:
-                    continue
-                ug = u[g]
-                m = math.exp(xc[g] - e)
-                q1 = 1.0 + pg * m
-                dlik = m * (1.0 + pg * ug) / q1 - math.log1p(pg * m) / pg
-                dlam = -pg * m * (ug * q1 - 2.0 * m * (1.0 + pg * ug)) / (q1 * q1 * q1)
-                dscore = pg * (ug - m) * m / (q1 * q1)
-                acc_r[ch, g] += dlik - 0.5 * var_v[g] * dlam + (wx[g] - w_eta) * dscore
-            _sigma_inv_apply(wx, W, inv_d, Lc, G, K, tmpK, tmpK2, beta)
-            if not fix_eta:
-                _sigma_inv_apply(phi, W, inv_d, Lc, G, K, tmpK, tmpK2, gam)
-            for k in range(K):
-                ka[k] = 0.0
-                kb[k] = 0.0
-                kg[k] = 0.0
-            for g in range(G):
+            _fill_means(xc, e, G, mc)
+            _curvature(u, mc, inv_r, W, d, WW, G, K, ws_G[0], ws_G[1], ws_G[2], ws_G[3], Mf, Lm)
+            if want_grad:
+                # M^{-1} column by column (K^3), then q_g = W_g M^{-1} W_g' = WW[g] . Minv
                 for k in range(K):
-                    ka[k] += W[g, k] * alpha[g]
-                    kb[k] += W[g, k] * beta[g]
-                    if not fix_eta:
-                        kg[k] += W[g, k] * gam[g]
-            inv_s = 1.0 / s
-            for g in range(G):
-                acc_mu[ch, g] += alpha[g] + beta[g]
-                ag = alpha[g]
-                bg = beta[g]
-                dd = 0.5 * ag * ag + ag * bg
-                if not fix_eta:
-                    gg = gam[g]
-                    dd += 0.5 * gg * gg * inv_s
-                    for k in range(K):
-                        acc_W[ch, g, k] += ag * (ka[k] + kb[k]) + bg * ka[k] + gg * kg[k] * inv_s
-                else:
-                    for k in range(K):
-                        acc_W[ch, g, k] += ag * (ka[k] + kb[k]) + bg * ka[k]
-                acc_d[ch, g] += dd
+                    for j in range(K):
+                        ws_K[0, j] = 0.0
+                    ws_K[0, k] = 1.0
+                    _chol_solve(Lm, ws_K[0], K, ws_K[1])
+                    for j in range(K):
+                        Minv[k * K + j] = ws_K[1, j]
+                for g in range(G):
+                    qg = 0.0
+                    wg = ws_G[1, g] * ws_G[2, g]
+                    for kj in range(K * K):
+                        qg += WW[g, kj] * Minv[kj]
+                        acc_R[ch, g, kj] += wg * Minv[kj]
+                    qrow[g] = qg
+            value[c] = _cell_value_grad(u, xc, e, mc, a[c], 1.0 / (sigma[c] * sigma[c]),
+                                        const[c], mu, W, d, inv_d, inv_r, Lc, Lm,
+                                        _chol_logdet(Lm, K),
+                                        qrow, fix_eta, want_grad, want_grad_r, ws_G, ws_K,
+                                        acc_mu[ch], acc_W[ch], acc_d[ch], acc_r[ch])
     g_mu = np.zeros(G)
     g_d = np.zeros(G)
     g_log_r = np.zeros(G)
@@ -566,7 +648,8 @@ def sample_cells(counts, const, lgam, a, sigma, mu, W, d, inv_r, WW, Lc, x, eta,
         Mf = np.empty(K * K)
         tmpK = np.empty(K)
         tmpK2 = np.empty(K)
-        _curvature(u, x[c], eta[c], inv_r, W, d, WW, G, K, score, lam, h, invB, Mf, Lm)
+        _fill_means(x[c], eta[c], G, xs)
+        _curvature(u, xs, inv_r, W, d, WW, G, K, score, lam, h, invB, Mf, Lm)
         _a_inv_apply(lam, W, h, invB, Lm, G, K, tmpK, tmpK2, phi)
         s = inv_sig2
         logdet_h = _chol_logdet(Lm, K) - logdet_sigma
@@ -598,7 +681,7 @@ def sample_cells(counts, const, lgam, a, sigma, mu, W, d, inv_r, WW, Lc, x, eta,
                     sg += W[g, k] * tmpK[k]
                 dx[g] = eps_G[i, c, g] * math.sqrt(invB[g]) + h[g] * sg + phi[g] * de
                 xs[g] = x[c, g] + dx[g]
-                lik += _obs_loglik(u[g], xs[g] - e, inv_r[g])
+                lik += _obs_loglik(u[g], xs[g] - e, math.exp(xs[g] - e), inv_r[g])
                 r[g] = xs[g] - mu[g]
                 quad_lam += lam[g] * dx[g] * dx[g]
                 lam_dx += lam[g] * dx[g]
@@ -640,7 +723,9 @@ def log_density_cells(counts, a, sigma, mu, W, d, inv_r, Lc, x, eta):
         alpha = np.empty(G)
         tmpK = np.empty(K)
         tmpK2 = np.empty(K)
+        m = np.empty(G)
+        _fill_means(x[c], eta[c], G, m)
         inv_sig2 = 1.0 / (sigma[c] * sigma[c])
-        out[c], _ = _log_density(counts[c], x[c], eta[c], mu, W, inv_d, inv_r, Lc, a[c],
+        out[c], _ = _log_density(counts[c], x[c], eta[c], m, mu, W, inv_d, inv_r, Lc, a[c],
                                  inv_sig2, G, K, r, alpha, tmpK, tmpK2)
     return out

@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 
 import numba
 import numpy as np
-from scipy import optimize, special
+from scipy import optimize, sparse, special
 from scipy.sparse.linalg import LinearOperator, eigsh
 
-from scribe_stan.laplace.device import device_counts, resolve_device
+from scribe_stan.laplace import batched, em
+from scribe_stan.laplace.device import check_dtype, device_counts, resolve_device
 from scribe_stan.models import dispersion, loadings, pln
 
 MODELS = ("pln", "nbln")
@@ -107,25 +108,32 @@ class LaplaceProblem:
 
     def __init__(self, counts, *, log_M0=np.log(pln.M0_DEFAULT), sigma_M=pln.SIGMA_M_DEFAULT,
                  newton_tol=1e-10, max_newton=100, log_lib=None, eta_loc=None,
-                 eta_scale=None, device="cpu", dtype="float64"):
-        self.counts = np.ascontiguousarray(counts, dtype=np.float64)
-        # kernel module by device; the counts go to it once (on the GPU for CUDA)
+                 eta_scale=None, device="cpu", dtype="float64", chunk_cells=None):
+        # Counts are held as CSR (sorted indices) whatever came in; dense copies are made
+        # per chunk only where a per-cell kernel needs them.
+        self.csr = sparse.csr_matrix(counts, dtype=np.float64, copy=True)
+        self.csr.sum_duplicates()
+        self.csr.eliminate_zeros()
+        self.csr.sort_indices()
         self._kernels = resolve_device(device)
-        self._dcounts = device_counts(self._kernels, self.counts, dtype)
-        N, G = self.counts.shape
+        self._dtype = check_dtype(self._kernels, dtype)
+        # CPU: the batched BLAS path (scribe_stan.laplace.batched); CUDA: its own kernels
+        self._batched = self._kernels.__name__.endswith(".cpu")
+        self._dcounts_cache = None
+        N, G = self.csr.shape
         if (eta_loc is None) != (eta_scale is None):
             raise ValueError("eta_loc and eta_scale go together: pass both (N,) arrays or "
                              "neither (capture prior from log_M0, sigma_M).")
         if eta_loc is None:
             if log_lib is None:
-                log_lib = np.log(self.counts.sum(axis=1))
+                log_lib = np.log(np.asarray(self.csr.sum(axis=1)).reshape(-1))
             self.a = pln.capture_prior_mean(log_lib, float(log_M0))
             self.sigma = np.full(N, float(sigma_M))
         else:
             self.a = _check_cells("eta_loc", eta_loc, N)
             self.sigma = _check_cells("eta_scale", eta_scale, N, positive=True)
-        rows, cols = np.nonzero(self.counts)
-        self._nonzero = (rows, cols, self.counts[rows, cols])
+        rows = np.repeat(np.arange(N), np.diff(self.csr.indptr))
+        self._nonzero = (rows, self.csr.indices.astype(np.int64), self.csr.data)
         self._lgam = -np.bincount(rows, weights=special.gammaln(self._nonzero[2] + 1.0),
                                   minlength=N)
         self._nb_cache = None  # (log_r, lik_constants(log_r)) of the last NB call
@@ -135,14 +143,42 @@ class LaplaceProblem:
         self.newton_tol = float(newton_tol)
         self.max_newton = int(max_newton)
         self.eta = np.maximum(self.a, 0.0)
-        self.x = np.log(self.counts + 0.5) + self.eta[:, None]
+        self.x = np.empty((N, G))
+        self._restart(np.arange(N), reset_eta=False)
         self.n_iter = np.zeros(N, np.int64)
         self.converged = np.zeros(N, bool)
         self.at_bound = np.zeros(N, bool)
+        self._bounds = batched.chunk_bounds(N, G, chunk_cells)
+        # chunks view their rows of x and eta: keep those arrays, assign into them
+        self._chunks = [batched.CellChunk(self.csr[lo:hi], self.a[lo:hi], self.sigma[lo:hi],
+                                          self.x[lo:hi], self.eta[lo:hi])
+                        for lo, hi in self._bounds]
+
+    def _restart(self, cells, reset_eta=True):
+        """Data-driven start for ``cells``: ``x = log(u + 1/2) + eta`` (eta at the prior's
+        location, clipped at 0, when ``reset_eta``)."""
+        if reset_eta:
+            self.eta[cells] = np.maximum(self.a[cells], 0.0)
+        sub = self.csr[cells]
+        start = np.full((cells.size, self.csr.shape[1]), np.log(0.5))
+        start[np.repeat(np.arange(cells.size), np.diff(sub.indptr)), sub.indices] = \
+            np.log(sub.data + 0.5)
+        self.x[cells] = start + self.eta[cells, None]
+
+    @property
+    def _dcounts(self):
+        """Counts as the per-cell kernels take them (dense on the CPU), made on first use."""
+        if self._dcounts_cache is None:
+            self._dcounts_cache = device_counts(self._kernels, self.csr, self._dtype)
+        return self._dcounts_cache
+
+    def chunks(self):
+        """``[(lo, hi, CellChunk), ...]``: the cells in chunks of the batched path."""
+        return [(lo, hi, ch) for (lo, hi), ch in zip(self._bounds, self._chunks)]
 
     @property
     def shape(self):
-        return self.counts.shape
+        return self.csr.shape
 
     def lik_constants(self, log_r=None):
         """Per-cell z-independent log-likelihood terms (N,).
@@ -173,6 +209,30 @@ class LaplaceProblem:
         terms = r * (special.digamma(u + r) - special.digamma(r)) - u
         return np.bincount(cols, weights=terms, minlength=self.shape[1])
 
+    def _newton(self, mu, W, d, inv_r, fix, cells):
+        """Newton from the stored modes for ``cells`` (None: all); (n_iter, ok, at_bound)."""
+        N = self.shape[0]
+        if not self._batched:
+            sel = slice(None) if cells is None else cells
+            xb, eb = self.x[sel], self.eta[sel]
+            out = self._kernels.newton_all(
+                self._dcounts if cells is None else self.csr[cells].toarray(), self.a[sel],
+                self.sigma[sel], mu, W, d, inv_r, pair_products(W), shared_factor(W, d), xb,
+                eb, fix, self.newton_tol, self.max_newton, _n_chunks())
+            self.x[sel], self.eta[sel] = xb, eb
+            return out
+        gl = batched.Globals.build(mu, W, d, inv_r)
+        cells = np.arange(N) if cells is None else cells
+        n_iter = np.zeros(cells.size, np.int64)
+        ok = np.zeros(cells.size, bool)
+        bound = np.zeros(cells.size, bool)
+        for lo, hi, chunk in self.chunks():
+            mine = np.flatnonzero((cells >= lo) & (cells < hi))
+            if mine.size:
+                n_iter[mine], ok[mine], bound[mine] = chunk.newton(
+                    gl, fix, self.newton_tol, self.max_newton, cells[mine] - lo)
+        return n_iter, ok, bound
+
     def modes(self, mu, W, d, *, log_r=None, eta=None):
         """Run Newton from the stored warm start; update and return the modes.
 
@@ -182,22 +242,13 @@ class LaplaceProblem:
         inv_r = inverse_dispersion(log_r, self.shape[1])
         fix = eta is not None
         if fix:
-            self.eta = np.array(eta, dtype=np.float64)
-        Lc = shared_factor(W, d)
-        self.n_iter, self.converged, self.at_bound = self._kernels.newton_all(
-            self._dcounts, self.a, self.sigma, mu, W, d, inv_r, pair_products(W), Lc, self.x,
-            self.eta, fix, self.newton_tol, self.max_newton, _n_chunks())
+            self.eta[:] = eta
+        self.n_iter, self.converged, self.at_bound = self._newton(mu, W, d, inv_r, fix, None)
         if not np.all(self.converged):
             # A restart from the data-driven start rescues cells stranded by a bad warm start.
             bad = np.flatnonzero(~self.converged)
-            if not fix:
-                self.eta[bad] = np.maximum(self.a[bad], 0.0)
-            self.x[bad] = np.log(self.counts[bad] + 0.5) + self.eta[bad, None]
-            it, ok, bd = self._kernels.newton_all(self.counts[bad], self.a[bad], self.sigma[bad],
-                                                  mu, W, d, inv_r, pair_products(W), Lc,
-                                                  xb := self.x[bad], eb := self.eta[bad], fix,
-                                                  self.newton_tol, self.max_newton, _n_chunks())
-            self.x[bad], self.eta[bad] = xb, eb
+            self._restart(bad, reset_eta=not fix)
+            it, ok, bd = self._newton(mu, W, d, inv_r, fix, bad)
             self.n_iter[bad] += it
             self.converged[bad], self.at_bound[bad] = ok, bd
         return CellModes(self.x, self.eta, self.n_iter, self.converged, self.at_bound)
@@ -231,11 +282,16 @@ class LaplaceProblem:
         const = self.lik_constants(log_r)
         if not fix:
             const = const + self._const_eta
-        # the gradient pass costs the same for every cell: one block per thread
-        value, g_mu, g_W, g_d, g_log_r = self._kernels.laplace_value_grad(
-            self._dcounts, const, self.a, self.sigma, mu, W, d,
-            inverse_dispersion(log_r, self.shape[1]), pair_products(W), shared_factor(W, d),
-            self.x, self.eta, fix, grad, numba.get_num_threads(), grad_log_r)
+        inv_r = inverse_dispersion(log_r, self.shape[1])
+        if self._batched:
+            value, g_mu, g_W, g_d, g_log_r = self._value_grad(mu, W, d, inv_r, const, fix,
+                                                              grad, grad_log_r)
+        else:
+            # the gradient pass costs the same for every cell: one block per thread
+            value, g_mu, g_W, g_d, g_log_r = self._kernels.laplace_value_grad(
+                self._dcounts, const, self.a, self.sigma, mu, W, d, inv_r, pair_products(W),
+                shared_factor(W, d), self.x, self.eta, fix, grad, numba.get_num_threads(),
+                grad_log_r)
         if not grad:
             return value
         if log_r is None:
@@ -243,6 +299,27 @@ class LaplaceProblem:
         if not grad_log_r:
             return value, g_mu, g_W, g_d, None
         return value, g_mu, g_W, g_d, g_log_r + self.lik_constants_grad(log_r)
+
+    def _value_grad(self, mu, W, d, inv_r, const, fix, grad, grad_log_r):
+        """Batched value and gradient: per-chunk results, summed (map-reduce over chunks)."""
+        gl = batched.Globals.build(mu, W, d, inv_r)
+        G, K = W.shape
+        value = np.empty(self.shape[0])
+        total = {"mu": np.zeros(G), "W": np.zeros((G, K)), "d": np.zeros(G),
+                 "log_r": np.zeros(G)}
+        for lo, hi, chunk in self.chunks():
+            value[lo:hi], *part = chunk.value_grad(gl, const[lo:hi], fix, grad, grad_log_r)
+            for key, g in zip(total, part):
+                total[key] += g
+        return value, total["mu"], total["W"], total["d"], total["log_r"]
+
+    def em_statistics(self, mu, W, d, *, log_r=None, eta=None):
+        """Modes at the globals, then the summed expected sufficient statistics of the
+        factor model over all chunks (see :mod:`scribe_stan.laplace.em`)."""
+        self.modes(mu, W, d, log_r=log_r, eta=eta)
+        gl = batched.Globals.build(mu, W, d, inverse_dispersion(log_r, self.shape[1]))
+        return em.reduce_statistics([chunk.em_statistics(gl, eta is not None)
+                                     for _, _, chunk in self.chunks()])
 
     def log_joint(self, mu, W, d, x, eta, *, log_r=None):
         """Exact ``log p(u_c, x_c, eta_c | mu, W, d[, log_r])`` per cell (all constants), (N,).
@@ -499,23 +576,30 @@ def diagonal_scaling(problem, mu, W, d, log_r=None, *, eta=None, free_log_r=Fals
     makes L-BFGS's start near-isotropic. Returns ``scale`` shaped like the packed vector.
     """
     problem.modes(mu, W, d, log_r=log_r, eta=eta)
-    m = np.exp(problem.x - problem.eta[:, None])
-    if log_r is None:
-        lam = m
-    else:
-        phi = np.exp(-np.asarray(log_r))
-        lam = m * (1 + phi * problem.counts) / (1 + phi * m) ** 2
+    G = W.shape[0]
     sig = np.sum(W**2, axis=1) + d
-    w = lam / (1.0 + lam * sig)
+    phi = None if log_r is None else np.exp(-np.asarray(log_r))
+    r = None if log_r is None else np.exp(np.asarray(log_r))
+    info, info_d, info_r = np.zeros(G), np.zeros(G), np.zeros(G)
+    for lo, hi, _ in problem.chunks():  # per chunk: no N x G temporaries
+        m = np.exp(problem.x[lo:hi] - problem.eta[lo:hi, None])
+        if log_r is None:
+            lam = m
+        else:
+            u = problem.csr[lo:hi].toarray()
+            lam = m * (1 + phi * u) / (1 + phi * m) ** 2
+            info_r += np.sum((m / (m + r)) ** 2, axis=0)
+        w = lam / (1.0 + lam * sig)
+        info += w.sum(axis=0)
+        info_d += np.sum((w * d) ** 2, axis=0)
     # Floor at 1: coordinates of nearly silent genes are never stretched, so a unit
     # step of the optimizer never moves them by more than one natural unit.
-    info = np.maximum(w.sum(axis=0), 1.0)
-    info_d = np.maximum(0.5 * np.sum((w * d) ** 2, axis=0), 1.0)
+    info = np.maximum(info, 1.0)
+    info_d = np.maximum(0.5 * info_d, 1.0)
     K = W.shape[1]
     parts = [info, np.repeat(info, K), info_d]
     if free_log_r:
-        r = np.exp(np.asarray(log_r))
-        parts.append(np.maximum(0.5 * np.sum((m / (m + r)) ** 2, axis=0), 1.0))
+        parts.append(np.maximum(0.5 * info_r, 1.0))
     return np.sqrt(np.concatenate(parts))
 
 
@@ -528,19 +612,26 @@ def initial_globals(counts, a, K, *, seed=0):
     doi:10.1093/biomet/76.4.643), and the top-K eigenvectors of the relative covariance
     (without its Poisson part) give W, via a matrix-free eigensolver (no G x G matrix).
     """
-    counts = np.asarray(counts, float)
-    N, G = counts.shape
+    y = sparse.diags(np.exp(a)) @ sparse.csr_matrix(counts, dtype=np.float64)
+    N, G = y.shape
     scale = np.exp(a)
-    y = counts * scale[:, None]
-    m = np.maximum(y.mean(axis=0), 1e-3 * scale.mean() / N)
+    m = np.maximum(np.asarray(y.mean(axis=0)).reshape(-1), 1e-3 * scale.mean() / N)
     poisson_part = np.mean(scale) * m
-    rel_var = np.maximum(y.var(axis=0) - poisson_part, 0.0) / m**2
+    var = np.asarray(y.multiply(y).mean(axis=0)).reshape(-1) - np.asarray(
+        y.mean(axis=0)).reshape(-1) ** 2
+    rel_var = np.maximum(var - poisson_part, 0.0) / m**2
     sigma_diag = np.clip(np.log1p(rel_var), 0.05, 5.0)
     mu = np.log(m) - 0.5 * sigma_diag
-    Z = (y - m) / m / np.sqrt(N)
+    # relative covariance Z'Z of Z = (y - m) / m / sqrt(N), applied without forming Z
     noise = poisson_part / m**2
-    op = LinearOperator((G, G), matvec=lambda v: Z.T @ (Z @ v.ravel()) - noise * v.ravel(),
-                        dtype=float)
+    root_n = np.sqrt(N)
+
+    def matvec(v):
+        v = v.ravel()
+        zv = (y @ (v / m) - v.sum()) / root_n
+        return (y.T @ zv / m - zv.sum()) / root_n - noise * v
+
+    op = LinearOperator((G, G), matvec=matvec, dtype=float)
     rng = np.random.default_rng(seed)
     try:
         vals, vecs = eigsh(op, k=K, which="LA", v0=rng.standard_normal(G), maxiter=2000,
@@ -705,7 +796,7 @@ def fit_laplace(counts, K, *, model="pln", log_M0=np.log(pln.M0_DEFAULT),
                          log_mean_prior=_gene_prior("log_mean_prior", log_mean_prior, G),
                          loadings_prior=loadings.check_prior(loadings_prior))
     if init is None:
-        init = initial_globals(problem.counts, problem.a, K, seed=seed)
+        init = initial_globals(problem.csr, problem.a, K, seed=seed)
     if layout.free_log_r and len(init) == 3:  # log_r starts at the prior's location
         init = (*init, np.full(G, dispersion.LOG_R_LOC))
     mu0, W0, d0 = init[:3]
