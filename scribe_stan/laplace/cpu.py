@@ -406,8 +406,8 @@ def _cell_value_grad(u, xc, e, mc, a, inv_sig2, const, mu, W, d, inv_d, inv_r, L
     W gradient is left to the caller. Returns the value.
     """
     G, K = W.shape
-    score, lam, h, invB, r, alpha, phi, t = (ws_G[0], ws_G[1], ws_G[2], ws_G[3], ws_G[4],
-                                             ws_G[5], ws_G[6], ws_G[7])
+    lam, h, invB, r, alpha, phi, t = (ws_G[1], ws_G[2], ws_G[3], ws_G[4], ws_G[5], ws_G[6],
+                                      ws_G[7])
     var_v, wx, beta, gam = ws_G[8], ws_G[9], ws_G[10], ws_G[11]
     tmpK, tmpK2, ka, kb, kg = ws_K[0], ws_K[1], ws_K[2], ws_K[3], ws_K[4]
     f, q = _log_density(u, xc, e, mc, mu, W, inv_d, inv_r, Lc, a, inv_sig2, G, K, r, alpha,

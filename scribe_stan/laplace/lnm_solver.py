@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 
 import numba
 import numpy as np
-from scipy import optimize, special, stats
+from scipy import special, stats
 
-from scribe_stan.laplace import lnm_cpu
+from scribe_stan.laplace import driver, lnm_cpu
 from scribe_stan.models import dispersion, lnm, pln
 
 MODES = ("full", "low_rank")
@@ -113,6 +113,16 @@ class CompositionProblem:
     def shape(self):
         """(N, D): cells and ALR dimension."""
         return self.u.shape
+
+    def keep_modes(self):
+        """Remember the current modes (:mod:`scribe_stan.laplace.driver`)."""
+        self._kept = (self.y.copy(), None if self.z is None else self.z.copy())
+
+    def restore_modes(self):
+        """Go back to the modes of the last :meth:`keep_modes`."""
+        self.y[:] = self._kept[0]
+        if self._kept[1] is not None:
+            self.z[:] = self._kept[1]
 
     def _start(self):
         """Data-driven start: empirical log-ratios with a 1/2 pseudo-count."""
@@ -407,64 +417,29 @@ def fit_composition(counts, ref, K, *, mode="full", tol=1e-8, max_iter=1000,
     mu0, W0, d0 = init if init is not None else initial_composition(problem, K, seed=seed)
     if mode == "low_rank":
         d0 = None
-    good = {"y": problem.y.copy(), "z": None if problem.z is None else problem.z.copy()}
-    history, n_eval = [], 0
-    scale = None  # set at each (re)start below
-
-    def fun(theta_scaled):
-        nonlocal n_eval
-        n_eval += 1
-        value, grad = composition_objective(problem, theta_scaled / scale, K)
-        if not np.isfinite(value) or np.mean(~problem.converged) > max_unconverged:
-            problem.y[:] = good["y"]
-            if problem.z is not None:
-                problem.z[:] = good["z"]
-        else:
-            good["y"] = problem.y.copy()
-            good["z"] = None if problem.z is None else problem.z.copy()
-        if not np.isfinite(value):
-            return np.inf, np.zeros_like(theta_scaled)
-        return -value, -grad / scale
-
-    def callback(intermediate_result):
-        history.append(-float(intermediate_result.fun))
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(objective=f"{history[-1]:.6g}")
-
     n_d = D if mode == "full" else 0
     lower = np.concatenate([np.full(D, -50.0), np.full(D * K, -np.inf),
                             np.full(n_d, np.log(1e-6))])
     upper = np.concatenate([np.full(D, 50.0), np.full(D * K, np.inf), np.full(n_d, np.log(1e2))])
-    theta = np.clip(_pack(mu0, W0, d0), lower, upper)
     # The diagonal scale is renewed at restarts after 50, 100, 200, ... iterations: the
     # information in log d_j grows with d_j^2, and rare genes' d_j rise by orders of
     # magnitude from the moment start, so a scale fixed there mis-scales their log d
     # coordinates (on PBMC they carried most of the gradient at iteration 300).
-    n_iter, segment = 0, RESCALE_FIRST
-    while True:
-        scale = composition_scaling(problem, *_unpack(theta, D, K, mode))
-        good["y"] = problem.y.copy()
-        good["z"] = None if problem.z is None else problem.z.copy()
-        budget = min(segment, max_iter - n_iter)
-        res = optimize.minimize(fun, theta * scale, jac=True, method="L-BFGS-B",
-                                bounds=list(zip(lower * scale, upper * scale)),
-                                callback=callback,
-                                options={"maxiter": budget, "ftol": tol, "gtol": 1e-6,
-                                         "maxcor": 20, "maxls": 40})
-        theta = res.x / scale
-        n_iter += int(res.nit)
-        if res.success or res.nit < budget or n_iter >= max_iter:
-            break
-        segment *= 2
+    res = driver.maximize(lambda theta: composition_objective(problem, theta, K),
+                          _pack(mu0, W0, d0), lower, upper, problem=problem,
+                          scaling=lambda theta: composition_scaling(
+                              problem, *_unpack(theta, D, K, mode)),
+                          tol=tol, max_iter=max_iter, progress=progress,
+                          max_unconverged=max_unconverged, rescale_first=RESCALE_FIRST)
+    theta = res.theta
     final, _ = composition_objective(problem, theta, K)
     mu, W, d = _unpack(theta, D, K, mode)
     modes = CompositionModes(problem.y.copy(), None if problem.z is None else problem.z.copy(),
                              problem.n_iter.copy(), problem.converged.copy())
     return CompositionSolution(problem=problem, mu=mu.copy(), W=W.copy(),
                                d=None if d is None else d.copy(), modes=modes, objective=final,
-                               n_iter=n_iter, n_eval=n_eval, success=bool(res.success),
-                               message=str(res.message), history=history)
+                               n_iter=res.n_iter, n_eval=res.n_eval, success=res.success,
+                               message=res.message, history=res.history)
 
 
 # --------------------------------------------------------------------------------------
@@ -620,18 +595,16 @@ def fit_totals(totals, *, capture=False, log_lib=None, log_M0=np.log(pln.M0_DEFA
     log_m0 = np.log(m) + (np.mean(np.maximum(problem.a, 0.0)) if capture else 0.0)
     theta0 = np.array([log_m0, np.log(np.clip(r0, 1e-2, 1e4))])
 
-    def fun(theta):
+    def value_grad(theta):
         value, grad = problem.log_marginal(theta[0], theta[1], grad=True)
         lp, g_p = totals_prior(theta[0], theta[1])
-        return -(value.sum() + lp), -(grad + g_p)
+        return value.sum() + lp, grad + g_p
 
-    res = optimize.minimize(fun, theta0, jac=True, method="L-BFGS-B",
-                            bounds=[(-50.0, 50.0), (np.log(1e-4), np.log(1e8))],
-                            options={"ftol": tol, "gtol": 1e-8, "maxiter": 500})
-    final = -fun(res.x)[0]
-    return TotalSolution(problem=problem, log_m_T=float(res.x[0]), log_r_T=float(res.x[1]),
-                         objective=float(final), success=bool(res.success),
-                         message=str(res.message))
+    res = driver.maximize(value_grad, theta0, np.array([-50.0, np.log(1e-4)]),
+                          np.array([50.0, np.log(1e8)]), tol=tol, gtol=1e-8, max_iter=500)
+    return TotalSolution(problem=problem, log_m_T=float(res.theta[0]),
+                         log_r_T=float(res.theta[1]), objective=float(value_grad(res.theta)[0]),
+                         success=res.success, message=res.message)
 
 
 def fit_laplace(counts, ref, K, *, capture=False, mode="full", log_lib=None,

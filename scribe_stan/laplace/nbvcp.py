@@ -36,8 +36,9 @@ import numba
 import numpy as np
 import scipy.sparse as sp
 from numba import njit, prange
-from scipy import optimize, special
+from scipy import special
 
+from scribe_stan.laplace import driver
 from scribe_stan.models import dispersion, nbvcp, pln
 
 # Box on the globals: keeps every trial point of the line search finite (exp(m) and r
@@ -573,28 +574,10 @@ def fit_nbvcp(counts, *, log_M0=np.log(pln.M0_DEFAULT), sigma_M=pln.SIGMA_M_DEFA
     upper = np.concatenate([np.full(G, M_BOUNDS[1]), np.full(G, LOG_R_BOUNDS[1])])
     theta0 = np.clip(np.concatenate([m0, r0]), lower, upper)
     scale = diagonal_scaling(problem, theta0[:G], theta0[G:])
-    history = []
-    n_eval = 0
-
-    def fun(theta_scaled):
-        nonlocal n_eval
-        n_eval += 1
-        value, grad = objective(problem, theta_scaled / scale)
-        if not np.isfinite(value):
-            return np.inf, np.zeros_like(theta_scaled)
-        return -value, -grad / scale
-
-    def callback(intermediate_result):
-        history.append(-float(intermediate_result.fun))
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(objective=f"{history[-1]:.6g}")
-
-    res = optimize.minimize(fun, theta0 * scale, jac=True, method="L-BFGS-B",
-                            bounds=list(zip(lower * scale, upper * scale)), callback=callback,
-                            options={"maxiter": max_iter, "ftol": tol, "gtol": 1e-6,
-                                     "maxcor": 20, "maxls": 40})
-    theta = res.x / scale
+    res = driver.maximize(lambda theta: objective(problem, theta), theta0, lower, upper,
+                          scaling=lambda _: scale, tol=tol, max_iter=max_iter,
+                          progress=progress)
+    theta = res.theta
     # Final E-step at the returned globals (the last evaluation may be a line-search trial).
     final, _ = objective(problem, theta)
     modes = problem.cell_modes()
@@ -603,8 +586,8 @@ def fit_nbvcp(counts, *, log_M0=np.log(pln.M0_DEFAULT), sigma_M=pln.SIGMA_M_DEFA
                       "converge in the per-cell Newton step; see fit.converged.", RuntimeWarning,
                       stacklevel=2)
     return NbvcpSolution(problem=problem, m=theta[:G].copy(), log_r=theta[G:].copy(),
-                         modes=modes, objective=final, n_iter=int(res.nit), n_eval=n_eval,
-                         success=bool(res.success), message=str(res.message), history=history,
+                         modes=modes, objective=final, n_iter=res.n_iter, n_eval=res.n_eval,
+                         success=res.success, message=res.message, history=res.history,
                          wall_time_s=time.perf_counter() - t0)
 
 

@@ -20,14 +20,16 @@ from dataclasses import dataclass, field
 
 import numba
 import numpy as np
-from scipy import optimize, sparse, special
+from scipy import sparse, special
 from scipy.sparse.linalg import LinearOperator, eigsh
 
-from scribe_stan.laplace import batched, em
+from scribe_stan.laplace import batched, driver, em
 from scribe_stan.laplace.device import check_dtype, device_counts, resolve_device
 from scribe_stan.models import dispersion, loadings, pln
 
 MODELS = ("pln", "nbln")
+#: Laplace-EM iterations before L-BFGS by default (chosen by validation/bench_pln_laplace.py).
+EM_ITERATIONS = 10
 #: Box on log_r in the outer fit: r from 1e-4 (extreme over-dispersion) to 1e8 (Poisson
 #: to within any count's resolution); keeps trial points where lgamma(u + r) is finite.
 LOG_R_BOUNDS = (float(np.log(1e-4)), float(np.log(1e8)))
@@ -120,6 +122,7 @@ class LaplaceProblem:
         # CPU: the batched BLAS path (scribe_stan.laplace.batched); CUDA: its own kernels
         self._batched = self._kernels.__name__.endswith(".cpu")
         self._dcounts_cache = None
+        self._kept = None
         N, G = self.csr.shape
         if (eta_loc is None) != (eta_scale is None):
             raise ValueError("eta_loc and eta_scale go together: pass both (N,) arrays or "
@@ -171,6 +174,18 @@ class LaplaceProblem:
         if self._dcounts_cache is None:
             self._dcounts_cache = device_counts(self._kernels, self.csr, self._dtype)
         return self._dcounts_cache
+
+    def keep_modes(self):
+        """Remember the current modes as the warm start to go back to
+        (:mod:`scribe_stan.laplace.driver`)."""
+        if self._kept is None:
+            self._kept = (self.x.copy(), self.eta.copy())
+        else:
+            self._kept[0][:], self._kept[1][:] = self.x, self.eta
+
+    def restore_modes(self):
+        """Go back to the modes of the last :meth:`keep_modes` (in place: chunks view them)."""
+        self.x[:], self.eta[:] = self._kept
 
     def chunks(self):
         """``[(lo, hi, CellChunk), ...]``: the cells in chunks of the batched path."""
@@ -658,6 +673,7 @@ class LaplaceSolution:
     modes : CellModes at the final globals.
     objective : float, final Laplace objective (log marginal + log prior, nats).
     n_iter : int, outer L-BFGS iterations;  n_eval : int, objective evaluations.
+    em_iterations : int, Laplace-EM iterations before L-BFGS.
     success : bool, the outer optimizer met its tolerance; message : str.
     history : list of objective values per outer iteration.
     wall_time_s : float.
@@ -683,6 +699,7 @@ class LaplaceSolution:
     log_r: np.ndarray | None = None
     log_tau: np.ndarray | None = None
     loadings_prior: str = "normal"
+    em_iterations: int = 0
 
     @property
     def r(self):
@@ -709,7 +726,8 @@ def fit_laplace(counts, K, *, model="pln", log_M0=np.log(pln.M0_DEFAULT),
                 eta=None, log_r=None, mu_prior=None, log_r_prior=None, log_mean=None,
                 log_mean_prior=None, loadings_prior="normal", tol=1e-8,
                 max_iter=1000, newton_tol=1e-10, init=None, seed=0, progress=None,
-                precondition=True, max_unconverged=0.01, device="cpu", dtype="float64"):
+                precondition=True, max_unconverged=0.01, device="cpu", dtype="float64",
+                em_iterations=None, rescale_first=None):
     """Fit the pln or nbln globals by maximizing the exact Laplace objective.
 
     Parameters
@@ -758,6 +776,14 @@ def fit_laplace(counts, K, *, model="pln", log_M0=np.log(pln.M0_DEFAULT),
     dtype : {"float64", "float32"}
         Floating type of the CUDA kernels (float32: CUDA only; accuracy in
         :mod:`scribe_stan.laplace.cuda`).
+    em_iterations : int, optional
+        Laplace-EM iterations (closed-form factor-analysis M-steps,
+        :mod:`scribe_stan.laplace.em`) from the start before the exact L-BFGS; 0 skips
+        them; None: :data:`EM_ITERATIONS`. Used only where mu is free (not with ``log_mean``) and the dispersions are
+        absent (pln) or held (``log_r`` given).
+    rescale_first : int, optional
+        Renew the diagonal scale after this many L-BFGS iterations, then after twice as
+        many each time (:func:`scribe_stan.laplace.driver.maximize`); default never.
 
     Returns
     -------
@@ -800,43 +826,31 @@ def fit_laplace(counts, K, *, model="pln", log_M0=np.log(pln.M0_DEFAULT),
     if layout.free_log_r and len(init) == 3:  # log_r starts at the prior's location
         init = (*init, np.full(G, dispersion.LOG_R_LOC))
     mu0, W0, d0 = init[:3]
+    # EM moves (mu, W, d) only; with a free dispersion it would hold r at its start while
+    # d absorbs the over-dispersion, which can leave a gene on the wrong side of the d-r
+    # ridge (seen in tests/test_nbln_laplace.py), so it runs where r is held or absent.
+    em_done = 0
+    em_iterations = EM_ITERATIONS if em_iterations is None else int(em_iterations)
+    use_em = layout.free_mu and not layout.free_log_r
+    for em_done in range(1, (em_iterations if use_em else 0) + 1):
+        stats = problem.em_statistics(mu0, W0, d0, log_r=layout.log_r, eta=eta)
+        mu0, W0, d0 = em.m_step(stats, mu0)
+        d0 = np.minimum(d0, 1e2)  # inside the outer box
     if not layout.free_mu:
         mu0 = layout.log_mean - 0.5 * (np.sum(W0**2, axis=1) + d0)
     log_r0 = init[3] if layout.free_log_r else layout.log_r
     log_tau0 = loadings.initial_log_tau(W0, loadings_prior)
-    history = []
-    n_eval = 0
     theta0 = layout.pack(mu0, W0, d0, log_r0, log_tau0)
-    if precondition:
-        scale = diagonal_scaling(problem, mu0, W0, d0, log_r0, eta=eta,
+
+    def scaling(theta):
+        if not precondition:
+            return np.ones(theta.size)
+        mu, W, d, log_r = layout.unpack(theta)
+        scale = diagonal_scaling(problem, mu, W, d, log_r, eta=eta,
                                  free_log_r=layout.free_log_r)
         # log tau_k's prior curvature is about 2 (G - 1) at its conditional mode
-        scale = np.concatenate([scale[0 if layout.free_mu else G:],
-                                np.full(layout.n_tau, np.sqrt(2.0 * (G - 1)))])
-    else:
-        scale = np.ones(theta0.size)
-
-    good = {"x": problem.x.copy(), "eta": problem.eta.copy()}
-
-    def fun(theta_scaled):
-        # A line-search trial far from the data can strand cells; their modes are not
-        # kept as warm starts (the line search backtracks on the poor value it sees).
-        nonlocal n_eval
-        n_eval += 1
-        value, grad = objective(problem, theta_scaled / scale, layout)
-        if not np.isfinite(value) or np.mean(~problem.converged) > max_unconverged:
-            problem.x[:], problem.eta[:] = good["x"], good["eta"]
-        else:
-            good["x"][:], good["eta"][:] = problem.x, problem.eta
-        if not np.isfinite(value):
-            return np.inf, np.zeros_like(theta_scaled)
-        return -value, -grad / scale
-
-    def callback(intermediate_result):
-        history.append(-float(intermediate_result.fun))
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(objective=f"{history[-1]:.6g}")
+        return np.concatenate([scale[0 if layout.free_mu else G:],
+                               np.full(layout.n_tau, np.sqrt(2.0 * (G - 1)))])
 
     # Box on mu, log d (and log r) keeps trial points where the rates stay finite.
     # Column scales stay above the floor of the shrinkage priors.
@@ -850,13 +864,12 @@ def fit_laplace(counts, K, *, model="pln", log_M0=np.log(pln.M0_DEFAULT),
         upper.append(np.full(G, LOG_R_BOUNDS[1]))
     lower.append(np.full(layout.n_tau, np.log(loadings.TAU_MIN)))
     upper.append(np.full(layout.n_tau, np.log(1e3)))
-    lower, upper = np.concatenate(lower), np.concatenate(upper)
-    theta0 = np.clip(theta0, lower, upper)
-    res = optimize.minimize(fun, theta0 * scale, jac=True, method="L-BFGS-B",
-                            bounds=list(zip(lower * scale, upper * scale)), callback=callback,
-                            options={"maxiter": max_iter, "ftol": tol, "gtol": 1e-6,
-                                     "maxcor": 20, "maxls": 40})
-    theta = res.x / scale
+    res = driver.maximize(lambda theta: objective(problem, theta, layout), theta0,
+                          np.concatenate(lower), np.concatenate(upper), problem=problem,
+                          scaling=scaling, tol=tol, max_iter=max_iter,
+                          progress=progress, max_unconverged=max_unconverged,
+                          rescale_first=rescale_first)
+    theta = res.theta
     mu, W, d, log_r_hat = layout.unpack(theta)
     # Final E-step and objective at the returned globals (the optimizer's last
     # evaluation may have been a rejected line-search point).
@@ -868,9 +881,9 @@ def fit_laplace(counts, K, *, model="pln", log_M0=np.log(pln.M0_DEFAULT),
                       "converge in the per-cell Newton step; see fit.converged.", RuntimeWarning,
                       stacklevel=2)
     return LaplaceSolution(problem=problem, mu=mu.copy(), W=W.copy(), d=d.copy(), modes=modes,
-                           objective=final,
-                           n_iter=int(res.nit), n_eval=n_eval, success=bool(res.success),
-                           message=str(res.message), history=history,
+                           objective=final, em_iterations=em_done,
+                           n_iter=res.n_iter, n_eval=res.n_eval, success=res.success,
+                           message=res.message, history=res.history,
                            wall_time_s=time.perf_counter() - t0, model=model,
                            log_r=None if log_r_hat is None else np.array(log_r_hat),
                            log_tau=layout.log_tau(theta).copy(),
