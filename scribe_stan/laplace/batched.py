@@ -36,8 +36,7 @@ from numba import njit, prange
 from scribe_stan.laplace.cpu import (_FAST, STEP_CONTINUE, STEP_CONVERGED, STEP_FAILED,
                                      _a_inv_apply, _cell_terms, _cell_value_grad, _chol_logdet,
                                      _factor_m,
-                                     _log_density, _newton_iteration, _obs_score_curv,
-                                     _residual_alpha)
+                                     _log_density, _newton_iteration, _obs_score_curv)
 
 #: Cells per chunk: about this many count-matrix elements per chunk keeps each per-chunk
 #: temporary (an n x G float64 array) near 32 MB.
@@ -80,15 +79,19 @@ def curvature_weights(indptr, indices, data, E, inv_r, d, cells, out):
 
 
 @njit(parallel=True, cache=True, fastmath=_FAST)
-def newton_round(indptr, indices, data, a, sigma, mu, W, d, inv_r, Lc, X, eta, cells, E, f, Mf,
-                 fix_eta, tol, outcome, at_bound, n_blocks):
+def newton_round(indptr, indices, data, a, sigma, mu, W, d, inv_r, Lc, X, eta, cells, E, f,
+                 alpha, w, Mf, fix_eta, tol, outcome, at_bound, n_blocks):
     """One Newton iteration for each cell ``cells[i]``, with ``Mf[i]`` its ``M - I`` (K*K).
 
-    ``E[i]`` holds ``exp(x - eta)`` of the cell and ``f[i]`` its log density (NaN:
-    compute it); X, eta, E and f are updated in place. ``outcome[i]`` is one of
+    Row i of the per-round state belongs to cell ``cells[i]``: ``E`` its means
+    ``exp(x - eta)``, ``f`` its log density and ``alpha`` its ``Sigma^{-1}(x - mu)``
+    (``f[i]`` NaN: compute both), ``w`` its curvature weights ``lambda h``. X and eta
+    are updated in place, and so is the state, to the new point, for the next round
+    (``w`` then holds the weights that form the next M). ``outcome[i]`` is one of
     cpu.STEP_* (STEP_FAILED: M not SPD), ``at_bound[i]`` whether eta's bound is active.
     """
     G, K = W.shape
+    Wt = np.ascontiguousarray(W.T)
     inv_d = 1.0 / d
     m = cells.size
     nb = max(1, min(m, n_blocks))
@@ -105,18 +108,21 @@ def newton_round(indptr, indices, data, a, sigma, mu, W, d, inv_r, Lc, X, eta, c
             _expand_row(indptr, indices, data, c, u)
             inv_sig2 = 1.0 / (sigma[c] * sigma[c])
             if np.isnan(f[i]):
-                f[i], _ = _log_density(u, X[c], eta[c], E[i], mu, W, inv_d, inv_r, Lc, a[c],
-                                       inv_sig2, G, K, ws_G[4], ws_G[5], ws_K[0], ws_K[1])
-            else:
-                _residual_alpha(X[c], mu, W, inv_d, Lc, G, K, ws_G[4], ws_G[5], ws_K[0],
-                                ws_K[1])
+                f[i], _ = _log_density(u, X[c], eta[c], E[i], mu, Wt, inv_d, inv_r, Lc, a[c],
+                                       inv_sig2, G, K, ws_G[4], alpha[i], ws_K[0], ws_K[1])
+            ws_G[5, :] = alpha[i]
             _cell_terms(u, E[i], inv_r, d, G, ws_G[9], ws_G[0], ws_G[1], ws_G[2])
-            out, e, f[i], bd = _newton_iteration(u, a[c], inv_sig2, mu, W, inv_d, inv_r, Lc,
+            out, e, f[i], bd = _newton_iteration(u, a[c], inv_sig2, mu, Wt, inv_d, inv_r, Lc,
                                                  X[c], eta[c], E[i], f[i], fix_eta, tol, ws_G,
                                                  ws_K, Lm, G, K)
             eta[c] = e
             outcome[i] = out
             at_bound[i] = bd
+            if out == STEP_CONTINUE:  # state of the new point for the next round
+                alpha[i, :] = ws_G[5]
+                for g in range(G):
+                    _, lg = _obs_score_curv(u[g], E[i, g], inv_r[g])
+                    w[i, g] = lg / (1.0 + lg * d[g])
 
 
 @njit(parallel=True, cache=True, fastmath=_FAST)
@@ -131,6 +137,7 @@ def value_grad_cells(indptr, indices, data, const, a, sigma, mu, W, d, inv_r, Lc
     """
     n = X.shape[0]
     G, K = W.shape
+    Wt = np.ascontiguousarray(W.T)
     inv_d = 1.0 / d
     value = np.empty(n)
     nb = max(1, min(n, n_blocks))
@@ -148,7 +155,7 @@ def value_grad_cells(indptr, indices, data, const, a, sigma, mu, W, d, inv_r, Lc
             _factor_m(Mf[c], K, Lm)
             _cell_terms(u, E[c], inv_r, d, G, ws_G[0], ws_G[1], ws_G[2], ws_G[3])
             value[c] = _cell_value_grad(u, X[c], eta[c], E[c], a[c],
-                                        1.0 / (sigma[c] * sigma[c]), const[c], mu, W, d, inv_d,
+                                        1.0 / (sigma[c] * sigma[c]), const[c], mu, Wt, d, inv_d,
                                         inv_r, Lc, Lm, _chol_logdet(Lm, K), Q[c], fix_eta,
                                         want_grad, want_grad_r, ws_G, ws_K, acc_mu[b],
                                         acc_W[b], acc_d[b], acc_r[b])
@@ -166,6 +173,7 @@ def posterior_terms(indptr, indices, data, E, inv_r, W, d, Mf, fix_eta, sigma, H
     """
     n, G = E.shape
     K = W.shape[1]
+    Wt = np.ascontiguousarray(W.T)
     for c in prange(n):
         u = np.empty(G)
         score = np.empty(G)
@@ -180,7 +188,7 @@ def posterior_terms(indptr, indices, data, E, inv_r, W, d, Mf, fix_eta, sigma, H
             PHI[c] = 0.0
             s[c] = 1.0
             continue
-        _a_inv_apply(lam, W, H[c], IB[c], Lm, G, K, tmpK, tmpK2, PHI[c])
+        _a_inv_apply(lam, Wt, H[c], IB[c], Lm, G, K, tmpK, tmpK2, PHI[c])
         sc = 1.0 / (sigma[c] * sigma[c])
         for g in range(G):
             sc += lam[g] * (1.0 - PHI[c, g])
@@ -295,24 +303,28 @@ class CellChunk:
         converged = np.zeros(m, bool)
         at_bound = np.zeros(m, bool)
         active = np.arange(m)  # positions in ``cells`` still iterating
-        E = self._means(cells)  # rows follow ``active``; the kernel keeps them current
+        # per-round state, rows following ``active``; newton_round keeps it current
+        E = self._means(cells)
         f = np.full(m, np.nan)
+        alpha = np.empty(E.shape)
+        w = self._weights(gl, E, cells)
         for it in range(max_iter):
             if active.size == 0:
                 break
             rows = cells[active]
-            Mf = gl.m_minus_identity(self._weights(gl, E, rows))
+            Mf = gl.m_minus_identity(w)
             outcome = np.empty(active.size, np.int64)
             bound = np.zeros(active.size, bool)
             newton_round(self.indptr, self.indices, self.data, self.a, self.sigma, gl.mu, gl.W,
-                         gl.d, gl.inv_r, gl.Lc, self.x, self.eta, rows, E, f, Mf, fix_eta, tol,
-                         outcome, bound, _blocks(rows.size))
+                         gl.d, gl.inv_r, gl.Lc, self.x, self.eta, rows, E, f, alpha, w, Mf,
+                         fix_eta, tol, outcome, bound, _blocks(rows.size))
             failed = outcome == STEP_FAILED
             n_iter[active] = np.where(failed, it, it + 1)
             at_bound[active[~failed]] = bound[~failed]
             converged[active] = outcome == STEP_CONVERGED
             going = outcome == STEP_CONTINUE
-            active, E, f = active[going], E[going], f[going]
+            if not going.all():
+                active, E, f, alpha, w = (v[going] for v in (active, E, f, alpha, w))
         return n_iter, converged, at_bound
 
     def value_grad(self, gl, const, fix_eta, want_grad, want_grad_r):

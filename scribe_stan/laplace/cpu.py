@@ -103,32 +103,39 @@ def _chol_logdet(L, K):
 
 
 @njit(cache=True, inline="always", fastmath=_FAST)
-def _woodbury_apply(v, W, diag, scale, sign, L, G, K, tmpK, tmpK2, out):
-    """out = diag * v + sign * scale * (W (L L')^{-1} W' (scale * v)), O(G K + K^2)."""
-    for k in range(K):
-        tmpK[k] = 0.0
+def _woodbury_apply(v, Wt, diag, scale, sign, L, G, K, tmpK, tmpK2, out):
+    """out = diag * v + sign * scale * (W (L L')^{-1} W' (scale * v)), O(G K + K^2).
+
+    ``Wt = W'`` (K, G), contiguous: both products run along genes (vectorized).
+    """
     for g in range(G):
-        sv = scale[g] * v[g]
-        for k in range(K):
-            tmpK[k] += W[g, k] * sv
+        out[g] = scale[g] * v[g]
+    for k in range(K):
+        s = 0.0
+        for g in range(G):
+            s += Wt[k, g] * out[g]
+        tmpK[k] = s
     _chol_solve(L, tmpK, K, tmpK2)
     for g in range(G):
-        s = 0.0
-        for k in range(K):
-            s += W[g, k] * tmpK2[k]
-        out[g] = diag[g] * v[g] + sign * scale[g] * s
+        out[g] = 0.0
+    for k in range(K):
+        t = tmpK2[k]
+        for g in range(G):
+            out[g] += Wt[k, g] * t
+    for g in range(G):
+        out[g] = diag[g] * v[g] + sign * scale[g] * out[g]
 
 
 @njit(cache=True, inline="always", fastmath=_FAST)
-def _sigma_inv_apply(v, W, inv_d, Lc, G, K, tmpK, tmpK2, out):
+def _sigma_inv_apply(v, Wt, inv_d, Lc, G, K, tmpK, tmpK2, out):
     """out = Sigma^{-1} v = v/d - (W/d) C^{-1} W'(v/d), C = Lc Lc' shared by all cells."""
-    _woodbury_apply(v, W, inv_d, inv_d, -1.0, Lc, G, K, tmpK, tmpK2, out)
+    _woodbury_apply(v, Wt, inv_d, inv_d, -1.0, Lc, G, K, tmpK, tmpK2, out)
 
 
 @njit(cache=True, inline="always", fastmath=_FAST)
-def _a_inv_apply(v, W, h, invB, Lm, G, K, tmpK, tmpK2, out):
+def _a_inv_apply(v, Wt, h, invB, Lm, G, K, tmpK, tmpK2, out):
     """out = A^{-1} v = v/B + h * (W M^{-1} W' (h * v)) with M = Lm Lm'."""
-    _woodbury_apply(v, W, invB, h, 1.0, Lm, G, K, tmpK, tmpK2, out)
+    _woodbury_apply(v, Wt, invB, h, 1.0, Lm, G, K, tmpK, tmpK2, out)
 
 
 @njit(cache=True, inline="always", fastmath=_FAST)
@@ -216,23 +223,23 @@ def _curvature(u, m, inv_r, W, d, WW, G, K, score, lam, h, invB, Mf, Lm):
 
 
 @njit(cache=True, inline="always", fastmath=_FAST)
-def _log_density(u, x, eta, m, mu, W, inv_d, inv_r, Lc, a, inv_sig2, G, K, r, alpha, tmpK,
+def _log_density(u, x, eta, m, mu, Wt, inv_d, inv_r, Lc, a, inv_sig2, G, K, r, alpha, tmpK,
                  tmpK2):
     """f(x, eta) without z-independent constants, ``m = exp(x - eta)``; fills
     r = x - mu, alpha = Sigma^{-1} r."""
     lik = 0.0
     for g in range(G):
         lik += _obs_loglik(u[g], x[g] - eta, m[g], inv_r[g])
-    q = _residual_alpha(x, mu, W, inv_d, Lc, G, K, r, alpha, tmpK, tmpK2)
+    q = _residual_alpha(x, mu, Wt, inv_d, Lc, G, K, r, alpha, tmpK, tmpK2)
     return lik - 0.5 * q - 0.5 * (eta - a) ** 2 * inv_sig2, q
 
 
 @njit(cache=True, inline="always", fastmath=_FAST)
-def _residual_alpha(x, mu, W, inv_d, Lc, G, K, r, alpha, tmpK, tmpK2):
+def _residual_alpha(x, mu, Wt, inv_d, Lc, G, K, r, alpha, tmpK, tmpK2):
     """Fill r = x - mu and alpha = Sigma^{-1} r; return the quadratic form r' alpha."""
     for g in range(G):
         r[g] = x[g] - mu[g]
-    _sigma_inv_apply(r, W, inv_d, Lc, G, K, tmpK, tmpK2, alpha)
+    _sigma_inv_apply(r, Wt, inv_d, Lc, G, K, tmpK, tmpK2, alpha)
     q = 0.0
     for g in range(G):
         q += r[g] * alpha[g]
@@ -247,7 +254,7 @@ STEP_CONTINUE, STEP_CONVERGED, STEP_STOPPED, STEP_FAILED = 0, 1, 2, 3
 
 
 @njit(cache=True, inline="always", fastmath=_FAST)
-def _newton_iteration(u, a, inv_sig2, mu, W, inv_d, inv_r, Lc, x, eta, m, f, fix_eta, tol,
+def _newton_iteration(u, a, inv_sig2, mu, Wt, inv_d, inv_r, Lc, x, eta, m, f, fix_eta, tol,
                       ws_G, ws_K, Lm, G, K):
     """One projected damped Newton iteration with Armijo line search; x, m updated in place.
 
@@ -270,10 +277,10 @@ def _newton_iteration(u, a, inv_sig2, mu, W, inv_d, inv_r, Lc, x, eta, m, f, fix
         sum_lam += lam[g]
         resid += score[g]
     g_eta = -resid - (eta - a) * inv_sig2
-    _a_inv_apply(gx, W, h, invB, Lm, G, K, tmpK, tmpK2, dx)  # psi = A^{-1} gx
+    _a_inv_apply(gx, Wt, h, invB, Lm, G, K, tmpK, tmpK2, dx)  # psi = A^{-1} gx
     d_eta = 0.0
     if not fix_eta:
-        _a_inv_apply(lam, W, h, invB, Lm, G, K, tmpK, tmpK2, phi)  # A^{-1} lambda
+        _a_inv_apply(lam, Wt, h, invB, Lm, G, K, tmpK, tmpK2, phi)  # A^{-1} lambda
         s = sum_lam + inv_sig2
         lpsi = 0.0
         for g in range(G):
@@ -306,7 +313,7 @@ def _newton_iteration(u, a, inv_sig2, mu, W, inv_d, inv_r, Lc, x, eta, m, f, fix
         if en < 0.0:
             en = 0.0
         _fill_means(xn, en, G, mn)
-        fn, _ = _log_density(u, xn, en, mn, mu, W, inv_d, inv_r, Lc, a, inv_sig2, G, K, r,
+        fn, _ = _log_density(u, xn, en, mn, mu, Wt, inv_d, inv_r, Lc, a, inv_sig2, G, K, r,
                              alpha, tmpK, tmpK2)
         if math.isfinite(fn) and fn >= f + 1e-4 * t * dec - 1e-12 * abs(f):
             for g in range(G):
@@ -319,30 +326,30 @@ def _newton_iteration(u, a, inv_sig2, mu, W, inv_d, inv_r, Lc, x, eta, m, f, fix
             return STEP_CONTINUE, en, fn, at_bound
         t *= 0.5
     # No acceptable step. Restore alpha for x (the line search overwrote it) and stop.
-    _log_density(u, x, eta, m, mu, W, inv_d, inv_r, Lc, a, inv_sig2, G, K, r, alpha, tmpK,
+    _log_density(u, x, eta, m, mu, Wt, inv_d, inv_r, Lc, a, inv_sig2, G, K, r, alpha, tmpK,
                  tmpK2)
     return (STEP_CONVERGED if dec < 1e3 * tol else STEP_STOPPED), eta, f, at_bound
 
 
 @njit(cache=True, fastmath=_FAST)
-def _newton_cell(u, a, inv_sig2, mu, W, d, inv_r, WW, inv_d, Lc, x, eta0, fix_eta, tol,
+def _newton_cell(u, a, inv_sig2, mu, Wt, d, inv_r, WW, inv_d, Lc, x, eta0, fix_eta, tol,
                  max_iter, ws_G, ws_K, Mf, Lm):
     """Projected damped Newton on (x, eta) for one cell; x updated in place.
 
     Returns (eta, n_iter, converged, at_bound). With ``fix_eta`` only x moves.
     """
-    G, K = W.shape
+    K, G = Wt.shape
     eta = eta0
     at_bound = False
     m = ws_G[11]
     _fill_means(x, eta, G, m)
-    f, _ = _log_density(u, x, eta, m, mu, W, inv_d, inv_r, Lc, a, inv_sig2, G, K, ws_G[4],
+    f, _ = _log_density(u, x, eta, m, mu, Wt, inv_d, inv_r, Lc, a, inv_sig2, G, K, ws_G[4],
                         ws_G[5], ws_K[0], ws_K[1])
     for it in range(max_iter):
-        if not _curvature(u, m, inv_r, W, d, WW, G, K, ws_G[9], ws_G[0], ws_G[1], ws_G[2], Mf,
+        if not _curvature(u, m, inv_r, Wt, d, WW, G, K, ws_G[9], ws_G[0], ws_G[1], ws_G[2], Mf,
                           Lm):
             return eta, it, False, at_bound
-        out, eta, f, at_bound = _newton_iteration(u, a, inv_sig2, mu, W, inv_d, inv_r, Lc, x,
+        out, eta, f, at_bound = _newton_iteration(u, a, inv_sig2, mu, Wt, inv_d, inv_r, Lc, x,
                                                   eta, m, f, fix_eta, tol, ws_G, ws_K, Lm, G, K)
         if out != STEP_CONTINUE:
             return eta, it + 1, out == STEP_CONVERGED, at_bound
@@ -369,6 +376,7 @@ def newton_all(counts, a, sigma, mu, W, d, inv_r, WW, Lc, x, eta, fix_eta, tol, 
     """
     N, G = counts.shape
     K = W.shape[1]
+    Wt = np.ascontiguousarray(W.T)
     inv_d = 1.0 / d
     n_iter = np.zeros(N, np.int64)
     converged = np.zeros(N, np.bool_)
@@ -381,7 +389,7 @@ def newton_all(counts, a, sigma, mu, W, d, inv_r, WW, Lc, x, eta, fix_eta, tol, 
         Mf = np.empty(K * K)
         for c in range(ch * N // n_chunks, (ch + 1) * N // n_chunks):
             inv_sig2 = 1.0 / (sigma[c] * sigma[c])
-            e, it, ok, bd = _newton_cell(counts[c], a[c], inv_sig2, mu, W, d, inv_r, WW, inv_d,
+            e, it, ok, bd = _newton_cell(counts[c], a[c], inv_sig2, mu, Wt, d, inv_r, WW, inv_d,
                                          Lc, x[c], eta[c], fix_eta, tol, max_iter, ws_G, ws_K,
                                          Mf, Lm)
             eta[c] = e
@@ -395,7 +403,7 @@ def newton_all(counts, a, sigma, mu, W, d, inv_r, WW, Lc, x, eta, fix_eta, tol, 
 
 
 @njit(cache=True, inline="always", fastmath=_FAST)
-def _cell_value_grad(u, xc, e, mc, a, inv_sig2, const, mu, W, d, inv_d, inv_r, Lc, Lm,
+def _cell_value_grad(u, xc, e, mc, a, inv_sig2, const, mu, Wt, d, inv_d, inv_r, Lc, Lm,
                      logdet_m, qrow, fix_eta, want_grad, want_grad_r, ws_G, ws_K, acc_mu, acc_W,
                      acc_d, acc_r):
     """Laplace log marginal of one cell at its mode, and its gradient added to the acc_*.
@@ -405,19 +413,19 @@ def _cell_value_grad(u, xc, e, mc, a, inv_sig2, const, mu, W, d, inv_d, inv_r, L
     and ``qrow[g] = W_g M^{-1} W_g'``. The explicit ``sum (lambda h) M^{-1}`` term of the
     W gradient is left to the caller. Returns the value.
     """
-    G, K = W.shape
+    K, G = Wt.shape
     lam, h, invB, r, alpha, phi, t = (ws_G[1], ws_G[2], ws_G[3], ws_G[4], ws_G[5], ws_G[6],
                                       ws_G[7])
     var_v, wx, beta, gam = ws_G[8], ws_G[9], ws_G[10], ws_G[11]
     tmpK, tmpK2, ka, kb, kg = ws_K[0], ws_K[1], ws_K[2], ws_K[3], ws_K[4]
-    f, q = _log_density(u, xc, e, mc, mu, W, inv_d, inv_r, Lc, a, inv_sig2, G, K, r, alpha,
+    f, q = _log_density(u, xc, e, mc, mu, Wt, inv_d, inv_r, Lc, a, inv_sig2, G, K, r, alpha,
                         tmpK, tmpK2)
     lik_f = f + 0.5 * q + 0.5 * (e - a) ** 2 * inv_sig2
     logdet = logdet_m + _sum_log1p(lam, d, G)
     val = const + lik_f - 0.5 * q - 0.5 * logdet
     s = 1.0
     if not fix_eta:
-        _a_inv_apply(lam, W, h, invB, Lm, G, K, tmpK, tmpK2, phi)
+        _a_inv_apply(lam, Wt, h, invB, Lm, G, K, tmpK, tmpK2, phi)
         s = inv_sig2
         for g in range(G):
             s += lam[g] * (1.0 - phi[g])
@@ -442,7 +450,7 @@ def _cell_value_grad(u, xc, e, mc, a, inv_sig2, const, mu, W, d, inv_d, inv_r, L
         wg = lam[g] * h[g]
         acc_d[g] += -0.5 * wg + 0.5 * wg * wg * qg
     # Adjoint w = -1/2 (-H)^{-1} J' t: x part in wx, eta part w_eta.
-    _a_inv_apply(t, W, h, invB, Lm, G, K, tmpK, tmpK2, wx)
+    _a_inv_apply(t, Wt, h, invB, Lm, G, K, tmpK, tmpK2, wx)
     w_eta = 0.0
     if not fix_eta:
         d_eta = 0.0
@@ -468,19 +476,19 @@ def _cell_value_grad(u, xc, e, mc, a, inv_sig2, const, mu, W, d, inv_d, inv_r, L
             dlam = -pg * m * (ug * q1 - 2.0 * m * (1.0 + pg * ug)) / (q1 * q1 * q1)
             dscore = pg * (ug - m) * m / (q1 * q1)
             acc_r[g] += dlik - 0.5 * var_v[g] * dlam + (wx[g] - w_eta) * dscore
-    _sigma_inv_apply(wx, W, inv_d, Lc, G, K, tmpK, tmpK2, beta)
+    _sigma_inv_apply(wx, Wt, inv_d, Lc, G, K, tmpK, tmpK2, beta)
     if not fix_eta:
-        _sigma_inv_apply(phi, W, inv_d, Lc, G, K, tmpK, tmpK2, gam)
+        _sigma_inv_apply(phi, Wt, inv_d, Lc, G, K, tmpK, tmpK2, gam)
     for k in range(K):
         ka[k] = 0.0
         kb[k] = 0.0
         kg[k] = 0.0
-    for g in range(G):
-        for k in range(K):
-            ka[k] += W[g, k] * alpha[g]
-            kb[k] += W[g, k] * beta[g]
+    for k in range(K):
+        for g in range(G):
+            ka[k] += Wt[k, g] * alpha[g]
+            kb[k] += Wt[k, g] * beta[g]
             if not fix_eta:
-                kg[k] += W[g, k] * gam[g]
+                kg[k] += Wt[k, g] * gam[g]
     inv_s = 1.0 / s
     for g in range(G):
         acc_mu[g] += alpha[g] + beta[g]
@@ -538,6 +546,7 @@ def laplace_value_grad(counts, const, a, sigma, mu, W, d, inv_r, WW, Lc, x, eta,
     """
     N, G = counts.shape
     K = W.shape[1]
+    Wt = np.ascontiguousarray(W.T)
     inv_d = 1.0 / d
     value = np.empty(N)
     n_chunks = max(1, min(N, n_chunks))
@@ -578,7 +587,7 @@ def laplace_value_grad(counts, const, a, sigma, mu, W, d, inv_r, WW, Lc, x, eta,
                         acc_R[ch, g, kj] += wg * Minv[kj]
                     qrow[g] = qg
             value[c] = _cell_value_grad(u, xc, e, mc, a[c], 1.0 / (sigma[c] * sigma[c]),
-                                        const[c], mu, W, d, inv_d, inv_r, Lc, Lm,
+                                        const[c], mu, Wt, d, inv_d, inv_r, Lc, Lm,
                                         _chol_logdet(Lm, K),
                                         qrow, fix_eta, want_grad, want_grad_r, ws_G, ws_K,
                                         acc_mu[ch], acc_W[ch], acc_d[ch], acc_r[ch])
@@ -627,6 +636,7 @@ def sample_cells(counts, const, lgam, a, sigma, mu, W, d, inv_r, WW, Lc, x, eta,
     S, N, G = eps_G.shape
     K = W.shape[1]
     Gs = genes.shape[0]
+    Wt = np.ascontiguousarray(W.T)
     inv_d = 1.0 / d
     logdet_sigma = _chol_logdet(Lc, K)
     for g in range(G):
@@ -650,7 +660,7 @@ def sample_cells(counts, const, lgam, a, sigma, mu, W, d, inv_r, WW, Lc, x, eta,
         tmpK2 = np.empty(K)
         _fill_means(x[c], eta[c], G, xs)
         _curvature(u, xs, inv_r, W, d, WW, G, K, score, lam, h, invB, Mf, Lm)
-        _a_inv_apply(lam, W, h, invB, Lm, G, K, tmpK, tmpK2, phi)
+        _a_inv_apply(lam, Wt, h, invB, Lm, G, K, tmpK, tmpK2, phi)
         s = inv_sig2
         logdet_h = _chol_logdet(Lm, K) - logdet_sigma
         for g in range(G):
@@ -686,11 +696,11 @@ def sample_cells(counts, const, lgam, a, sigma, mu, W, d, inv_r, WW, Lc, x, eta,
                 quad_lam += lam[g] * dx[g] * dx[g]
                 lam_dx += lam[g] * dx[g]
             # log N(x | mu, Sigma) needs r' Sigma^{-1} r; the Gaussian needs dx' Sigma^{-1} dx.
-            _sigma_inv_apply(r, W, inv_d, Lc, G, K, tmpK, tmpK2, alpha)
+            _sigma_inv_apply(r, Wt, inv_d, Lc, G, K, tmpK, tmpK2, alpha)
             q = 0.0
             for g in range(G):
                 q += r[g] * alpha[g]
-            _sigma_inv_apply(dx, W, inv_d, Lc, G, K, tmpK, tmpK2, alpha)
+            _sigma_inv_apply(dx, Wt, inv_d, Lc, G, K, tmpK, tmpK2, alpha)
             qd = quad_lam
             for g in range(G):
                 qd += dx[g] * alpha[g]
@@ -716,6 +726,7 @@ def log_density_cells(counts, a, sigma, mu, W, d, inv_r, Lc, x, eta):
     """
     N, G = counts.shape
     K = W.shape[1]
+    Wt = np.ascontiguousarray(W.T)
     inv_d = 1.0 / d
     out = np.empty(N)
     for c in prange(N):
@@ -726,6 +737,6 @@ def log_density_cells(counts, a, sigma, mu, W, d, inv_r, Lc, x, eta):
         m = np.empty(G)
         _fill_means(x[c], eta[c], G, m)
         inv_sig2 = 1.0 / (sigma[c] * sigma[c])
-        out[c], _ = _log_density(counts[c], x[c], eta[c], m, mu, W, inv_d, inv_r, Lc, a[c],
+        out[c], _ = _log_density(counts[c], x[c], eta[c], m, mu, Wt, inv_d, inv_r, Lc, a[c],
                                  inv_sig2, G, K, r, alpha, tmpK, tmpK2)
     return out
