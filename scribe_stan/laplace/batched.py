@@ -35,8 +35,8 @@ from numba import njit, prange
 
 from scribe_stan.laplace.cpu import (_FAST, STEP_CONTINUE, STEP_CONVERGED, STEP_FAILED,
                                      _a_inv_apply, _cell_terms, _cell_value_grad, _chol_logdet,
-                                     _factor_m,
-                                     _log_density, _newton_iteration, _obs_score_curv)
+                                     _factor_m, _log_density, _newton_iteration,
+                                     _obs_score_curv, gradient_accumulators)
 
 #: Cells per chunk: about this many count-matrix elements per chunk keeps each per-chunk
 #: temporary (an n x G float64 array) near 32 MB.
@@ -141,10 +141,7 @@ def value_grad_cells(indptr, indices, data, const, a, sigma, mu, W, d, inv_r, Lc
     inv_d = 1.0 / d
     value = np.empty(n)
     nb = max(1, min(n, n_blocks))
-    acc_mu = np.zeros((nb, G))
-    acc_d = np.zeros((nb, G))
-    acc_r = np.zeros((nb, G))
-    acc_W = np.zeros((nb, G, K))
+    acc_mu, acc_d, acc_r, acc_W = gradient_accumulators(nb, G, K)
     for b in prange(nb):
         ws_G = np.empty((12, G))
         ws_K = np.empty((5, K))

@@ -507,6 +507,14 @@ def _cell_value_grad(u, xc, e, mc, a, inv_sig2, const, mu, Wt, d, inv_d, inv_r, 
     return val
 
 
+@njit(cache=True)
+def gradient_accumulators(n_blocks, G, K):
+    """Zeroed per-block sums of the gradient in mu, d, log r (n_blocks, G) and W
+    (n_blocks, G, K): each parallel block adds its cells into its own row."""
+    return (np.zeros((n_blocks, G)), np.zeros((n_blocks, G)), np.zeros((n_blocks, G)),
+            np.zeros((n_blocks, G, K)))
+
+
 @njit(parallel=True, cache=True, fastmath=_FAST)
 def laplace_value_grad(counts, const, a, sigma, mu, W, d, inv_r, WW, Lc, x, eta, fix_eta,
                        want_grad, n_chunks, want_grad_r=True):
@@ -550,10 +558,7 @@ def laplace_value_grad(counts, const, a, sigma, mu, W, d, inv_r, WW, Lc, x, eta,
     inv_d = 1.0 / d
     value = np.empty(N)
     n_chunks = max(1, min(N, n_chunks))
-    acc_mu = np.zeros((n_chunks, G))
-    acc_d = np.zeros((n_chunks, G))
-    acc_r = np.zeros((n_chunks, G))
-    acc_W = np.zeros((n_chunks, G, K))
+    acc_mu, acc_d, acc_r, acc_W = gradient_accumulators(n_chunks, G, K)
     # sum_c (lambda h)_g M_c^{-1}, contracted with W at the end (gradient of log det M)
     acc_R = np.zeros((n_chunks, G, K * K)) if want_grad else np.zeros((1, 1, 1))
     for ch in prange(n_chunks):

@@ -26,6 +26,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import optimize
 
+#: L-BFGS correction pairs: tens of thousands of globals make each pair cheap to keep.
+MEMORY = 20
+
 
 @dataclass
 class OuterResult:
@@ -49,7 +52,7 @@ class OuterResult:
 
 def maximize(value_grad, theta0, lower, upper, *, problem=None, scaling=None, tol=1e-8,
              gtol=1e-6, max_iter=1000, progress=None, max_unconverged=0.01,
-             rescale_first=None):
+             rescale_first=None, memory=None):
     """Maximize ``value_grad`` by L-BFGS-B within the box ``[lower, upper]``.
 
     Parameters
@@ -71,11 +74,14 @@ def maximize(value_grad, theta0, lower, upper, *, problem=None, scaling=None, to
     rescale_first : int, optional
         Restart with a renewed ``scaling`` after this many iterations, then after twice
         as many each time (default: never).
+    memory : int, optional
+        Correction pairs L-BFGS keeps (``maxcor``); default :data:`MEMORY`.
 
     Returns
     -------
     OuterResult
     """
+    memory = MEMORY if memory is None else int(memory)
     lower = np.asarray(lower, dtype=np.float64)
     upper = np.asarray(upper, dtype=np.float64)
     theta = np.clip(np.asarray(theta0, dtype=np.float64), lower, upper)
@@ -112,7 +118,7 @@ def maximize(value_grad, theta0, lower, upper, *, problem=None, scaling=None, to
                                 bounds=list(zip(lower * scale, upper * scale)),
                                 callback=callback,
                                 options={"maxiter": budget, "ftol": tol, "gtol": gtol,
-                                         "maxcor": 20, "maxls": 40})
+                                         "maxcor": memory, "maxls": 40})
         theta = res.x / scale
         n_iter += int(res.nit)
         if res.success or res.nit < budget or n_iter >= max_iter:
