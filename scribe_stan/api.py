@@ -457,7 +457,8 @@ def fit(adata, *, model="pln", method="laplace", rank=None, layer=None, genes=No
     method : {"laplace", "hmc"}
     rank : int, optional
         Latent rank K, ``1 <= K < G`` (lnm, lnmvcp: ``K < G - 1``); default 10
-        (:data:`DEFAULT_RANK`). nbvcp has no latent factors: giving a rank is an error.
+        (:data:`DEFAULT_RANK`). nbvcp has no latent factors: a rank given for it is
+        ignored with a ``UserWarning``.
     layer : str, optional
     genes : None, int or list of str
         Genes to model: all (default), the ``n`` highest-mean ones (``n >= 2``), or those
@@ -518,8 +519,8 @@ def fit(adata, *, model="pln", method="laplace", rank=None, layer=None, genes=No
     Raises
     ------
     ValueError
-        Unknown model, method, device or backend; an argument that does not apply (a
-        rank for nbvcp, a backend for the Laplace method); invalid counts or duplicated
+        Unknown model, method, device or backend; a backend other than "auto" for the
+        Laplace method; invalid counts or duplicated
         names (see :func:`scribe_stan._validate.counts_from_anndata`); rank, genes,
         tol, max_iter or seed out of range. All are checked before any fitting.
     TypeError
@@ -543,9 +544,10 @@ def fit(adata, *, model="pln", method="laplace", rank=None, layer=None, genes=No
         _validate.check_positive("tol", tol)
         _validate.check_positive_int("max_iter", max_iter)
     check_device(device, model, method)
-    if model == "nbvcp" and rank is not None:
-        raise ValueError(f"rank={rank!r} does not apply to model='nbvcp' (genes are "
-                         "independent given the capture: no latent factors); allowed: None")
+    if model == "nbvcp" and rank is not None:  # warn, not refuse: loops over models pass one
+        warnings.warn(f"rank={rank!r} is ignored for model='nbvcp' (genes are independent "
+                      "given the capture: no latent factors)", UserWarning, stacklevel=2)
+        rank = None
     rank = DEFAULT_RANK if rank is None else rank
     loadings.check_prior(loadings_prior)
     if loadings_prior != "normal" and model not in ("pln", "nbln"):

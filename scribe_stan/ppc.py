@@ -318,21 +318,10 @@ def _replicate_lnm(fit, solver, level, glob, idx, draws, rng):
 
 def _gene_index(fit, genes):
     """Indices into the fitted genes: all, the n highest-mean, or named ones."""
-    import pandas as pd
+    from scribe_stan.api import _gene_columns
 
-    names = fit.var_names
-    if genes is None:
-        return np.arange(len(names))
-    if isinstance(genes, (int, np.integer)) and not isinstance(genes, bool):
-        if not 1 <= genes <= len(names):
-            raise ValueError(f"genes={genes} must be between 1 and the number of fitted "
-                             f"genes ({len(names)})")
-        order = np.argsort(-fit.data.counts.mean(axis=0), kind="stable")[:int(genes)]
-        return np.sort(order)
-    idx = names.get_indexer(pd.Index(list(genes)))
-    if (idx < 0).any():
-        raise ValueError(f"genes not in the fit: {[g for g, i in zip(genes, idx) if i < 0][:5]}")
-    return idx
+    return _gene_columns(genes, fit.var_names, fit.data.counts, minimum=1,
+                         what="fitted genes")
 
 
 def posterior_predictive(fit, *, level="marginal", draws=100, genes=None, seed=0):

@@ -300,7 +300,7 @@ def test_bad_inputs(tiny):
         nbvcp_fit.posterior_moments(pln_like)
     with pytest.raises(ValueError, match="draws"):
         fit.to_datatree(draws=0)
-    with pytest.raises(ValueError, match="not in the fit"):
+    with pytest.raises(ValueError, match="not found among the fitted genes"):
         fit.to_datatree(draws=2, genes=["nope"])
     with pytest.raises(ValueError, match="other cells"):
         fit.to_anndata(adata[:5].copy())
