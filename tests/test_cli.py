@@ -4,6 +4,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import warnings
 
 import anndata as ad
 import numpy as np
@@ -203,6 +204,157 @@ def test_usage_error_exits_2(capsys):
         cli.main(["fit", "pbmc_donor_a"])  # --out missing
     assert exc.value.code == 2
     assert "the following arguments are required: --out" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------
+# every model through the CLI, and the error paths that must fail before the work
+# --------------------------------------------------------------------------------------
+
+SLICE_CELLS = 60
+
+
+@pytest.fixture(scope="module")
+def slice_h5ad(tmp_path_factory):
+    """The first cells of the shipped data, as a file."""
+    path = tmp_path_factory.mktemp("slice") / "slice.h5ad"
+    ss.datasets.pbmc_donor_a()[:SLICE_CELLS].copy().write_h5ad(path)
+    return path
+
+
+def only_json(out):
+    """stdout must hold exactly one JSON line (machine-readable)."""
+    lines = out.strip().splitlines()
+    assert len(lines) == 1, out
+    return json.loads(lines[0])
+
+
+# per model: rank argument, summary keys of its own, posterior variables in its tree
+MODEL_OUTPUTS = {
+    "pln": (["--rank", 2], {"rank", "effective_rank", "median_capture_efficiency"},
+            {"x", "eta", "Sigma"}),
+    "nbln": (["--rank", 2], {"rank", "effective_rank", "median_dispersion_r",
+                             "median_capture_efficiency"}, {"x", "eta", "r"}),
+    "nbvcp": ([], {"median_dispersion_r", "median_capture_efficiency"}, {"m", "r", "eta"}),
+    "lnm": (["--rank", 2], {"rank", "mode", "reference_gene", "m_T", "r_T"},
+            {"y", "Sigma_alr", "corr_clr"}),
+    "lnmvcp": (["--rank", 2], {"rank", "reference_gene", "m_T", "r_T",
+                               "median_capture_efficiency"}, {"y", "eta", "corr_clr"}),
+}
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_fit_every_model(model, slice_h5ad, tmp_path, capsys):
+    rank, keys, variables = MODEL_OUTPUTS[model]
+    out = tmp_path / f"{model}.h5ad"
+    rc, stdout, err = run(["fit", slice_h5ad, "--model", model, "--genes", 6, *rank,
+                           "--max-iter", 40, "--draws", 5, "--out", out, "--quiet"], capsys)
+    assert rc == 0, err
+    assert err == ""
+    summary = only_json(stdout)
+    assert keys <= set(summary), set(summary)
+    assert summary["model"] == model and summary["genes"] == 6
+    assert summary["cells_total"] == SLICE_CELLS and np.isfinite(summary["objective"])
+    assert ("rank" in summary) == (model != "nbvcp")
+    res = ad.read_h5ad(out)
+    assert f"{model}_converged" in res.obs and model in res.uns
+    tree = xr.open_datatree(summary["tree"], engine="zarr")
+    assert variables <= set(tree["posterior"].data_vars)
+    assert tree.attrs["model"] == model
+    # per-gene models store the --tree-genes highest-mean genes (default 20 > 6: all six);
+    # lnm and lnmvcp every fitted gene
+    assert tree["posterior"].sizes["gene"] == 6
+
+
+def _no_fit(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("the fit ran although the input was bad")
+
+    monkeypatch.setattr(ss, "fit", boom)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--out", "{tmp}"], "is an existing directory; give a file path"),
+        (["--out", "{file}/o.h5ad"], "which is a file, not a directory"),
+        (["--out", "{file}"], "exists; pass --force to overwrite it"),
+        (["--tree", "{file}", "--out", "{tmp}/o.h5ad"], "--tree '{file}' exists; pass --force"),
+        (["--tol", -1, "--out", "{tmp}/o.h5ad"], "--tol must be a positive finite number"),
+        (["--model", "nbvcp", "--rank", 3, "--out", "{tmp}/o.h5ad"],
+         "--rank does not apply to --model nbvcp"),
+        (["--model", "lnm", "--tree-genes", 5, "--out", "{tmp}/o.h5ad"],
+         "--tree-genes does not apply to --model lnm"),
+        (["--model", "lnm", "--draws", 10**6, "--out", "{tmp}/o.h5ad"],
+         "draws*cells*genes = 1000000*60*2000 exceeds 2e+08; allowed: draws <= 1666"),
+        (["--model", "nbvcp", "--device", "cuda", "--out", "{tmp}/o.h5ad"],
+         "device='cuda' is not available for nbvcp: its Laplace kernels run on the CPU only"),
+    ],
+    ids=["out-dir", "out-under-file", "out-exists", "tree-exists", "tol", "rank-nbvcp",
+         "tree-genes-lnm", "tree-size", "cuda-nbvcp"],
+)
+def test_fit_errors_before_the_work(argv, message, slice_h5ad, tmp_path, capsys, monkeypatch):
+    _no_fit(monkeypatch)
+    existing = tmp_path / "existing.txt"
+    existing.write_text("keep me")
+    fmt = {"tmp": tmp_path, "file": existing}
+    rc, out, err = run(["fit", slice_h5ad, *[str(a).format(**fmt) for a in argv], "--quiet"],
+                       capsys)
+    assert rc == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("scribe-stan: error: "), err
+    assert message.format(**fmt) in err
+    assert existing.read_text() == "keep me"
+    assert not (tmp_path / "o.h5ad").exists()
+
+
+def test_fit_force_overwrites(slice_h5ad, tmp_path, capsys):
+    out = tmp_path / "o.h5ad"
+    out.write_text("old")
+    argv = ["fit", slice_h5ad, "--genes", 4, "--rank", 1, "--max-iter", 5, "--draws", 2,
+            "--out", out, "--quiet"]
+    assert run(argv, capsys)[0] == 2
+    rc, stdout, err = run(argv + ["--force"], capsys)
+    assert rc == 0, err
+    assert ad.read_h5ad(out).n_obs == SLICE_CELLS
+    assert run(argv + ["--force"], capsys)[0] == 0  # the tree is replaced as well
+
+
+@pytest.mark.parametrize("names, message", [
+    ("var", "var_names (gene names) must be unique; duplicated 1 name: 'A'"),
+    ("obs", "obs_names (cell names) must be unique"),
+])
+def test_duplicate_names_exit_2(names, message, tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    a = ad.AnnData(X=rng.poisson(3.0, size=(6, 4)).astype(np.float32) + 1)
+    setattr(a, f"{names}_names", ["A", "B", "A", "C"] + (["D", "E"] if names == "obs" else []))
+    path = tmp_path / "dup.h5ad"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # anndata warns about the names too
+        a.write_h5ad(path)
+    rc, out, err = run(["fit", path, "--rank", 1, "--out", tmp_path / "o.h5ad", "--quiet"],
+                       capsys)
+    assert rc == 2 and out == ""
+    assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "o.h5ad").exists()
+
+
+def test_missing_cuda_and_cmdstan_exit_2(slice_h5ad, tmp_path, capsys, monkeypatch):
+    from scribe_stan.laplace.device import cuda_status
+    from scribe_stan.stan import _cmdstan_available
+
+    _no_fit(monkeypatch)
+    checked = 0
+    if not cuda_status()[0]:
+        rc, out, err = run(["fit", slice_h5ad, "--device", "cuda", "--out",
+                            tmp_path / "o.h5ad", "--quiet"], capsys)
+        assert rc == 2 and err.count("\n") == 1 and "CUDA is unavailable" in err, err
+        checked += 1
+    if not _cmdstan_available():
+        rc, out, err = run(["hmc", slice_h5ad, "--backend", "cmdstanpy", "--out",
+                            tmp_path / "h", "--quiet"], capsys)
+        assert rc == 2 and err.count("\n") == 1 and "needs a CmdStan installation" in err, err
+        checked += 1
+    if not checked:
+        pytest.skip("both a GPU and CmdStan are present here")
 
 
 # --------------------------------------------------------------------------------------
