@@ -396,15 +396,15 @@ def test_hmc_diagnostics_on_mixed_and_unmixed_chains():
 # Stan runs (build Stan programs: slow the first time, cached afterwards)
 # --------------------------------------------------------------------------------------
 
-TINY = ["--genes", 4, "--cells", 30, "--rank", 1, "--chains", 2, "--draws", 100,
-        "--warmup", 100, "--quiet"]
+TINY = ["--genes", 4, "--cells", 30, "--chains", 2, "--draws", 100, "--warmup", 100,
+        "--quiet"]
 
 
 @pytest.mark.slow
 def test_hmc_command(tmp_path, capsys):
     outdir = tmp_path / "hmc"
-    rc, out, err = run(["hmc", "pbmc_donor_a", "--model", "pln", *TINY, "--out", outdir],
-                       capsys)
+    rc, out, err = run(["hmc", "pbmc_donor_a", "--model", "pln", "--rank", 1, *TINY,
+                        "--out", outdir], capsys)
     assert rc == 0, err
     summary = last_json(out)
     for key in ("max_rhat_Sigma", "max_rhat", "min_ess_bulk", "min_ess_tail", "divergences",
@@ -422,10 +422,13 @@ def test_hmc_command(tmp_path, capsys):
 @pytest.mark.slow
 def test_validate_command(tmp_path, capsys):
     outdir = tmp_path / "val"
-    rc, out, err = run(["validate", "pbmc_donor_a", "--model", "pln", *TINY,
-                        "--laplace-draws", 200, "--out", outdir], capsys)
+    argv = ["validate", "pbmc_donor_a", "--model", "pln", "--rank", 1, *TINY,
+            "--laplace-draws", 200, "--out", outdir]
+    rc, out, err = run([a for a in argv if a != "--quiet"], capsys)
     assert rc == 0, err
-    assert "Laplace vs conditional NUTS" in out and "mean_abs_smd" in out
+    # the tables go to stderr: stdout holds only the JSON line
+    assert "Laplace vs conditional NUTS" in err and "mean_abs_smd" in err
+    only_json(out)
     for name in ("comparison.png", "compare_conditional.csv", "compare_full.csv",
                  "compare_conditional_detail.csv", "compare_full_detail.csv",
                  "summary.json"):
@@ -452,7 +455,8 @@ def test_validate_command_other_models(tmp_path, capsys, model, conditional, ful
     import pandas as pd
 
     outdir = tmp_path / model
-    rc, out, err = run(["validate", "pbmc_donor_a", "--model", model, *TINY,
+    rank = [] if model == "nbvcp" else ["--rank", 1]
+    rc, out, err = run(["validate", "pbmc_donor_a", "--model", model, *rank, *TINY,
                         "--laplace-draws", 100, "--out", outdir], capsys)
     assert rc == 0, err
     full_table = pd.read_csv(outdir / "compare_full.csv", index_col=0)
@@ -468,3 +472,24 @@ def test_validate_command_other_models(tmp_path, capsys, model, conditional, ful
         assert list(cond.index) == conditional
         assert cond.loc["y", "n"] == 30 * 3  # ALR: G - 1 coordinates per cell
         assert 0 < cond.loc["y", "mean_coverage"] <= 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["hmc", "validate"])
+@pytest.mark.parametrize("model", list(MODELS))
+def test_stan_commands_every_model(command, model, slice_h5ad, tmp_path, capfd):
+    """Every Stan command for every model: exit 0, one JSON line on stdout (checked at the
+    file-descriptor level), and with --quiet none of Stan's build or sampling lines."""
+    rank = [] if model == "nbvcp" else ["--rank", 1]
+    extra = ["--laplace-draws", 50] if command == "validate" else []
+    rc = cli.main([str(a) for a in [command, slice_h5ad, "--model", model, *rank, "--genes", 4,
+                                    "--cells", 30, "--chains", 2, "--draws", 50,
+                                    "--warmup", 50, *extra, "--out", tmp_path / "o",
+                                    "--quiet"]])
+    out, err = capfd.readouterr()
+    assert rc == 0, err[-3000:]
+    summary = only_json(out)
+    assert summary["command"] == command and summary["model"] == model
+    assert summary["cells"] == 30 and summary["genes"] == 4
+    for line in ("Building", "Sampling", "Informational Message", "stanc"):
+        assert line not in err, err[-3000:]
