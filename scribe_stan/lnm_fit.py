@@ -270,7 +270,8 @@ def fit_lnm(adata, *, model="lnm", method="laplace", rank=10, layer=None, genes=
     Raises
     ------
     ValueError
-        Unknown reference gene or mode; rank outside ``1 <= K < G - 1``; invalid data.
+        Unknown reference gene or mode; rank outside ``1 <= K < G - 1`` (and, for the
+        Laplace method, above the number of cells); invalid data.
     """
     _validate.check_choice("mode", mode, lnm_solver.MODES)
     data = _prepare(adata, layer, genes, M0, sigma_M, library_size)
@@ -283,6 +284,11 @@ def fit_lnm(adata, *, model="lnm", method="laplace", rank=10, layer=None, genes=
         raise ValueError(f"rank K={rank} is out of range for {model} with G={G} genes; "
                          f"allowed: 1 <= K < G - 1 = {G - 1} (the ALR dimension)")
     K = _validate.check_rank(rank, G - 1)
+    N = data.counts.shape[0]
+    if method == "laplace" and K > N:  # the solver starts from K principal axes of the cells
+        raise ValueError(f"rank K={K} exceeds the number of cells N={N} for the {model} "
+                         "Laplace fit (its start takes K principal axes of the cells' "
+                         f"log-ratios); allowed: 1 <= K <= {min(N, G - 2)}")
     ref = lnm.resolve_reference(reference_gene, data.var_names, data.counts)
     settings = {"model": model, "method": method, "rank": K, "layer": layer, "M0": float(M0),
                 "sigma_M": float(sigma_M), "seed": int(seed),

@@ -114,8 +114,8 @@ def note_data(adata):
          f"obs = {list(adata.obs_names)}; var = {list(adata.var_names)}")
 
 
-def fit_quietly(adata, model, **kw):
-    rank = None if model == "nbvcp" else 1
+def fit_quietly(adata, model, rank=1, **kw):
+    rank = None if model == "nbvcp" else rank
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # all-zero genes dropped, unconverged cells
         return ss.fit(adata, model=model, rank=rank, progress=False, **kw)
@@ -145,19 +145,25 @@ def test_count_validation_names_the_planted_problem(data):
 
 
 @pytest.mark.parametrize("model", list(MODELS))
-@given(data=count_data())
-def test_fit_refuses_at_the_boundary_or_converges(model, data):
+@given(data=count_data(), rank=st.integers(1, 3))
+def test_fit_refuses_at_the_boundary_or_converges(model, data, rank):
     adata, problems = data
     note_data(adata)
-    if model in ("lnm", "lnmvcp") and not problems:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            kept = (np.asarray(adata.X.sum(axis=0)).ravel() > 0).sum()
-        if kept < 3:
-            problems["lnm_genes"] = "at least 3 genes"
+    if not problems and model != "nbvcp":  # the rank against the data
+        dense = adata.X.toarray() if sp.issparse(adata.X) else adata.X
+        kept = int((dense.sum(axis=0) > 0).sum())
+        if model in ("pln", "nbln") and rank >= kept:
+            problems["rank"] = "is out of range"
+        if model in ("lnm", "lnmvcp"):
+            if kept < 3:
+                problems["lnm_genes"] = "at least 3 genes"
+            elif rank >= kept - 1:
+                problems["rank"] = "is out of range"
+            elif rank > adata.n_obs:
+                problems["rank_cells"] = "exceeds the number of cells"
     snap = snapshot(adata)
     try:
-        fit = fit_quietly(adata, model, max_iter=200)
+        fit = fit_quietly(adata, model, rank=rank, max_iter=200)
     except (ValueError, TypeError) as exc:
         assert problems, f"valid data refused: {exc}"
         assert any(words in str(exc) for words in problems.values()), (problems, str(exc))
