@@ -129,13 +129,24 @@ def _positive_int(name: str, value: int, minimum: int = 1) -> int:
     return value
 
 
-def _check_writable(path: Path, option: str, force: bool) -> None:
-    """Fail before any work if ``path`` cannot be written (or exists, unless ``force``)."""
-    if path.is_dir() and path.suffix != ".zarr":
-        raise ValueError(f"{option} {str(path)!r} is an existing directory; give a file path")
-    if path.exists() and not force:
-        raise ValueError(f"{option} {str(path)!r} exists; pass --force to overwrite it or "
-                         "choose another path")
+def _check_writable(path: Path, option: str, *, force: bool = False,
+                    directory: bool = False) -> None:
+    """Fail before any work if ``path`` cannot be written.
+
+    A file path (``directory=False``) must not be an existing directory (a ``.zarr``
+    tree is one) and must not exist unless ``force``; an output directory may exist
+    but must not be a file. Either way the nearest existing parent must be a writable
+    directory.
+    """
+    if directory and path.exists() and not path.is_dir():
+        raise ValueError(f"{option} {str(path)!r} is an existing file; give a directory")
+    if not directory:
+        if path.is_dir() and path.suffix != ".zarr":
+            raise ValueError(f"{option} {str(path)!r} is an existing directory; give a file "
+                             "path")
+        if path.exists() and not force:
+            raise ValueError(f"{option} {str(path)!r} exists; pass --force to overwrite it or "
+                             "choose another path")
     parent = path.parent
     while not parent.exists():
         parent = parent.parent
@@ -144,6 +155,11 @@ def _check_writable(path: Path, option: str, force: bool) -> None:
                          "not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"{option} {str(path)!r}: directory {str(parent)!r} is not writable")
+
+
+def _check_laplace_args(args) -> None:
+    _positive_int("--max-iter", args.max_iter)
+    _validate.check_positive("--tol", args.tol)
 
 
 def _write_tree(tree, path: Path) -> Path:
@@ -289,8 +305,7 @@ def cmd_fit(args) -> int:
     out = Path(args.out)
     if args.input not in DATASETS and out.resolve() == Path(args.input).resolve():
         raise ValueError("--out must differ from INPUT (the input file is never overwritten)")
-    _positive_int("--max-iter", args.max_iter)
-    _validate.check_positive("--tol", args.tol)
+    _check_laplace_args(args)
     if args.draws < 0:
         raise ValueError(f"--draws must be >= 0 (0: no tree); got {args.draws}")
     all_genes = args.model in _ALL_GENE_TREES
@@ -300,9 +315,9 @@ def cmd_fit(args) -> int:
                          "fit fewer genes")
     tree_genes = args.tree_genes or _TREE_GENES_DEFAULT  # a number or "all"
     tree_path = Path(args.tree) if args.tree else out.with_suffix(".tree.zarr")
-    _check_writable(out, "--out", args.force)
+    _check_writable(out, "--out", force=args.force)
     if args.draws > 0:
-        _check_writable(tree_path, "--tree", args.force)
+        _check_writable(tree_path, "--tree", force=args.force)
 
     t0 = time.perf_counter()
     adata = _load(args.input)
@@ -361,6 +376,7 @@ def cmd_hmc(args) -> int:
     _check_choices(args)
     _check_sampler_args(args)
     outdir = Path(args.out or f"hmc-{_data_name(args.input)}-{args.model}")
+    _check_writable(outdir, "--out", directory=True)
     t0 = time.perf_counter()
     adata = _load(args.input, args.cells)
     _log(args, f"[hmc] {_data_name(args.input)}: {adata.n_obs} cells, {args.genes} "
@@ -416,8 +432,10 @@ def cmd_validate(args) -> int:
 
     _check_choices(args)
     _check_sampler_args(args)
+    _check_laplace_args(args)
     _positive_int("--laplace-draws", args.laplace_draws)
     outdir = Path(args.out or f"validate-{_data_name(args.input)}-{args.model}")
+    _check_writable(outdir, "--out", directory=True)
     t0 = time.perf_counter()
     adata = _load(args.input, args.cells)
     _log(args, f"[validate] {_data_name(args.input)}: {adata.n_obs} cells, {args.genes} "

@@ -306,6 +306,27 @@ def test_fit_errors_before_the_work(argv, message, slice_h5ad, tmp_path, capsys,
     assert not (tmp_path / "o.h5ad").exists()
 
 
+@pytest.mark.parametrize("command", ["hmc", "validate"])
+@pytest.mark.parametrize("argv, message", [
+    (["--out", "{file}"], "--out '{file}' is an existing file; give a directory"),
+    (["--out", "{file}/sub"], "which is a file, not a directory"),
+    (["--tol", 0], "--tol must be a positive finite number"),
+    (["--model", "nbvcp", "--rank", 2], "--rank does not apply to --model nbvcp"),
+], ids=["out-file", "out-under-file", "tol", "rank-nbvcp"])
+def test_stan_commands_check_before_the_work(command, argv, message, slice_h5ad, tmp_path,
+                                             capsys, monkeypatch):
+    if command == "hmc" and "--tol" in argv:
+        pytest.skip("hmc has no --tol")
+    _no_fit(monkeypatch)
+    existing = tmp_path / "existing.txt"
+    existing.write_text("keep me")
+    argv = [str(a).format(file=existing) for a in argv]
+    rc, out, err = run([command, slice_h5ad, *argv, "--quiet"], capsys)
+    assert rc == 2 and out == ""
+    assert err.count("\n") == 1 and message.format(file=existing) in err, err
+    assert existing.read_text() == "keep me"
+
+
 def test_fit_force_overwrites(slice_h5ad, tmp_path, capsys):
     out = tmp_path / "o.h5ad"
     out.write_text("old")
