@@ -9,8 +9,9 @@ Every subcommand reads an ``.h5ad`` file of raw UMI counts (cells x genes, in ``
   genes) next to it (zarr), and prints a one-line JSON summary with the model's own
   quantities. Existing outputs are kept unless ``--force``.
 * ``hmc``: Stan NUTS (full joint posterior) on the highest-mean genes of (optionally) the
-  first cells. Writes ``OUTDIR/hmc.tree.zarr`` and ``OUTDIR/diagnostics.json``, and prints
-  the diagnostics (R-hat, bulk/tail ESS, divergences, wall time).
+  first cells. Writes ``OUTDIR/hmc.tree.zarr``, ``OUTDIR/diagnostics.json`` and
+  ``OUTDIR/stan.log`` (Stan's own output), and prints the diagnostics (R-hat,
+  bulk/tail ESS, divergences, wall time).
 * ``validate``: Laplace vs Stan on one small subset: Laplace fit, full-joint NUTS,
   and NUTS of the per-cell latents conditional on the Laplace globals; saves (and, unless
   ``--quiet``, prints on stderr) :func:`scribe_stan.compare` tables and a
@@ -361,6 +362,12 @@ def _hmc_fit(adata, args, *, genes, conditional_on=None):
                   progress=not args.quiet, conditional_on=conditional_on)
 
 
+def _write_stan_log(path: Path, fit) -> str:
+    """Save what Stan printed for an HMC fit (build, stanc warnings, messages)."""
+    path.write_text(fit.draws.messages)
+    return str(path)
+
+
 def _check_sampler_args(args) -> None:
     _positive_int("--genes", args.genes, 2)
     _positive_int("--chains", args.chains)
@@ -395,6 +402,7 @@ def cmd_hmc(args) -> int:
     outdir.mkdir(parents=True, exist_ok=True)
     tree_path = _write_tree(tree, outdir / "hmc.tree.zarr")
     summary["tree"] = str(tree_path)
+    summary["stan_log"] = _write_stan_log(outdir / "stan.log", fit)
     summary["wall_s"] = time.perf_counter() - t0
     (outdir / "diagnostics.json").write_text(json.dumps(_round(summary), indent=2) + "\n")
     _print_json(summary)
@@ -482,6 +490,9 @@ def cmd_validate(args) -> int:
                    for key, (ref, names) in pairs.items()}
         plot_ref = cond_tree if quantities.conditional is not None else full_tree
         outdir.mkdir(parents=True, exist_ok=True)
+        _write_stan_log(outdir / "stan_full.log", full)
+        if quantities.conditional is not None:
+            _write_stan_log(outdir / "stan_conditional.log", cond)
         for key in tables:
             tables[key].to_csv(outdir / f"compare_{key}.csv")
             details[key].to_csv(outdir / f"compare_{key}_detail.csv")
@@ -545,7 +556,8 @@ examples:
 _HMC_EXAMPLES = """\
 Runs Stan's NUTS on the full joint posterior (globals and per-cell latents) of the N
 highest-mean genes: ground truth for small problems. Writes OUTDIR/hmc.tree.zarr (ArviZ
-DataTree, same shape as the Laplace tree) and OUTDIR/diagnostics.json, and prints max
+DataTree, same shape as the Laplace tree), OUTDIR/diagnostics.json and OUTDIR/stan.log
+(Stan's build and sampling output, shown on stderr unless --quiet), and prints max
 R-hat (Sigma entries and all posterior variables), min bulk/tail ESS, the number of
 divergences and the wall time. The Stan program is compiled once and cached.
 
@@ -562,7 +574,8 @@ On one subset (first --cells cells, --genes highest-mean genes):
      (the exact target of the per-cell Laplace approximation).
 Prints compare(laplace, conditional NUTS) for x and eta and compare(laplace, full NUTS)
 for Sigma and corr; writes the tables (summary and per element) as CSV, the overlaid
-marginals as OUTDIR/comparison.png, and OUTDIR/summary.json.
+marginals as OUTDIR/comparison.png, OUTDIR/summary.json and Stan's output as
+OUTDIR/stan_full.log and OUTDIR/stan_conditional.log.
 
 examples:
   scribe-stan validate pbmc_donor_a --model pln --genes 20

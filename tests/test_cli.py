@@ -514,3 +514,5 @@ def test_stan_commands_every_model(command, model, slice_h5ad, tmp_path, capfd):
     assert summary["cells"] == 30 and summary["genes"] == 4
     for line in ("Building", "Sampling", "Informational Message", "stanc"):
         assert line not in err, err[-3000:]
+    log = tmp_path / "o" / ("stan.log" if command == "hmc" else "stan_full.log")
+    assert "Building" in log.read_text()  # kept in a log file instead
