@@ -97,11 +97,8 @@ def _load(path: str, cells: int | None = None):
             adata = anndata.read_h5ad(p)
         except Exception as exc:  # h5py/anndata raise OSError, KeyError, ...
             raise ValueError(f"cannot read {path!r} as .h5ad: {exc}") from exc
-    if cells is not None:
-        if cells < 1:
-            raise ValueError(f"--cells must be >= 1; got {cells}")
-        if cells < adata.n_obs:
-            adata = adata[:cells].copy()
+    if cells is not None and cells < adata.n_obs:
+        adata = adata[:cells].copy()
     return adata
 
 
@@ -122,12 +119,6 @@ def _check_choices(args) -> None:
                              "given the capture: no latent factors); leave it out")
     elif args.rank is None:
         args.rank = args.default_rank
-
-
-def _positive_int(name: str, value: int, minimum: int = 1) -> int:
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}; got {value}")
-    return value
 
 
 def _check_writable(path: Path, option: str, *, force: bool = False,
@@ -159,7 +150,7 @@ def _check_writable(path: Path, option: str, *, force: bool = False,
 
 
 def _check_laplace_args(args) -> None:
-    _positive_int("--max-iter", args.max_iter)
+    _validate.check_positive_int("--max-iter", args.max_iter)
     _validate.check_positive("--tol", args.tol)
 
 
@@ -369,11 +360,12 @@ def _write_stan_log(path: Path, fit) -> str:
 
 
 def _check_sampler_args(args) -> None:
-    _positive_int("--genes", args.genes, 2)
-    _positive_int("--chains", args.chains)
-    _positive_int("--draws", args.draws)
-    if args.warmup < 0:
-        raise ValueError(f"--warmup must be >= 0; got {args.warmup}")
+    _validate.check_positive_int("--genes", args.genes, 2)
+    _validate.check_positive_int("--chains", args.chains)
+    _validate.check_positive_int("--draws", args.draws)
+    _validate.check_positive_int("--warmup", args.warmup, 0)
+    if args.cells is not None:
+        _validate.check_positive_int("--cells", args.cells)
     if not 0 < args.adapt_delta < 1:
         raise ValueError(f"--adapt-delta must lie in (0, 1); got {args.adapt_delta}")
 
@@ -441,7 +433,7 @@ def cmd_validate(args) -> int:
     _check_choices(args)
     _check_sampler_args(args)
     _check_laplace_args(args)
-    _positive_int("--laplace-draws", args.laplace_draws)
+    _validate.check_positive_int("--laplace-draws", args.laplace_draws)
     outdir = Path(args.out or f"validate-{_data_name(args.input)}-{args.model}")
     _check_writable(outdir, "--out", directory=True)
     t0 = time.perf_counter()

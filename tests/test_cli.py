@@ -168,7 +168,7 @@ def bad_h5ad(tmp_path):
         (["fit", "{bad}", "--rank", 2, "--out", "{tmp}/o.h5ad"],
          "must hold finite, non-negative integer counts; found 1 negative entry"),
         (["fit", "{bad}", "--out", "{bad}"], "--out must differ from INPUT"),
-        (["validate", "pbmc_donor_a", "--genes", 1], "--genes must be >= 2; got 1"),
+        (["validate", "pbmc_donor_a", "--genes", 1], "--genes must be an integer >= 2; got 1"),
         (["fit", "{tmp}", "--out", "{tmp}/o.h5ad"], "is a directory; expected an .h5ad file"),
     ],
     ids=["missing-file", "model", "backend", "layer", "rank", "negative-counts",
