@@ -88,6 +88,28 @@ def _select_genes(ci, genes):
                          what="non-zero genes (all-zero genes are dropped)")
 
 
+def fitted_gene_index(fit, genes):
+    """Indices into a fit's genes for a ``genes`` argument (trees, predictive checks).
+
+    Parameters
+    ----------
+    fit : LaplaceFit, NbvcpFit or HmcFit
+    genes : None, int or sequence of str
+        All fitted genes, the ``n`` highest-mean ones (``n >= 1``) or those names.
+
+    Returns
+    -------
+    numpy.ndarray of int
+
+    Raises
+    ------
+    TypeError, ValueError
+        As for the ``genes`` argument of :func:`fit` (at least one gene here).
+    """
+    return _gene_columns(genes, fit.var_names, fit.data.counts, minimum=1,
+                         what="fitted genes")
+
+
 def check_tree_size(draws, n_cells, n_genes):
     """Check a tree's ``draws`` argument and the size of its per-cell draws.
 
@@ -283,10 +305,6 @@ class LaplaceFit:
         """Latent directions with RMS loading >= 0.05 (:func:`loadings.effective_rank`)."""
         return loadings.effective_rank(self.W)
 
-    def _gene_index(self, genes):
-        return _gene_columns(genes, self.var_names, self.data.counts, minimum=1,
-                             what="fitted genes")
-
     def to_datatree(self, draws=500, *, genes=None, seed=None):
         """ArviZ DataTree of the Laplace posterior (one chain of independent draws).
 
@@ -316,7 +334,7 @@ class LaplaceFit:
             ``draws`` not an integer >= 1, invalid or unknown ``genes``, or too many
             elements (:func:`check_tree_size`).
         """
-        idx = self._gene_index(genes)
+        idx = fitted_gene_index(self, genes)
         draws = check_tree_size(draws, len(self.obs_names), idx.size)
         rng = np.random.default_rng(self.settings["seed"] if seed is None else seed)
         problem = self.solution.problem

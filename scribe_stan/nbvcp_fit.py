@@ -12,7 +12,7 @@ import numpy as np
 from scipy import stats
 
 from scribe_stan import convert, stan
-from scribe_stan.api import HmcFit, _Data, _gene_columns, check_tree_size, result_target
+from scribe_stan.api import HmcFit, _Data, check_tree_size, fitted_gene_index, result_target
 from scribe_stan.laplace.nbvcp import NbvcpSolution, fit_nbvcp, gamma_tables, gaussian_moments
 from scribe_stan.laplace.nbvcp import log_lik_draws
 from scribe_stan.models import nbvcp, pln
@@ -93,8 +93,7 @@ class NbvcpFit:
             ``draws`` not an integer >= 1, invalid or unknown ``genes``, or too many
             elements (:func:`scribe_stan.api.check_tree_size`).
         """
-        idx = _gene_columns(genes, self.var_names, self.data.counts, minimum=1,
-                            what="fitted genes")
+        idx = fitted_gene_index(self, genes)
         N = len(self.obs_names)
         draws = check_tree_size(draws, N, idx.size)
         rng = np.random.default_rng(self.settings["seed"] if seed is None else seed)

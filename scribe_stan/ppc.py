@@ -40,6 +40,7 @@ import numpy as np
 from scipy import special, stats
 
 from scribe_stan import _validate, convert
+from scribe_stan.api import fitted_gene_index
 from scribe_stan.models import lnm as lnm_model
 from scribe_stan.models import pln
 
@@ -316,14 +317,6 @@ def _replicate_lnm(fit, solver, level, glob, idx, draws, rng):
     return out, eta
 
 
-def _gene_index(fit, genes):
-    """Indices into the fitted genes: all, the n highest-mean, or named ones."""
-    from scribe_stan.api import _gene_columns
-
-    return _gene_columns(genes, fit.var_names, fit.data.counts, minimum=1,
-                         what="fitted genes")
-
-
 def posterior_predictive(fit, *, level="marginal", draws=100, genes=None, seed=0):
     """Replicated counts of a fit at one predictive level, as an ArviZ DataTree.
 
@@ -364,7 +357,7 @@ def posterior_predictive(fit, *, level="marginal", draws=100, genes=None, seed=0
     _check_level(level, solver, family, fit.model)
     if not isinstance(draws, (int, np.integer)) or isinstance(draws, bool) or draws < 1:
         raise ValueError(f"draws must be a positive integer; got {draws!r}")
-    idx = _gene_index(fit, genes)
+    idx = fitted_gene_index(fit, genes)
     N = len(fit.obs_names)
     if draws * N * idx.size > _MAX_ELEMENTS:
         raise ValueError(f"draws*cells*genes = {draws}*{N}*{idx.size} exceeds "
