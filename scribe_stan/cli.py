@@ -298,6 +298,8 @@ def cmd_fit(args) -> int:
     if args.input not in DATASETS and out.resolve() == Path(args.input).resolve():
         raise ValueError("--out must differ from INPUT (the input file is never overwritten)")
     _check_laplace_args(args)
+    if args.genes is not None:
+        _validate.check_positive_int("--genes", args.genes, 2)
     if args.draws < 0:
         raise ValueError(f"--draws must be >= 0 (0: no tree); got {args.draws}")
     all_genes = args.model in _ALL_GENE_TREES

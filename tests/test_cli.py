@@ -280,6 +280,7 @@ def _no_fit(monkeypatch):
         (["--out", "{file}"], "exists; pass --force to overwrite it"),
         (["--tree", "{file}", "--out", "{tmp}/o.h5ad"], "--tree '{file}' exists; pass --force"),
         (["--tol", -1, "--out", "{tmp}/o.h5ad"], "--tol must be a positive finite number"),
+        (["--genes", 0, "--out", "{tmp}/o.h5ad"], "--genes must be an integer >= 2; got 0"),
         (["--model", "nbvcp", "--rank", 3, "--out", "{tmp}/o.h5ad"],
          "--rank does not apply to --model nbvcp"),
         (["--model", "lnm", "--tree-genes", 5, "--out", "{tmp}/o.h5ad"],
@@ -289,7 +290,7 @@ def _no_fit(monkeypatch):
         (["--model", "nbvcp", "--device", "cuda", "--out", "{tmp}/o.h5ad"],
          "device='cuda' is not available for nbvcp: its Laplace kernels run on the CPU only"),
     ],
-    ids=["out-dir", "out-under-file", "out-exists", "tree-exists", "tol", "rank-nbvcp",
+    ids=["out-dir", "out-under-file", "out-exists", "tree-exists", "tol", "genes", "rank-nbvcp",
          "tree-genes-lnm", "tree-size", "cuda-nbvcp"],
 )
 def test_fit_errors_before_the_work(argv, message, slice_h5ad, tmp_path, capsys, monkeypatch):
