@@ -456,6 +456,25 @@ def _copy_build(src: Path, dst: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _no_build_timeout():
+    """Lift aiohttp's default 5-minute request limit while pystan builds a program.
+
+    pystan asks its in-process httpstan server to build through an aiohttp session
+    created with aiohttp's default timeout; a C++ build on a busy 2-core machine can
+    take longer, and the build then fails with a bare ``TimeoutError``.
+    """
+    import aiohttp.client
+
+    saved = aiohttp.client.DEFAULT_TIMEOUT
+    aiohttp.client.DEFAULT_TIMEOUT = aiohttp.ClientTimeout(total=None,
+                                                           sock_connect=saved.sock_connect)
+    try:
+        yield
+    finally:
+        aiohttp.client.DEFAULT_TIMEOUT = saved
+
+
 def _pystan_model(name: str, data: Mapping[str, Any], seed: int):
     import httpstan.cache
     import httpstan.models
@@ -468,7 +487,8 @@ def _pystan_model(name: str, data: Mapping[str, Any], seed: int):
     if not _has_module(ours) and _has_module(shared):
         shutil.rmtree(ours, ignore_errors=True)  # a failed build: httpstan would redo it
         _copy_build(shared, ours)
-    model = stan.build(code, data=_json_data(data), random_seed=int(seed))
+    with _no_build_timeout():
+        model = stan.build(code, data=_json_data(data), random_seed=int(seed))
     if not _has_module(shared):
         _copy_build(ours, shared)
     return model

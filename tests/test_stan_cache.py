@@ -34,6 +34,17 @@ def test_output_is_captured_and_never_on_stdout(capfd):
     assert messages.getvalue() == "Sampling: 100%\n"
 
 
+def test_builds_are_not_cut_at_five_minutes():
+    import aiohttp
+    import aiohttp.client
+
+    before = aiohttp.client.DEFAULT_TIMEOUT
+    assert before.total == 300  # aiohttp's default, which a slow C++ build exceeds
+    with stan._no_build_timeout():
+        assert aiohttp.client.DEFAULT_TIMEOUT.total is None
+    assert aiohttp.client.DEFAULT_TIMEOUT is before
+
+
 def _data():
     sim = pln.simulate(5, 3, 1, seed=2, lib_target=60.0, sigma_M=0.5)
     return pln.stan_data(sim["counts"], 1, log_M0=float(np.log(60.0)), sigma_M=0.7)
