@@ -25,6 +25,8 @@ __all__ = [
     "check_choice",
     "check_rank",
     "check_positive",
+    "check_positive_int",
+    "check_unique_names",
 ]
 
 _N_SHOWN = 5  # how many names to list in messages
@@ -192,6 +194,75 @@ def check_positive(name: str, value) -> float:
     return v
 
 
+def check_positive_int(name: str, value, minimum: int = 1) -> int:
+    """Check an integer argument with a lower bound (e.g. ``draws``, ``max_iter``).
+
+    Parameters
+    ----------
+    name : str
+        Argument name used in the message.
+    value : int
+        Value given by the user (Python or NumPy integer; bools and floats are rejected).
+    minimum : int
+        Smallest allowed value.
+
+    Returns
+    -------
+    int
+        ``value`` as a Python int.
+
+    Raises
+    ------
+    TypeError
+        If ``value`` is not an integer.
+    ValueError
+        If ``value < minimum``.
+    """
+    if not _is_int(value):
+        raise TypeError(
+            f"{name} must be an integer >= {minimum}; got {value!r} of type "
+            f"{type(value).__name__}"
+        )
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {value}")
+    return int(value)
+
+
+def check_unique_names(names, what: str) -> pd.Index:
+    """Check that cell or gene names are unique.
+
+    Results are matched to cells and genes by name (``obs_names``, ``var_names``), so a
+    name used twice would make every lookup ambiguous.
+
+    Parameters
+    ----------
+    names : sequence
+        The names, e.g. ``adata.var_names``.
+    what : str
+        What they name, used in the message (e.g. ``"adata.var_names"``).
+
+    Returns
+    -------
+    pandas.Index
+        ``names`` as an Index.
+
+    Raises
+    ------
+    ValueError
+        Naming how many names are duplicated and the first few of them, with the
+        anndata call that makes them unique.
+    """
+    index = pd.Index(names)
+    if not index.is_unique:
+        dup = index[index.duplicated()].unique()
+        fix = "var_names_make_unique" if "var" in what else "obs_names_make_unique"
+        raise ValueError(
+            f"{what} must be unique; duplicated {_plural(len(dup), 'name')}: "
+            f"{_first(dup)}; make them unique first, e.g. adata.{fix}()"
+        )
+    return index
+
+
 # ---------------------------------------------------------------------------
 # count matrices
 # ---------------------------------------------------------------------------
@@ -316,6 +387,8 @@ def _validate_matrix(
             f"{where} must be 2-D (cells x genes); got shape {tuple(X.shape)}"
         )
     N, G = X.shape
+    obs_names = check_unique_names(obs_names, "obs_names (cell names)")
+    var_names = check_unique_names(var_names, "var_names (gene names)")
     if len(obs_names) != N:
         raise ValueError(
             f"obs_names has length {len(obs_names)} but {where} has {N} rows (cells); "
@@ -409,7 +482,7 @@ def counts_from_anndata(adata, *, layer: str | None = None) -> CountsInput:
         matrix; NaN, infinite, negative or non-integer entries (the message says which
         and how many, and where the first one is); cells with zero library size (the
         message names how many and the first few ``obs_names``); fewer than 2 genes
-        left after dropping all-zero genes.
+        left after dropping all-zero genes; duplicated ``obs_names`` or ``var_names``.
 
     Warns
     -----
@@ -466,8 +539,8 @@ def counts_from_array(counts, obs_names=None, var_names=None) -> CountsInput:
     Raises
     ------
     ValueError
-        If ``counts`` is not 2-D, the names do not match its shape, or for any of the
-        problems listed in :func:`counts_from_anndata`.
+        If ``counts`` is not 2-D, the names do not match its shape or are duplicated,
+        or for any of the problems listed in :func:`counts_from_anndata`.
 
     Warns
     -----

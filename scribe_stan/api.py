@@ -7,6 +7,7 @@ can be compared with :func:`scribe_stan.compare`.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, field
 
@@ -14,31 +15,201 @@ import numpy as np
 import pandas as pd
 
 from scribe_stan import _validate, cascade, convert, stan
+from scribe_stan.laplace.device import resolve_device
 from scribe_stan.laplace.solver import LaplaceSolution, fit_laplace
 from scribe_stan.models import MODELS, loadings, pln
 
 METHODS = ("laplace", "hmc")
 DEVICES = ("cpu", "cuda", "auto")
+_CUDA_MODELS = ("pln", "nbln")  # models with CUDA Laplace kernels
 _MAX_TREE_ELEMENTS = 2 * 10**8  # per-cell draw elements in one tree (1.6 GB of float64)
+DEFAULT_RANK = 10  # latent rank K when ``rank`` is not given (pln, nbln, lnm, lnmvcp)
+
+
+def _gene_columns(genes, var_names, counts, *, minimum, what):
+    """Column indices for a ``genes`` argument: None (all), a count or a list of names.
+
+    Parameters
+    ----------
+    genes : None, int or sequence of str
+        All genes, the ``n`` highest-mean ones (returned in column order) or those names
+        (in the order given).
+    var_names : pandas.Index
+        Names of the columns of ``counts``.
+    counts : (N, G) array
+        Counts whose column means rank the genes for an integer ``genes``.
+    minimum : int
+        Fewest genes allowed.
+    what : str
+        The genes chosen from, used in messages (e.g. "non-zero genes").
+
+    Returns
+    -------
+    numpy.ndarray of int
+
+    Raises
+    ------
+    TypeError
+        ``genes`` is a string, a float, a bool or another non-sequence.
+    ValueError
+        A count outside ``[minimum, G]``; fewer than ``minimum`` names, duplicated
+        names, or names not among ``var_names``.
+    """
+    G = len(var_names)
+    allowed = f"allowed: None (all), an integer from {minimum} to {G}, or a list of gene names"
+    if genes is None:
+        return np.arange(G)
+    if _validate._is_int(genes):
+        if not minimum <= genes <= G:
+            raise ValueError(f"genes={genes} is out of range for {G} {what}; {allowed}")
+        order = np.argsort(-counts.mean(axis=0), kind="stable")[:int(genes)]
+        return np.sort(order)
+    if isinstance(genes, (str, bytes, numbers.Number, np.bool_)) or not np.iterable(genes):
+        hint = f" (for one gene pass [{genes!r}])" if isinstance(genes, str) else ""
+        raise TypeError(f"genes must be None, an integer or a list of gene names; got "
+                        f"{genes!r} of type {type(genes).__name__}{hint}; {allowed}")
+    names = pd.Index(list(genes))
+    if len(names) < minimum:
+        raise ValueError(f"genes lists {len(names)} gene names; need at least {minimum}; "
+                         f"{allowed}")
+    if not names.is_unique:
+        raise ValueError(f"genes lists a name twice: {list(names[names.duplicated()][:5])}")
+    idx = var_names.get_indexer(names)
+    if (idx < 0).any():
+        missing = list(names[idx < 0])
+        raise ValueError(f"genes not found among the {what}: {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''}")
+    return idx
 
 
 def _select_genes(ci, genes):
     """Column indices into ``ci.counts`` for the ``genes`` argument of :func:`fit`."""
-    G = ci.counts.shape[1]
-    if genes is None:
-        return np.arange(G)
-    if isinstance(genes, (int, np.integer)) and not isinstance(genes, bool):
-        if not 2 <= genes <= G:
-            raise ValueError(f"genes={genes} must be between 2 and the number of non-zero "
-                             f"genes ({G}).")
-        order = np.argsort(-ci.counts.mean(axis=0), kind="stable")[:genes]
-        return np.sort(order)
-    names = pd.Index(list(genes))
-    missing = names.difference(ci.var_names)
-    if len(missing):
-        raise ValueError(f"genes not found (or all-zero and dropped): {list(missing[:5])}"
-                         f"{' ...' if len(missing) > 5 else ''}")
-    return ci.var_names.get_indexer(names)
+    return _gene_columns(genes, ci.var_names, ci.counts, minimum=2,
+                         what="non-zero genes (all-zero genes are dropped)")
+
+
+def fitted_gene_index(fit, genes):
+    """Indices into a fit's genes for a ``genes`` argument (trees, predictive checks).
+
+    Parameters
+    ----------
+    fit : LaplaceFit, NbvcpFit or HmcFit
+    genes : None, int or sequence of str
+        All fitted genes, the ``n`` highest-mean ones (``n >= 1``) or those names.
+
+    Returns
+    -------
+    numpy.ndarray of int
+
+    Raises
+    ------
+    TypeError, ValueError
+        As for the ``genes`` argument of :func:`fit` (at least one gene here).
+    """
+    return _gene_columns(genes, fit.var_names, fit.data.counts, minimum=1,
+                         what="fitted genes")
+
+
+def check_tree_size(draws, n_cells, n_genes):
+    """Check a tree's ``draws`` argument and the size of its per-cell draws.
+
+    Parameters
+    ----------
+    draws : int
+        Draws requested (>= 1).
+    n_cells, n_genes : int
+        Cells and genes whose per-cell values the tree stores per draw.
+
+    Returns
+    -------
+    int
+        ``draws``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        ``draws`` is not an integer >= 1, or ``draws * cells * genes`` exceeds
+        2e8 elements (1.6 GB of float64 per variable).
+    """
+    draws = _validate.check_positive_int("draws", draws)
+    if draws * n_cells * n_genes > _MAX_TREE_ELEMENTS:
+        raise ValueError(f"draws*cells*genes = {draws}*{n_cells}*{n_genes} exceeds "
+                         f"{_MAX_TREE_ELEMENTS:.0e}; allowed: draws <= "
+                         f"{_MAX_TREE_ELEMENTS // (n_cells * n_genes)} for these cells and "
+                         "genes, or fewer cells or genes")
+    return draws
+
+
+def check_device(device, model, method="laplace"):
+    """Check that the Laplace kernels of ``model`` can run on ``device`` here.
+
+    Parameters
+    ----------
+    device : {"cpu", "cuda", "auto"}
+    model : str
+    method : {"laplace", "hmc"}
+        HMC runs in Stan on the CPU; ``device`` is then not used.
+
+    Raises
+    ------
+    ValueError
+        Unknown ``device``, or ``"cuda"`` for a model whose kernels run on the CPU only
+        (nbvcp, lnm, lnmvcp; ``"auto"`` runs them on the CPU).
+    RuntimeError
+        ``"cuda"`` where numba-cuda or a GPU is missing
+        (:func:`scribe_stan.laplace.device.resolve_device`).
+    """
+    _validate.check_choice("device", device, DEVICES)
+    if method != "laplace" or device != "cuda":
+        return
+    if model not in _CUDA_MODELS:
+        raise ValueError(f"device='cuda' is not available for {model}: its Laplace kernels "
+                         "run on the CPU only; allowed: 'cpu', 'auto'")
+    resolve_device(device)
+
+
+def result_target(adata, obs_names, var_names):
+    """In-memory copy of ``adata`` to hold a fit's results, and the fitted genes' rows.
+
+    Parameters
+    ----------
+    adata : anndata.AnnData
+        In memory or backed (its data are read into memory; the file is not changed).
+    obs_names, var_names : pandas.Index
+        The fit's cells and genes.
+
+    Returns
+    -------
+    out : anndata.AnnData
+        The copy.
+    pos : numpy.ndarray of int
+        Row of each fitted gene in ``out.var_names``.
+
+    Raises
+    ------
+    TypeError
+        ``adata`` is not an AnnData.
+    ValueError
+        ``adata`` does not hold the fitted cells in the fitted order, lacks fitted genes,
+        or has duplicated names.
+    """
+    import anndata
+
+    if not isinstance(adata, anndata.AnnData):
+        raise TypeError(f"adata must be an anndata.AnnData; got {type(adata).__name__}")
+    obs = _validate.check_unique_names(adata.obs_names, "adata.obs_names")
+    var = _validate.check_unique_names(adata.var_names, "adata.var_names")
+    if not obs.equals(obs_names):
+        raise ValueError(f"adata holds other cells than the fit ({len(obs)} cells vs "
+                         f"{len(obs_names)} fitted, or in another order); pass the AnnData "
+                         "that was fitted")
+    pos = var.get_indexer(var_names)
+    if (pos < 0).any():
+        missing = list(var_names[pos < 0])
+        raise ValueError(f"adata lacks {len(missing)} of the {len(var_names)} fitted genes "
+                         f"(e.g. {missing[:5]}); pass the AnnData that was fitted")
+    out = adata.to_memory() if adata.isbacked else adata.copy()
+    return out, pos
 
 
 @dataclass
@@ -134,18 +305,6 @@ class LaplaceFit:
         """Latent directions with RMS loading >= 0.05 (:func:`loadings.effective_rank`)."""
         return loadings.effective_rank(self.W)
 
-    def _gene_index(self, genes):
-        if genes is None:
-            return np.arange(len(self.var_names))
-        if isinstance(genes, (int, np.integer)):
-            order = np.argsort(-self.data.counts.mean(axis=0), kind="stable")[:int(genes)]
-            return np.sort(order)
-        idx = self.var_names.get_indexer(pd.Index(list(genes)))
-        if (idx < 0).any():
-            raise ValueError("genes not in the fit: "
-                             f"{[g for g, i in zip(genes, idx) if i < 0][:5]}")
-        return idx
-
     def to_datatree(self, draws=500, *, genes=None, seed=None):
         """ArviZ DataTree of the Laplace posterior (one chain of independent draws).
 
@@ -158,7 +317,7 @@ class LaplaceFit:
 
         Parameters
         ----------
-        draws : int
+        draws : int, >= 1
         genes : None, int or list of str
             Genes whose ``x``, ``Sigma`` and replicated counts are stored: all (default),
             the ``n`` highest-mean ones, or those names. At genome scale pass a subset:
@@ -168,13 +327,15 @@ class LaplaceFit:
         Returns
         -------
         xarray.DataTree
+
+        Raises
+        ------
+        TypeError, ValueError
+            ``draws`` not an integer >= 1, invalid or unknown ``genes``, or too many
+            elements (:func:`check_tree_size`).
         """
-        idx = self._gene_index(genes)
-        N = len(self.obs_names)
-        if draws * N * idx.size > _MAX_TREE_ELEMENTS:
-            raise ValueError(f"draws*cells*genes = {draws}*{N}*{idx.size} exceeds "
-                             f"{_MAX_TREE_ELEMENTS:.0e}; pass genes=<int or names> or fewer "
-                             "draws.")
+        idx = fitted_gene_index(self, genes)
+        draws = check_tree_size(draws, len(self.obs_names), idx.size)
         rng = np.random.default_rng(self.settings["seed"] if seed is None else seed)
         problem = self.solution.problem
         smp = problem.sample(self.mu, self.W, self.d, draws, rng, genes=idx, log_r=self.log_r)
@@ -215,11 +376,17 @@ class LaplaceFit:
         ``var[f"{key}_r"]`` (NaN for genes not fitted);
         ``uns[key]`` the settings, objective, iteration counts, effective rank, gauge
         ratio and fitted gene names. ``key`` defaults to the
-        model name. The input ``adata`` is not modified.
+        model name. The input ``adata`` is not modified; a backed ``adata`` gives an
+        in-memory result.
+
+        Raises
+        ------
+        TypeError, ValueError
+            ``adata`` is not an AnnData, or does not hold the fitted cells and genes
+            (:func:`result_target`).
         """
         key = key_added or self.model
-        out = adata.copy()
-        pos = out.var_names.get_indexer(self.var_names)
+        out, pos = result_target(adata, self.obs_names, self.var_names)
         G, K = len(out.var_names), self.W.shape[1]
         mu, d, W = np.full(G, np.nan), np.full(G, np.nan), np.full((G, K), np.nan)
         mu[pos], d[pos], W[pos] = self.mu, self.d, self.W
@@ -291,7 +458,7 @@ def _cascade(source, model, data, tau, freeze):
                                      data.obs_names, tau=tau, freeze=freeze)
 
 
-def fit(adata, *, model="pln", method="laplace", rank=10, layer=None, genes=None,
+def fit(adata, *, model="pln", method="laplace", rank=None, layer=None, genes=None,
         library_size=None, M0=pln.M0_DEFAULT, sigma_M=pln.SIGMA_M_DEFAULT, seed=0, device="cpu", tol=1e-8,
         max_iter=1000, progress=True, backend="auto", chains=4, draws=1000, warmup=1000,
         adapt_delta=0.9, conditional_on=None, reference_gene=None, mode="full",
@@ -306,12 +473,15 @@ def fit(adata, *, model="pln", method="laplace", rank=10, layer=None, genes=None
         Never modified. All-zero genes are dropped with a warning.
     model : {"pln", "nbln", "lnm", "lnmvcp", "nbvcp"}
     method : {"laplace", "hmc"}
-    rank : int
-        Latent rank K, ``1 <= K < G``.
+    rank : int, optional
+        Latent rank K, ``1 <= K < G`` (lnm, lnmvcp: ``K < G - 1``); default 10
+        (:data:`DEFAULT_RANK`). nbvcp has no latent factors: a rank given for it is
+        ignored with a ``UserWarning``.
     layer : str, optional
     genes : None, int or list of str
-        Genes to model: all (default), the ``n`` highest-mean ones, or those names.
-        Library sizes (capture prior) always use all genes of the cell.
+        Genes to model: all (default), the ``n`` highest-mean ones (``n >= 2``), or those
+        names (at least 2, no repeats; a single string is rejected, not split into
+        characters). Library sizes (capture prior) always use all genes of the cell.
     library_size : (N,) array of positive floats, optional
         Library sizes L_c for the capture prior, e.g. totals over a larger gene set than
         ``adata`` holds, or the design value of a simulation. Default: the counts of
@@ -319,14 +489,17 @@ def fit(adata, *, model="pln", method="laplace", rank=10, layer=None, genes=None
     M0, sigma_M : float
         Capture prior: median total mRNA per cell and log-scale sd
         (defaults and sources in :mod:`scribe_stan.models.pln`).
-    seed : int
+    seed : int, >= 0
     device : {"cpu", "cuda", "auto"}
         Laplace kernels: CPU, CUDA (needs numba-cuda and a GPU), or CUDA when available
         (:func:`scribe_stan.laplace.device.resolve_device`).
-    tol, max_iter : outer-optimizer tolerance and iterations (Laplace).
-    progress : bool, show a tqdm bar.
+    tol, max_iter : outer-optimizer tolerance (> 0) and iterations (>= 1) (Laplace).
+    progress : bool
+        Show a tqdm bar (Laplace) or the sampler's progress (HMC). With
+        ``progress=False`` Stan's build and sampling messages are kept in
+        ``fit.draws.messages`` instead of being printed.
     backend : {"auto", "cmdstanpy", "pystan"}
-        Stan interface (HMC).
+        Stan interface (HMC only: another value with ``method="laplace"`` is an error).
     chains, draws, warmup, adapt_delta : NUTS settings (HMC).
     reference_gene : None, str or int
         lnm/lnmvcp only: the ALR reference gene (name or column index); default
@@ -364,16 +537,36 @@ def fit(adata, *, model="pln", method="laplace", rank=10, layer=None, genes=None
     Raises
     ------
     ValueError
-        Unknown model, method, device or backend; invalid counts (see
-        :func:`scribe_stan._validate.counts_from_anndata`); rank out of range.
+        Unknown model, method, device or backend; a backend other than "auto" for the
+        Laplace method; invalid counts or duplicated
+        names (see :func:`scribe_stan._validate.counts_from_anndata`); rank, genes,
+        tol, max_iter or seed out of range. All are checked before any fitting.
     TypeError
-        ``adata`` is not an AnnData.
+        ``adata`` is not an AnnData; ``rank``, ``genes``, ``max_iter`` or ``seed`` of
+        the wrong type.
+    RuntimeError
+        ``device="cuda"`` without a usable GPU, or ``backend="cmdstanpy"`` without
+        CmdStan.
     """
     _validate.check_choice("model", model, tuple(MODELS))
     _validate.check_choice("method", method, METHODS)
-    _validate.check_choice("device", device, DEVICES)
+    _validate.check_choice("backend", backend, stan.BACKENDS)
+    _validate.check_positive_int("seed", seed, 0)
     if method == "hmc":
         stan.resolve_backend(backend)
+    else:
+        if backend != "auto":
+            raise ValueError(f"backend={backend!r} applies to method='hmc' (the Stan "
+                             "interface); method='laplace' runs the Numba solvers; allowed "
+                             "with method='laplace': 'auto'")
+        _validate.check_positive("tol", tol)
+        _validate.check_positive_int("max_iter", max_iter)
+    check_device(device, model, method)
+    if model == "nbvcp" and rank is not None:  # warn, not refuse: loops over models pass one
+        warnings.warn(f"rank={rank!r} is ignored for model='nbvcp' (genes are independent "
+                      "given the capture: no latent factors)", UserWarning, stacklevel=2)
+        rank = None
+    rank = DEFAULT_RANK if rank is None else rank
     loadings.check_prior(loadings_prior)
     if loadings_prior != "normal" and model not in ("pln", "nbln"):
         raise ValueError(f"loadings_prior={loadings_prior!r} applies to the pln and nbln "
@@ -386,9 +579,9 @@ def fit(adata, *, model="pln", method="laplace", rank=10, layer=None, genes=None
                        max_iter=max_iter, progress=progress, backend=backend, chains=chains,
                        draws=draws, warmup=warmup, adapt_delta=adapt_delta,
                        conditional_on=conditional_on, reference_gene=reference_gene,
-                       mode=mode, device=device)
+                       mode=mode)
     data = _prepare(adata, layer, genes, M0, sigma_M, library_size)
-    if model == "nbvcp":  # no latent rank: rank is ignored (scribe_stan.nbvcp_fit)
+    if model == "nbvcp":
         from scribe_stan import nbvcp_fit
 
         return nbvcp_fit.fit(data, method=method, tol=tol, max_iter=max_iter, progress=progress,

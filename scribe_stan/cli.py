@@ -4,18 +4,25 @@ Every subcommand reads an ``.h5ad`` file of raw UMI counts (cells x genes, in ``
 ``--layer``), or the literal ``pbmc_donor_a`` for the real data shipped in the package
 (:func:`scribe_stan.datasets.pbmc_donor_a`). The input file is only read, never written.
 
-* ``fit``: Laplace fit at any scale. Writes ``fit.to_anndata(adata)`` to ``--out`` and a
-  DataTree of Laplace draws on a few genes next to it (zarr), and prints a one-line JSON
-  summary.
+* ``fit``: Laplace fit of any model at any scale. Writes ``fit.to_anndata(adata)`` to
+  ``--out`` and a DataTree of Laplace draws on a few genes (lnm, lnmvcp: all fitted
+  genes) next to it (zarr), and prints a one-line JSON summary with the model's own
+  quantities. Existing outputs are kept unless ``--force``.
 * ``hmc``: Stan NUTS (full joint posterior) on the highest-mean genes of (optionally) the
-  first cells. Writes ``OUTDIR/hmc.tree.zarr`` and ``OUTDIR/diagnostics.json``, and prints
-  the diagnostics (R-hat, bulk/tail ESS, divergences, wall time).
+  first cells. Writes ``OUTDIR/hmc.tree.zarr``, ``OUTDIR/diagnostics.json`` and
+  ``OUTDIR/stan.log`` (Stan's own output), and prints the diagnostics (R-hat,
+  bulk/tail ESS, divergences, wall time).
 * ``validate``: Laplace vs Stan on one small subset: Laplace fit, full-joint NUTS,
-  and NUTS of the per-cell latents conditional on the Laplace globals; prints and saves
-  :func:`scribe_stan.compare` tables and a :func:`scribe_stan.plot_comparison` figure.
+  and NUTS of the per-cell latents conditional on the Laplace globals; saves (and, unless
+  ``--quiet``, prints on stderr) :func:`scribe_stan.compare` tables and a
+  :func:`scribe_stan.plot_comparison` figure.
 
-Bad input (missing file, unknown model/backend/layer, invalid counts, rank out of range,
-...) prints one line ``scribe-stan: error: ...`` to stderr and exits with status 2.
+stdout holds only the one-line JSON summary of each command (progress, Stan's messages
+and tables go to stderr; ``--quiet`` silences them). Bad input (missing file, unknown
+model/backend/layer, invalid counts, duplicated names, rank out of range, an output
+path that exists or cannot be written, CmdStan or a GPU asked for but missing, ...) is
+detected before the work starts and prints one line ``scribe-stan: error: ...`` to
+stderr, with exit status 2.
 """
 
 from __future__ import annotations
@@ -24,15 +31,17 @@ import argparse
 import inspect
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
 
 from scribe_stan import __version__, _validate
+from scribe_stan.api import DEFAULT_RANK, check_device, check_tree_size
 from scribe_stan.api import fit as _api_fit
 from scribe_stan.models import MODELS, loadings
-from scribe_stan.stan import BACKENDS
+from scribe_stan.stan import BACKENDS, resolve_backend
 
 __all__ = ["main", "build_parser", "hmc_diagnostics"]
 
@@ -88,24 +97,61 @@ def _load(path: str, cells: int | None = None):
             adata = anndata.read_h5ad(p)
         except Exception as exc:  # h5py/anndata raise OSError, KeyError, ...
             raise ValueError(f"cannot read {path!r} as .h5ad: {exc}") from exc
-    if cells is not None:
-        if cells < 1:
-            raise ValueError(f"--cells must be >= 1; got {cells}")
-        if cells < adata.n_obs:
-            adata = adata[:cells].copy()
+    if cells is not None and cells < adata.n_obs:
+        adata = adata[:cells].copy()
     return adata
 
 
 def _check_choices(args) -> None:
+    """Model, backend and device: known names, and usable on this machine."""
     _validate.check_choice("model", args.model, _MODELS)
-    if hasattr(args, "backend"):
-        _validate.check_choice("backend", args.backend, BACKENDS)
+    try:
+        if hasattr(args, "backend"):
+            _validate.check_choice("backend", args.backend, BACKENDS)
+            resolve_backend(args.backend)
+        if hasattr(args, "device"):
+            check_device(args.device, args.model)
+    except RuntimeError as exc:  # CmdStan or a GPU missing: bad input for this machine
+        raise ValueError(str(exc)) from exc
+    if args.model == "nbvcp":
+        if args.rank is not None:
+            raise ValueError("--rank does not apply to --model nbvcp (genes are independent "
+                             "given the capture: no latent factors); leave it out")
+    elif args.rank is None:
+        args.rank = args.default_rank
 
 
-def _positive_int(name: str, value: int, minimum: int = 1) -> int:
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}; got {value}")
-    return value
+def _check_writable(path: Path, option: str, *, force: bool = False,
+                    directory: bool = False) -> None:
+    """Fail before any work if ``path`` cannot be written.
+
+    A file path (``directory=False``) must not be an existing directory (a ``.zarr``
+    tree is one) and must not exist unless ``force``; an output directory may exist
+    but must not be a file. Either way the nearest existing parent must be a writable
+    directory.
+    """
+    if directory and path.exists() and not path.is_dir():
+        raise ValueError(f"{option} {str(path)!r} is an existing file; give a directory")
+    if not directory:
+        if path.is_dir() and path.suffix != ".zarr":
+            raise ValueError(f"{option} {str(path)!r} is an existing directory; give a file "
+                             "path")
+        if path.exists() and not force:
+            raise ValueError(f"{option} {str(path)!r} exists; pass --force to overwrite it or "
+                             "choose another path")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{option} {str(path)!r} lies under {str(parent)!r}, which is a file, "
+                         "not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {str(path)!r}: directory {str(parent)!r} is not writable")
+
+
+def _check_laplace_args(args) -> None:
+    _validate.check_positive_int("--max-iter", args.max_iter)
+    _validate.check_positive("--tol", args.tol)
 
 
 def _write_tree(tree, path: Path) -> Path:
@@ -208,7 +254,7 @@ def _print_json(d: dict) -> None:
 
 def _parse_tree_genes(value: str):
     if value == "all":
-        return None
+        return value
     try:
         n = int(value)
     except ValueError:
@@ -216,6 +262,31 @@ def _parse_tree_genes(value: str):
     if n < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {value!r}")
     return n
+
+
+#: Models whose trees hold every fitted gene (the composition couples them all).
+_ALL_GENE_TREES = ("lnm", "lnmvcp")
+_TREE_GENES_DEFAULT = 20
+
+
+def _fit_summary(fit) -> dict:
+    """The model's own quantities for the ``fit`` summary line."""
+    import numpy as np
+
+    out = {"objective": float(fit.objective), "outer_iterations": int(fit.n_iter),
+           "optimizer_success": bool(fit.success),
+           "cells_converged": int(fit.converged.sum()), "cells_total": int(fit.converged.size)}
+    if fit.model in ("pln", "nbln"):
+        out.update(rank=int(fit.W.shape[1]), effective_rank=int(fit.effective_rank))
+    if fit.model in ("lnm", "lnmvcp"):
+        out.update(rank=int(fit.W_alr.shape[1]), mode=fit.mode,
+                   reference_gene=fit.reference_gene, m_T=float(fit.m_T),
+                   r_T=float(fit.r_T))
+    if fit.model in ("nbln", "nbvcp"):
+        out["median_dispersion_r"] = float(np.median(fit.r))
+    if fit.eta_hat is not None:
+        out["median_capture_efficiency"] = float(np.median(np.exp(-fit.eta_hat)))
+    return out
 
 
 def cmd_fit(args) -> int:
@@ -226,14 +297,29 @@ def cmd_fit(args) -> int:
     out = Path(args.out)
     if args.input not in DATASETS and out.resolve() == Path(args.input).resolve():
         raise ValueError("--out must differ from INPUT (the input file is never overwritten)")
-    _positive_int("--max-iter", args.max_iter)
+    _check_laplace_args(args)
+    if args.genes is not None:
+        _validate.check_positive_int("--genes", args.genes, 2)
     if args.draws < 0:
         raise ValueError(f"--draws must be >= 0 (0: no tree); got {args.draws}")
+    all_genes = args.model in _ALL_GENE_TREES
+    if all_genes and args.tree_genes is not None:
+        raise ValueError(f"--tree-genes does not apply to --model {args.model}: its tree holds "
+                         "every fitted gene (the composition couples them); use --genes to "
+                         "fit fewer genes")
+    tree_genes = args.tree_genes or _TREE_GENES_DEFAULT  # a number or "all"
     tree_path = Path(args.tree) if args.tree else out.with_suffix(".tree.zarr")
+    _check_writable(out, "--out", force=args.force)
+    if args.draws > 0:
+        _check_writable(tree_path, "--tree", force=args.force)
 
     t0 = time.perf_counter()
     adata = _load(args.input)
     _log(args, f"[fit] {_data_name(args.input)}: {adata.n_obs} cells x {adata.n_vars} genes")
+    if args.draws > 0:  # at most this many genes go into the tree: check its size now
+        fitted = min(args.genes or adata.n_vars, adata.n_vars)
+        check_tree_size(args.draws, adata.n_obs, fitted if all_genes or tree_genes == "all"
+                        else min(tree_genes, fitted))
     t_fit = time.perf_counter()
     fit = ss.fit(adata, model=args.model, method="laplace", rank=args.rank, layer=args.layer,
                  genes=args.genes, M0=args.M0, sigma_M=args.sigma_M, seed=args.seed,
@@ -243,18 +329,15 @@ def cmd_fit(args) -> int:
 
     out.parent.mkdir(parents=True, exist_ok=True)
     fit.to_anndata(adata, key_added=args.key_added).write_h5ad(out)
-    summary = {
-        "command": "fit", "model": args.model, "input": args.input,
-        "cells": len(fit.obs_names), "genes": len(fit.var_names), "rank": fit.W.shape[1],
-        "objective": float(fit.objective), "outer_iterations": int(fit.n_iter),
-        "optimizer_success": bool(fit.success),
-        "cells_converged": int(fit.converged.sum()), "cells_total": int(fit.converged.size),
-        "fit_wall_s": fit_wall, "out": str(out),
-    }
-    if hasattr(fit, "effective_rank"):
-        summary["effective_rank"] = int(fit.effective_rank)
+    summary = {"command": "fit", "model": args.model, "input": args.input,
+               "cells": len(fit.obs_names), "genes": len(fit.var_names),
+               **_fit_summary(fit), "fit_wall_s": fit_wall, "out": str(out)}
     if args.draws > 0:
-        tree = fit.to_datatree(args.draws, genes=args.tree_genes)
+        if all_genes:
+            tree = fit.to_datatree(args.draws)
+        else:
+            tree = fit.to_datatree(args.draws, genes=None if tree_genes == "all"
+                                   else min(tree_genes, len(fit.var_names)))
         _write_tree(tree, tree_path)
         summary["tree"] = str(tree_path)
     summary["wall_s"] = time.perf_counter() - t0
@@ -272,12 +355,19 @@ def _hmc_fit(adata, args, *, genes, conditional_on=None):
                   progress=not args.quiet, conditional_on=conditional_on)
 
 
+def _write_stan_log(path: Path, fit) -> str:
+    """Save what Stan printed for an HMC fit (build, stanc warnings, messages)."""
+    path.write_text(fit.draws.messages)
+    return str(path)
+
+
 def _check_sampler_args(args) -> None:
-    _positive_int("--genes", args.genes, 2)
-    _positive_int("--chains", args.chains)
-    _positive_int("--draws", args.draws)
-    if args.warmup < 0:
-        raise ValueError(f"--warmup must be >= 0; got {args.warmup}")
+    _validate.check_positive_int("--genes", args.genes, 2)
+    _validate.check_positive_int("--chains", args.chains)
+    _validate.check_positive_int("--draws", args.draws)
+    _validate.check_positive_int("--warmup", args.warmup, 0)
+    if args.cells is not None:
+        _validate.check_positive_int("--cells", args.cells)
     if not 0 < args.adapt_delta < 1:
         raise ValueError(f"--adapt-delta must lie in (0, 1); got {args.adapt_delta}")
 
@@ -287,6 +377,7 @@ def cmd_hmc(args) -> int:
     _check_choices(args)
     _check_sampler_args(args)
     outdir = Path(args.out or f"hmc-{_data_name(args.input)}-{args.model}")
+    _check_writable(outdir, "--out", directory=True)
     t0 = time.perf_counter()
     adata = _load(args.input, args.cells)
     _log(args, f"[hmc] {_data_name(args.input)}: {adata.n_obs} cells, {args.genes} "
@@ -305,6 +396,7 @@ def cmd_hmc(args) -> int:
     outdir.mkdir(parents=True, exist_ok=True)
     tree_path = _write_tree(tree, outdir / "hmc.tree.zarr")
     summary["tree"] = str(tree_path)
+    summary["stan_log"] = _write_stan_log(outdir / "stan.log", fit)
     summary["wall_s"] = time.perf_counter() - t0
     (outdir / "diagnostics.json").write_text(json.dumps(_round(summary), indent=2) + "\n")
     _print_json(summary)
@@ -342,8 +434,10 @@ def cmd_validate(args) -> int:
 
     _check_choices(args)
     _check_sampler_args(args)
-    _positive_int("--laplace-draws", args.laplace_draws)
+    _check_laplace_args(args)
+    _validate.check_positive_int("--laplace-draws", args.laplace_draws)
     outdir = Path(args.out or f"validate-{_data_name(args.input)}-{args.model}")
+    _check_writable(outdir, "--out", directory=True)
     t0 = time.perf_counter()
     adata = _load(args.input, args.cells)
     _log(args, f"[validate] {_data_name(args.input)}: {adata.n_obs} cells, {args.genes} "
@@ -390,6 +484,9 @@ def cmd_validate(args) -> int:
                    for key, (ref, names) in pairs.items()}
         plot_ref = cond_tree if quantities.conditional is not None else full_tree
         outdir.mkdir(parents=True, exist_ok=True)
+        _write_stan_log(outdir / "stan_full.log", full)
+        if quantities.conditional is not None:
+            _write_stan_log(outdir / "stan_conditional.log", cond)
         for key in tables:
             tables[key].to_csv(outdir / f"compare_{key}.csv")
             details[key].to_csv(outdir / f"compare_{key}_detail.csv")
@@ -408,15 +505,13 @@ def cmd_validate(args) -> int:
         bar.update()
 
     with pd.option_context("display.width", 140, "display.max_columns", 20,
-                           "display.precision", 3):
+                           "display.precision", 3):  # stderr: stdout holds only the JSON line
         if "conditional" in tables:
-            print("Laplace vs conditional NUTS (per-cell latents at the Laplace globals):")
-            print(tables["conditional"].to_string())
-            print()
-        print("Laplace vs full-joint NUTS (globals as point estimates"
-              + (", per-cell latents" if quantities.conditional is None else "") + "):")
-        print(tables["full"].to_string())
-        print()
+            _log(args, "Laplace vs conditional NUTS (per-cell latents at the Laplace globals):\n"
+                 + tables["conditional"].to_string() + "\n")
+        _log(args, "Laplace vs full-joint NUTS (globals as point estimates"
+             + (", per-cell latents" if quantities.conditional is None else "") + "):\n"
+             + tables["full"].to_string() + "\n")
     summary = {
         "command": "validate", "model": args.model, "input": args.input,
         "cells": len(lap.obs_names), "genes": len(lap.var_names), "rank": args.rank,
@@ -455,7 +550,8 @@ examples:
 _HMC_EXAMPLES = """\
 Runs Stan's NUTS on the full joint posterior (globals and per-cell latents) of the N
 highest-mean genes: ground truth for small problems. Writes OUTDIR/hmc.tree.zarr (ArviZ
-DataTree, same shape as the Laplace tree) and OUTDIR/diagnostics.json, and prints max
+DataTree, same shape as the Laplace tree), OUTDIR/diagnostics.json and OUTDIR/stan.log
+(Stan's build and sampling output, shown on stderr unless --quiet), and prints max
 R-hat (Sigma entries and all posterior variables), min bulk/tail ESS, the number of
 divergences and the wall time. The Stan program is compiled once and cached.
 
@@ -472,7 +568,8 @@ On one subset (first --cells cells, --genes highest-mean genes):
      (the exact target of the per-cell Laplace approximation).
 Prints compare(laplace, conditional NUTS) for x and eta and compare(laplace, full NUTS)
 for Sigma and corr; writes the tables (summary and per element) as CSV, the overlaid
-marginals as OUTDIR/comparison.png, and OUTDIR/summary.json.
+marginals as OUTDIR/comparison.png, OUTDIR/summary.json and Stan's output as
+OUTDIR/stan_full.log and OUTDIR/stan_conditional.log.
 
 examples:
   scribe-stan validate pbmc_donor_a --model pln --genes 20
@@ -516,7 +613,9 @@ def _add_sampler(p, *, cells=None):
                    help="number of highest-mean genes to model")
     p.add_argument("--cells", type=int, default=cells,
                    help="use only the first CELLS cells" + (" (default: all)" if cells is None else ""))
-    p.add_argument("--rank", type=int, default=2, help="latent rank K (1 <= K < genes)")
+    p.add_argument("--rank", type=int, default=None,
+                   help="latent rank K, 1 <= K < genes (default: 2; not for nbvcp)")
+    p.set_defaults(default_rank=2)
     p.add_argument("--chains", type=int, default=4, help="NUTS chains")
     p.add_argument("--draws", type=int, default=1000, help="saved draws per chain")
     p.add_argument("--warmup", type=int, default=1000, help="warmup iterations per chain")
@@ -545,13 +644,19 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Laplace fit of a count model.\n\n" + _FIT_EXAMPLES,
                        formatter_class=_Formatter)
     _add_common(p)
-    p.add_argument("--rank", type=int, default=10, help="latent rank K (1 <= K < genes)")
+    p.add_argument("--rank", type=int, default=None,
+                   help=f"latent rank K, 1 <= K < genes (default: {DEFAULT_RANK}; not for "
+                        "nbvcp, which has no latent factors)")
+    p.set_defaults(default_rank=DEFAULT_RANK)
     p.add_argument("--out", required=True, metavar="OUT.h5ad",
                    help="output .h5ad: a copy of the input with the results added")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite --out and --tree if they exist (default: refuse)")
     p.add_argument("--genes", type=int, default=None,
                    help="model only the GENES highest-mean genes (default: all non-zero "
                         "genes)")
-    p.add_argument("--device", default="cpu", help="Laplace compute device: cpu or auto")
+    p.add_argument("--device", default="cpu",
+                   help="Laplace compute device: cpu, cuda (pln, nbln; needs a GPU) or auto")
     _add_laplace(p)
     p.add_argument("--key-added", dest="key_added", default=None,
                    help="prefix of the result keys in the output (default: the model name)")
@@ -560,8 +665,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "backend) (default: OUT with suffix .tree.zarr)")
     p.add_argument("--draws", type=int, default=100,
                    help="Laplace draws in the DataTree (0: do not write a tree)")
-    p.add_argument("--tree-genes", dest="tree_genes", type=_parse_tree_genes, default=20,
-                   help="genes (highest mean) stored in the tree: a number or 'all'")
+    p.add_argument("--tree-genes", dest="tree_genes", type=_parse_tree_genes, default=None,
+                   help=f"genes (highest mean) stored in the tree: a number or 'all' "
+                        f"(default: {_TREE_GENES_DEFAULT}; lnm and lnmvcp trees hold every "
+                        "fitted gene)")
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("hmc", help="Stan NUTS on a small gene set (reference posterior)",

@@ -22,7 +22,7 @@ import numpy as np
 from scipy import special, stats
 
 from scribe_stan import _validate, convert, stan
-from scribe_stan.api import _MAX_TREE_ELEMENTS, _Data, _prepare
+from scribe_stan.api import _Data, _prepare, check_tree_size, result_target
 from scribe_stan.laplace import lnm_solver
 from scribe_stan.models import dispersion, lnm, pln
 
@@ -52,6 +52,7 @@ class LnmLaplaceFit:
         capture) converged at the final globals.
     n_newton : (N,) composition Newton iterations of the last evaluation.
     objective : float, Laplace objective of both blocks with priors (nats).
+    n_iter : int, outer (L-BFGS-B) iterations of the composition block.
     success : bool, both outer optimizers met their tolerance.
     """
 
@@ -70,6 +71,7 @@ class LnmLaplaceFit:
     m_T = property(lambda self: math.exp(self.totals.log_m_T))
     r_T = property(lambda self: math.exp(self.totals.log_r_T))
     objective = property(lambda self: self.composition.objective + self.totals.objective)
+    n_iter = property(lambda self: self.composition.n_iter)
     success = property(lambda self: self.composition.success and self.totals.success)
     obs_names = property(lambda self: self.data.obs_names)
     var_names = property(lambda self: self.data.var_names)
@@ -128,15 +130,16 @@ class LnmLaplaceFit:
         ``posterior_predictive`` draws a total from the NB and allocates it by the
         multinomial; ``sample_stats`` carries ``lp`` and ``lp_approx`` summed over cells.
 
+        The tree holds every fitted gene: the composition couples them all.
+
         Raises
         ------
-        ValueError
-            ``draws * cells * genes`` above 2e8 (fit fewer cells or use fewer draws).
+        TypeError, ValueError
+            ``draws`` not an integer >= 1, or ``draws * cells * genes`` above 2e8 (fit
+            fewer cells or genes, or use fewer draws; :func:`scribe_stan.api.check_tree_size`).
         """
         N, G = self.data.counts.shape
-        if draws * N * G > _MAX_TREE_ELEMENTS:
-            raise ValueError(f"draws*cells*genes = {draws}*{N}*{G} exceeds "
-                             f"{_MAX_TREE_ELEMENTS:.0e}; use fewer draws.")
+        draws = check_tree_size(draws, N, G)
         rng = np.random.default_rng(self.settings["seed"] if seed is None else seed)
         comp = self.composition.problem.sample(self.mu_alr, self.W_alr, self.composition.d,
                                                draws, rng)
@@ -180,11 +183,17 @@ class LnmLaplaceFit:
         ``obs[f"{key}_capture_efficiency"]``; ``obs[f"{key}_converged"]``;
         ``var[f"{key}_mu_clr"]`` and ``varm[f"{key}_W_clr"]`` (``F W_alr``, NaN for
         genes not fitted); ``uns[key]`` settings, reference gene, ``m_T``, ``r_T``,
-        objective, fitted gene names, ``Sigma_clr``. The input is not modified.
+        objective, fitted gene names, ``Sigma_clr``. The input is not modified; a backed
+        ``adata`` gives an in-memory result.
+
+        Raises
+        ------
+        TypeError, ValueError
+            ``adata`` is not an AnnData, or does not hold the fitted cells and genes
+            (:func:`scribe_stan.api.result_target`).
         """
         key = key_added or self.model
-        out = adata.copy()
-        pos = out.var_names.get_indexer(self.var_names)
+        out, pos = result_target(adata, self.obs_names, self.var_names)
         G, K = len(out.var_names), self.W_alr.shape[1]
         F = lnm.alr_to_clr_map(len(self.var_names), self.ref)
         mu, W = np.full(G, np.nan), np.full((G, K), np.nan)
@@ -248,7 +257,7 @@ def fit_lnm(adata, *, model="lnm", method="laplace", rank=10, layer=None, genes=
             library_size=None, M0=pln.M0_DEFAULT, sigma_M=pln.SIGMA_M_DEFAULT, seed=0,
             tol=1e-8, max_iter=1000, progress=True, backend="auto", chains=4, draws=1000,
             warmup=1000, adapt_delta=0.9, conditional_on=None, reference_gene=None,
-            mode="full", device="cpu"):
+            mode="full"):
     """Fit lnm or lnmvcp (called by :func:`scribe_stan.fit`; same arguments).
 
     Extra parameters
@@ -257,19 +266,14 @@ def fit_lnm(adata, *, model="lnm", method="laplace", rank=10, layer=None, genes=
         ALR reference: default :func:`scribe_stan.models.lnm.default_reference`.
     mode : {"full", "low_rank"}
         Laplace latent: ALR coordinates y_c (default) or factor scores with d = 0.
-    device : {"cpu", "auto"}
-        The lnm kernels exist for the CPU only ("auto" runs there).
 
     Raises
     ------
     ValueError
-        Unknown reference gene or mode; rank outside ``1 <= K < G - 1``; a device
-        other than "cpu"/"auto"; invalid data.
+        Unknown reference gene or mode; rank outside ``1 <= K < G - 1`` (and, for the
+        Laplace method, above the number of cells); invalid data.
     """
     _validate.check_choice("mode", mode, lnm_solver.MODES)
-    if device not in ("cpu", "auto"):
-        raise ValueError(f"device={device!r} is not available for {model}: its Laplace "
-                         "kernels run on the CPU only; allowed: 'cpu', 'auto'")
     data = _prepare(adata, layer, genes, M0, sigma_M, library_size)
     G = data.counts.shape[1]
     if conditional_on is not None:
@@ -280,6 +284,11 @@ def fit_lnm(adata, *, model="lnm", method="laplace", rank=10, layer=None, genes=
         raise ValueError(f"rank K={rank} is out of range for {model} with G={G} genes; "
                          f"allowed: 1 <= K < G - 1 = {G - 1} (the ALR dimension)")
     K = _validate.check_rank(rank, G - 1)
+    N = data.counts.shape[0]
+    if method == "laplace" and K > N:  # the solver starts from K principal axes of the cells
+        raise ValueError(f"rank K={K} exceeds the number of cells N={N} for the {model} "
+                         "Laplace fit (its start takes K principal axes of the cells' "
+                         f"log-ratios); allowed: 1 <= K <= {min(N, G - 2)}")
     ref = lnm.resolve_reference(reference_gene, data.var_names, data.counts)
     settings = {"model": model, "method": method, "rank": K, "layer": layer, "M0": float(M0),
                 "sigma_M": float(sigma_M), "seed": int(seed),

@@ -9,11 +9,10 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
-import pandas as pd
 from scipy import stats
 
 from scribe_stan import convert, stan
-from scribe_stan.api import _MAX_TREE_ELEMENTS, HmcFit, _Data
+from scribe_stan.api import HmcFit, _Data, check_tree_size, fitted_gene_index, result_target
 from scribe_stan.laplace.nbvcp import NbvcpSolution, fit_nbvcp, gamma_tables, gaussian_moments
 from scribe_stan.laplace.nbvcp import log_lik_draws
 from scribe_stan.models import nbvcp, pln
@@ -63,21 +62,6 @@ class NbvcpFit:
         """Shortcut for :func:`posterior_moments` ``(self)``."""
         return posterior_moments(self)
 
-    def _gene_index(self, genes):
-        if genes is None:
-            return np.arange(len(self.var_names))
-        if isinstance(genes, (int, np.integer)) and not isinstance(genes, bool):
-            if not 1 <= genes <= len(self.var_names):
-                raise ValueError(f"genes={genes} must be between 1 and the number of fitted "
-                                 f"genes ({len(self.var_names)})")
-            order = np.argsort(-self.data.counts.mean(axis=0), kind="stable")[:int(genes)]
-            return np.sort(order)
-        idx = self.var_names.get_indexer(pd.Index(list(genes)))
-        if (idx < 0).any():
-            raise ValueError("genes not in the fit: "
-                             f"{[g for g, i in zip(genes, idx) if i < 0][:5]}")
-        return idx
-
     def to_datatree(self, draws=500, *, genes=None, seed=None):
         """ArviZ DataTree of the Laplace posterior (one chain of independent draws).
 
@@ -105,17 +89,13 @@ class NbvcpFit:
 
         Raises
         ------
-        ValueError
-            ``draws < 1``, unknown genes, or too many elements.
+        TypeError, ValueError
+            ``draws`` not an integer >= 1, invalid or unknown ``genes``, or too many
+            elements (:func:`scribe_stan.api.check_tree_size`).
         """
-        if not isinstance(draws, (int, np.integer)) or draws < 1:
-            raise ValueError(f"draws must be a positive integer, got {draws!r}")
-        idx = self._gene_index(genes)
+        idx = fitted_gene_index(self, genes)
         N = len(self.obs_names)
-        if draws * N * idx.size > _MAX_TREE_ELEMENTS:
-            raise ValueError(f"draws*cells*genes = {draws}*{N}*{idx.size} exceeds "
-                             f"{_MAX_TREE_ELEMENTS:.0e}; pass genes=<int or names> or fewer "
-                             "draws.")
+        draws = check_tree_size(draws, N, idx.size)
         rng = np.random.default_rng(self.settings["seed"] if seed is None else seed)
         problem = self.solution.problem
         mean, sd = self.eta_hat, self.eta_sd
@@ -152,19 +132,17 @@ class NbvcpFit:
         ``exp(-eta)``, ``obs[f"{key}_converged"]``; ``var[f"{key}_m"]`` and
         ``var[f"{key}_r"]`` (NaN for genes not fitted); ``uns[key]`` the settings,
         objective, iteration counts and fitted gene names. ``key`` defaults to
-        ``"nbvcp"``. The input ``adata`` is not modified.
+        ``"nbvcp"``. The input ``adata`` is not modified; a backed ``adata`` gives an
+        in-memory result.
 
         Raises
         ------
-        ValueError
-            ``adata`` does not hold the fitted cells.
+        TypeError, ValueError
+            ``adata`` is not an AnnData, or does not hold the fitted cells and genes
+            (:func:`scribe_stan.api.result_target`).
         """
         key = key_added or self.model
-        if not pd.Index(adata.obs_names).equals(self.obs_names):
-            raise ValueError("adata has other cells than the fit (obs_names differ); pass "
-                             "the AnnData that was fitted.")
-        out = adata.copy()
-        pos = out.var_names.get_indexer(self.var_names)
+        out, pos = result_target(adata, self.obs_names, self.var_names)
         G = len(out.var_names)
         m, r = np.full(G, np.nan), np.full(G, np.nan)
         m[pos], r[pos] = self.m, self.r

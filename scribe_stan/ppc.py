@@ -40,6 +40,7 @@ import numpy as np
 from scipy import special, stats
 
 from scribe_stan import _validate, convert
+from scribe_stan.api import fitted_gene_index
 from scribe_stan.models import lnm as lnm_model
 from scribe_stan.models import pln
 
@@ -316,25 +317,6 @@ def _replicate_lnm(fit, solver, level, glob, idx, draws, rng):
     return out, eta
 
 
-def _gene_index(fit, genes):
-    """Indices into the fitted genes: all, the n highest-mean, or named ones."""
-    import pandas as pd
-
-    names = fit.var_names
-    if genes is None:
-        return np.arange(len(names))
-    if isinstance(genes, (int, np.integer)) and not isinstance(genes, bool):
-        if not 1 <= genes <= len(names):
-            raise ValueError(f"genes={genes} must be between 1 and the number of fitted "
-                             f"genes ({len(names)})")
-        order = np.argsort(-fit.data.counts.mean(axis=0), kind="stable")[:int(genes)]
-        return np.sort(order)
-    idx = names.get_indexer(pd.Index(list(genes)))
-    if (idx < 0).any():
-        raise ValueError(f"genes not in the fit: {[g for g, i in zip(genes, idx) if i < 0][:5]}")
-    return idx
-
-
 def posterior_predictive(fit, *, level="marginal", draws=100, genes=None, seed=0):
     """Replicated counts of a fit at one predictive level, as an ArviZ DataTree.
 
@@ -375,7 +357,7 @@ def posterior_predictive(fit, *, level="marginal", draws=100, genes=None, seed=0
     _check_level(level, solver, family, fit.model)
     if not isinstance(draws, (int, np.integer)) or isinstance(draws, bool) or draws < 1:
         raise ValueError(f"draws must be a positive integer; got {draws!r}")
-    idx = _gene_index(fit, genes)
+    idx = fitted_gene_index(fit, genes)
     N = len(fit.obs_names)
     if draws * N * idx.size > _MAX_ELEMENTS:
         raise ValueError(f"draws*cells*genes = {draws}*{N}*{idx.size} exceeds "

@@ -64,13 +64,19 @@ def plot_ppc(tree, *, genes=4, pairs=3, n_bins=25, max_draws=100, figsize=None):
 
     Raises
     ------
+    TypeError
+        ``tree`` is not a DataTree (e.g. a fit: pass ``ss.posterior_predictive(fit)``).
     ValueError
         The tree lacks ``posterior_predictive`` or ``observed_data`` counts, or
         ``genes < 1``.
     """
     import matplotlib.pyplot as plt
+    import xarray as xr
     from matplotlib.ticker import NullFormatter
 
+    if not isinstance(tree, xr.DataTree):
+        raise TypeError(f"plot_ppc takes a DataTree, got {type(tree).__name__}; for a fit "
+                        "pass scribe_stan.posterior_predictive(fit) (or fit.to_datatree())")
     if "posterior_predictive" not in tree.children or "observed_data" not in tree.children:
         raise ValueError("tree needs posterior_predictive and observed_data groups (use "
                          "scribe_stan.posterior_predictive)")

@@ -5,14 +5,27 @@ Backends
 ``cmdstanpy``
     Used when a CmdStan installation is found (:func:`cmdstanpy.cmdstan_path` does not
     raise). The resolved program (all ``#include`` lines expanded) is written to
-    ``~/.cache/scribe-stan/<sha256>/<name>.stan`` (``SCRIBE_STAN_CACHE`` overrides the
-    root) and compiled once; later calls reuse the executable.
+    ``<cache>/cmdstan/<key>/<name>.stan`` and compiled once; later calls reuse the
+    executable.
 ``pystan``
     The embedded backend: the httpstan wheel carries stanc, the Stan headers and a
     C++ toolchain driver, so it needs nothing beyond the package index and a C++
-    compiler. httpstan caches every compiled model by its program code under its own
-    cache directory (``~/.cache/httpstan/<httpstan version>/models``), so building
-    an identical program again only costs a lookup.
+    compiler. httpstan caches compiled models under a name that also hashes the path
+    of the Python executable, so ``.venv/bin/python`` and ``.venv/bin/python3`` (the
+    console scripts) would each build the same program. Every build is therefore also
+    kept in ``<cache>/pystan/<key>/`` and copied into httpstan's cache for any other
+    interpreter path before httpstan looks for it.
+
+The build cache: ``<cache>`` is ``~/.cache/scribe-stan`` (``SCRIBE_STAN_CACHE``
+overrides it); ``<key>`` hashes only the resolved program text and the versions that
+make a build: httpstan (which fixes Stan and stanc) and the Python extension ABI for
+pystan, the CmdStan version for cmdstanpy (:func:`build_key`).
+
+Output: with ``progress=False`` nothing is printed. pystan's build and sampling lines,
+stanc's warnings and Stan's informational messages (and cmdstanpy's log) are captured
+into :attr:`StanDraws.messages`; with ``progress=True`` they are shown on stderr (and
+captured as well). Stan never writes to stdout, which stays free for machine-readable
+output.
 
 Both backends receive the same resolved program code (pystan cannot resolve
 ``#include`` itself), the same JSON-compatible data dict, and return the same
@@ -24,11 +37,17 @@ leading dims ``(chain, draw)`` followed by the variable's Stan shape in Stan's n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import io
+import logging
 import os
 import re
+import shutil
+import sys
 import time
 from dataclasses import dataclass, field
+from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -38,6 +57,7 @@ __all__ = [
     "BACKENDS",
     "STAN_DIR",
     "StanDraws",
+    "build_key",
     "data_variables",
     "fixed_param",
     "log_prob",
@@ -383,22 +403,102 @@ def _versions(backend: str) -> dict[str, str]:
     return versions
 
 
+def _cache_root() -> Path:
+    return Path(os.environ.get("SCRIBE_STAN_CACHE", "~/.cache/scribe-stan")).expanduser()
+
+
+def _build_versions(backend: str) -> str:
+    """What, besides the program text, decides a build (no interpreter path)."""
+    if backend == "pystan":
+        import httpstan
+
+        return f"httpstan {httpstan.__version__} {EXTENSION_SUFFIXES[0]}"
+    import cmdstanpy
+
+    return f"cmdstan {cmdstanpy.cmdstan_version()}"
+
+
+def build_key(name: str, backend: str) -> str:
+    """Key of a program's build in the cache (see the module docstring).
+
+    Parameters
+    ----------
+    name : str
+        Program name, e.g. ``"pln"``.
+    backend : {"pystan", "cmdstanpy"}
+
+    Returns
+    -------
+    str
+        SHA-256 hex digest of the resolved program code (:func:`program_code`) and the
+        versions that make the build (httpstan version and Python extension ABI, or
+        the CmdStan version). The Python executable's path is not part of it.
+    """
+    text = program_code(name) + "\n// " + _build_versions(backend)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _has_module(directory: Path) -> bool:
+    return directory.is_dir() and any(p.suffix in EXTENSION_SUFFIXES
+                                      for p in directory.iterdir())
+
+
+def _copy_build(src: Path, dst: Path) -> None:
+    """Copy a built httpstan model (extension module and build logs) to a new ``dst``."""
+    tmp = dst.with_name(f"{dst.name}.tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for path in src.iterdir():
+        if path.suffix in EXTENSION_SUFFIXES or path.name in ("stanc.log", "stderr.log"):
+            shutil.copy2(path, tmp / path.name)
+    try:
+        tmp.rename(dst)
+    except OSError:  # another process got there first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _no_build_timeout():
+    """Lift aiohttp's default 5-minute request limit while pystan builds a program.
+
+    pystan asks its in-process httpstan server to build through an aiohttp session
+    created with aiohttp's default timeout; a C++ build on a busy 2-core machine can
+    take longer, and the build then fails with a bare ``TimeoutError``.
+    """
+    import aiohttp.client
+
+    saved = aiohttp.client.DEFAULT_TIMEOUT
+    aiohttp.client.DEFAULT_TIMEOUT = aiohttp.ClientTimeout(total=None,
+                                                           sock_connect=saved.sock_connect)
+    try:
+        yield
+    finally:
+        aiohttp.client.DEFAULT_TIMEOUT = saved
+
+
 def _pystan_model(name: str, data: Mapping[str, Any], seed: int):
+    import httpstan.cache
+    import httpstan.models
     import stan
 
     _ensure_event_loop_ok()
-    return stan.build(program_code(name), data=_json_data(data), random_seed=int(seed))
-
-
-def _cmdstan_cache_root() -> Path:
-    return Path(os.environ.get("SCRIBE_STAN_CACHE", "~/.cache/scribe-stan")).expanduser()
+    code = program_code(name)
+    ours = httpstan.cache.model_directory(httpstan.models.calculate_model_name(code))
+    shared = _cache_root() / "pystan" / build_key(name, "pystan")
+    if not _has_module(ours) and _has_module(shared):
+        shutil.rmtree(ours, ignore_errors=True)  # a failed build: httpstan would redo it
+        _copy_build(shared, ours)
+    with _no_build_timeout():
+        model = stan.build(code, data=_json_data(data), random_seed=int(seed))
+    if not _has_module(shared):
+        _copy_build(ours, shared)
+    return model
 
 
 def _cmdstanpy_model(name: str):
     import cmdstanpy
 
     stem = _program_path(name).stem
-    directory = _cmdstan_cache_root() / program_hash(name)
+    directory = _cache_root() / "cmdstan" / build_key(name, "cmdstanpy")
     directory.mkdir(parents=True, exist_ok=True)
     stan_file = directory / f"{stem}.stan"
     code = program_code(name)
@@ -406,6 +506,43 @@ def _cmdstanpy_model(name: str):
         stan_file.write_text(code)
     # cmdstanpy compiles only when the executable is missing or older than the file.
     return cmdstanpy.CmdStanModel(stan_file=str(stan_file))
+
+
+class _Tee(io.TextIOBase):
+    """A text stream writing to several streams."""
+
+    def __init__(self, *streams):
+        self._streams = streams
+
+    def write(self, text):
+        for stream in self._streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self):
+        for stream in self._streams:
+            stream.flush()
+
+
+@contextlib.contextmanager
+def _stan_output(progress: bool):
+    """Capture everything pystan and cmdstanpy print; also show it on stderr if
+    ``progress``. Yields the buffer that receives it.
+
+    pystan writes its "Building..." line to stdout and the rest (stanc warnings,
+    sampling progress, Stan's informational messages) to stderr; cmdstanpy logs
+    through :mod:`logging`. Nothing reaches stdout.
+    """
+    buffer = io.StringIO()
+    sink = _Tee(buffer, sys.stderr) if progress else buffer
+    logger = logging.getLogger("cmdstanpy")
+    saved = logger.handlers, logger.propagate
+    logger.handlers, logger.propagate = [logging.StreamHandler(sink)], False
+    try:
+        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            yield buffer
+    finally:
+        logger.handlers, logger.propagate = saved
 
 
 def _pystan_posterior(fit, int_names: set[str]) -> tuple[dict, dict]:
@@ -483,6 +620,10 @@ class StanDraws:
     config : dict
         Sampler settings (chains, draws, warmup, adapt_delta, max_depth) and the
         build wall time ``build_time_s``.
+    messages : str
+        Everything the Stan interface printed while building and sampling (build
+        lines, stanc warnings, Stan's informational messages), shown on stderr only
+        with ``progress=True``.
     """
 
     posterior: dict[str, np.ndarray]
@@ -494,6 +635,7 @@ class StanDraws:
     versions: dict[str, str]
     wall_time_s: float
     config: dict[str, Any] = field(default_factory=dict)
+    messages: str = ""
 
     @property
     def num_chains(self) -> int:
@@ -539,7 +681,8 @@ def sample(
     max_depth : int
         Maximum tree depth.
     progress : bool
-        Show sampler progress output.
+        Show the build and sampling output on stderr (it is captured into
+        :attr:`StanDraws.messages` either way; nothing is printed to stdout).
     inits : mapping or list of mappings, optional
         Initial (constrained) parameter values, one mapping for all chains or one
         per chain. Stan's default is uniform(-2, 2) on the unconstrained scale.
@@ -576,41 +719,42 @@ def sample(
         if len(init_list) != chains:
             raise ValueError(f"inits has {len(init_list)} entries for {chains} chains")
 
-    t0 = time.perf_counter()
-    if backend == "pystan":
-        model = _pystan_model(name, data, seed)
-        build_time = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        kwargs = dict(
-            num_chains=int(chains),
-            num_samples=int(draws),
-            num_warmup=int(warmup),
-            delta=float(adapt_delta),
-            max_depth=int(max_depth),
-            refresh=max(1, (draws + warmup) // 10) if progress else draws + warmup,
-        )
-        if init_list is not None:
-            kwargs["init"] = init_list
-        fit = model.sample(**kwargs)
-        wall = time.perf_counter() - t1
-        posterior, stats = _pystan_posterior(fit, int_names)
-    else:
-        model = _cmdstanpy_model(name)
-        build_time = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        fit = model.sample(
-            data=_json_data(data),
-            chains=int(chains),
-            iter_sampling=int(draws),
-            iter_warmup=int(warmup),
-            seed=int(seed),
-            adapt_delta=float(adapt_delta),
-            max_treedepth=int(max_depth),
-            inits=init_list,
-            show_progress=bool(progress),
-        )
-        wall = time.perf_counter() - t1
-        posterior, stats = _cmdstanpy_posterior(fit, int(chains), int_names)
+    with _stan_output(progress) as messages:
+        t0 = time.perf_counter()
+        if backend == "pystan":
+            model = _pystan_model(name, data, seed)
+            build_time = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            kwargs = dict(
+                num_chains=int(chains),
+                num_samples=int(draws),
+                num_warmup=int(warmup),
+                delta=float(adapt_delta),
+                max_depth=int(max_depth),
+                refresh=max(1, (draws + warmup) // 10) if progress else draws + warmup,
+            )
+            if init_list is not None:
+                kwargs["init"] = init_list
+            fit = model.sample(**kwargs)
+            wall = time.perf_counter() - t1
+            posterior, stats = _pystan_posterior(fit, int_names)
+        else:
+            model = _cmdstanpy_model(name)
+            build_time = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            fit = model.sample(
+                data=_json_data(data),
+                chains=int(chains),
+                iter_sampling=int(draws),
+                iter_warmup=int(warmup),
+                seed=int(seed),
+                adapt_delta=float(adapt_delta),
+                max_treedepth=int(max_depth),
+                inits=init_list,
+                show_progress=bool(progress),
+            )
+            wall = time.perf_counter() - t1
+            posterior, stats = _cmdstanpy_posterior(fit, int(chains), int_names)
 
     return StanDraws(
         posterior=posterior,
@@ -624,6 +768,7 @@ def sample(
         config=dict(chains=int(chains), draws=int(draws), warmup=int(warmup),
                     adapt_delta=float(adapt_delta), max_depth=int(max_depth),
                     build_time_s=build_time),
+        messages=messages.getvalue(),
     )
 
 
@@ -658,16 +803,18 @@ def fixed_param(
     _check_data(name, data)
     int_names = _int_outputs(program_code(name))
     if backend == "pystan":
-        model = _pystan_model(name, data, seed)
-        fit = model.fixed_param(num_chains=1, num_samples=1, refresh=1)
+        with _stan_output(False):
+            model = _pystan_model(name, data, seed)
+            fit = model.fixed_param(num_chains=1, num_samples=1, refresh=1)
         posterior = {}
         for pname, dims in zip(fit.param_names, fit.dims):
             arr = np.asarray(fit[pname]).reshape([int(v) for v in dims])
             posterior[pname] = arr.astype(np.int64) if pname in int_names else np.array(arr)
         return posterior
-    model = _cmdstanpy_model(name)
-    fit = model.sample(data=_json_data(data), fixed_param=True, chains=1,
-                       iter_sampling=1, seed=int(seed), show_progress=False)
+    with _stan_output(False):
+        model = _cmdstanpy_model(name)
+        fit = model.sample(data=_json_data(data), fixed_param=True, chains=1,
+                           iter_sampling=1, seed=int(seed), show_progress=False)
     out = {}
     for pname in fit.metadata.stan_vars:
         arr = np.asarray(fit.stan_variable(pname))[0]
@@ -713,10 +860,11 @@ def log_prob(
     backend = resolve_backend(backend)
     _check_data(name, data)
     pars = _json_data(params)
-    if backend == "pystan":
-        model = _pystan_model(name, data, 1)
-        upars = model.unconstrain_pars(pars)
-        return float(model.log_prob(upars, adjust_transform=bool(jacobian)))
-    model = _cmdstanpy_model(name)
-    frame = model.log_prob(params=pars, data=_json_data(data), jacobian=bool(jacobian))
+    with _stan_output(False):
+        if backend == "pystan":
+            model = _pystan_model(name, data, 1)
+            upars = model.unconstrain_pars(pars)
+            return float(model.log_prob(upars, adjust_transform=bool(jacobian)))
+        model = _cmdstanpy_model(name)
+        frame = model.log_prob(params=pars, data=_json_data(data), jacobian=bool(jacobian))
     return float(frame["lp__"].iloc[0])

@@ -4,6 +4,7 @@ Small simulated pln data (``scribe_stan.models.pln.simulate``) wrapped in AnnDat
 Laplace fit here takes seconds.
 """
 
+import re
 
 import anndata as ad
 import numpy as np
@@ -126,10 +127,11 @@ def test_rank_not_below_genes_raises(sim, fmt):
         ({"method": "vi"}, r"Unknown method 'vi'; allowed: 'laplace', 'hmc'"),
         ({"device": "gpu"}, r"Unknown device 'gpu'; allowed: 'cpu', 'cuda', 'auto'"),
         ({"method": "hmc", "backend": "stan"},
-         r"unknown Stan backend 'stan'; allowed values: 'auto', 'cmdstanpy', 'pystan'"),
+         r"Unknown backend 'stan'; allowed: 'auto', 'cmdstanpy', 'pystan'"),
         ({"sigma_M": -1.0}, r"sigma_M must be a positive finite number.*allowed: 0 < value"),
         ({"M0": 0.0}, r"M0 must be a positive finite number"),
-        ({"genes": 1}, r"genes=1 must be between 2 and the number of non-zero genes \(8\)"),
+        ({"genes": 1}, r"genes=1 is out of range for 8 non-zero genes .*allowed: None \(all\), "
+                       r"an integer from 2 to 8, or a list of gene names"),
         ({"genes": ["gene0", "nope"]}, r"genes not found.*'nope'"),
     ],
     ids=["layer", "model", "method", "device", "backend", "sigma_M", "M0", "genes-int",
@@ -291,9 +293,10 @@ def test_to_datatree_gene_subset(lap):
 def test_to_datatree_genome_scale_guard(lap):
     _, fit = lap
     draws = 2 * 10**8 // (N * G) + 1
-    with pytest.raises(ValueError, match=r"draws\*cells\*genes .* exceeds .*pass genes="):
+    with pytest.raises(ValueError, match=r"draws\*cells\*genes .* exceeds .*allowed: draws <= "
+                                         rf"{draws - 1} "):
         fit.to_datatree(draws=draws)
-    with pytest.raises(ValueError, match="genes not in the fit"):
+    with pytest.raises(ValueError, match="genes not found among the fitted genes"):
         fit.to_datatree(draws=5, genes=["nope"])
 
 
@@ -304,3 +307,95 @@ def test_compare_laplace_with_itself(lap):
     table = ss.compare(t1, t2, var_names=["x", "eta"])
     assert table.loc["x", "mean_abs_smd"] < 0.2
     assert 0.8 < table.loc["x", "median_sd_ratio"] < 1.2
+
+
+# ------------------------------------------------------------------ issue 18: the boundary
+
+
+@pytest.mark.parametrize("kwargs, error, pattern", [
+    ({"backend": "pystan"}, ValueError,
+     r"backend='pystan' applies to method='hmc'.*allowed with method='laplace': 'auto'"),
+    ({"tol": -1.0}, ValueError, r"tol must be a positive finite number; got -1.0"),
+    ({"max_iter": 0}, ValueError, r"max_iter must be an integer >= 1; got 0"),
+    ({"max_iter": 2.5}, TypeError, r"max_iter must be an integer >= 1; got 2.5"),
+    ({"seed": -1}, ValueError, r"seed must be an integer >= 0; got -1"),
+    ({"genes": "gene1"}, TypeError, r"genes must be None, an integer or a list of gene "
+                                    r"names; got 'gene1' of type str \(for one gene pass "
+                                    r"\['gene1'\]\)"),
+    ({"genes": 2.0}, TypeError, r"got 2.0 of type float"),
+    ({"genes": True}, TypeError, r"got True of type bool"),
+    ({"genes": []}, ValueError, r"genes lists 0 gene names; need at least 2"),
+    ({"model": "nbvcp", "device": "cuda"}, ValueError,
+     r"device='cuda' is not available for nbvcp: its Laplace kernels run on the CPU only"),
+], ids=["backend-laplace", "tol", "max_iter", "max_iter-float", "seed", "genes-str",
+        "genes-float", "genes-bool", "genes-empty", "cuda-nbvcp"])
+def test_arguments_checked_before_fitting(sim, kwargs, error, pattern, monkeypatch):
+    import scribe_stan.api as api
+
+    def boom(*args, **kw):
+        raise AssertionError("the solver ran although an argument was bad")
+
+    monkeypatch.setattr(api, "fit_laplace", boom)
+    if "genes" not in kwargs:  # checked before the counts are even read
+        monkeypatch.setattr(api._validate, "counts_from_anndata", boom)
+    adata = make_adata(sim["counts"])
+    before = snapshot(adata)
+    with pytest.raises(error, match=pattern):
+        ss.fit(adata, **{"rank": K, "progress": False, **kwargs})
+    assert_unchanged(adata, before)
+
+
+def test_rank_for_nbvcp_is_ignored_with_a_warning(sim):
+    adata = make_adata(sim["counts"])
+    with pytest.warns(UserWarning, match=r"rank=3 is ignored for model='nbvcp'"):
+        fit = ss.fit(adata, model="nbvcp", rank=3, progress=False, max_iter=20)
+    assert fit.settings["rank"] is None
+
+
+@pytest.mark.parametrize("axis", ["obs", "var"])
+def test_duplicate_names_refused_before_fitting(sim, axis):
+    adata = make_adata(sim["counts"])
+    names = list(getattr(adata, f"{axis}_names"))
+    names[3] = names[1]
+    setattr(adata, f"{axis}_names", names)
+    before = snapshot(adata)
+    what = "var_names (gene names)" if axis == "var" else "obs_names (cell names)"
+    with pytest.raises(ValueError, match=rf"{re.escape(what)} must be unique; duplicated 1 "
+                                         rf"name: '{names[1]}'; make them unique first, e.g. "
+                                         rf"adata.{axis}_names_make_unique\(\)"):
+        ss.fit(adata, rank=K, progress=False)
+    assert_unchanged(adata, before)
+
+
+def test_to_anndata_refuses_other_data_and_reads_backed(lap, tmp_path):
+    adata, fit = lap
+    with pytest.raises(ValueError, match=r"adata lacks 1 of the 8 fitted genes"):
+        fit.to_anndata(adata[:, 1:].copy())
+    renamed = adata.copy()
+    renamed.var_names = [f"other{j}" for j in range(G)]
+    with pytest.raises(ValueError, match=r"adata lacks 8 of the 8 fitted genes"):
+        fit.to_anndata(renamed)
+    with pytest.raises(ValueError, match=r"adata holds other cells than the fit"):
+        fit.to_anndata(adata[::-1].copy())
+    with pytest.raises(TypeError, match="adata must be an anndata.AnnData"):
+        fit.to_anndata(adata.X)
+    # genes in another order: each value lands on its own gene
+    shuffled = adata[:, list(range(G))[::-1]].copy()
+    out = fit.to_anndata(shuffled)
+    np.testing.assert_array_equal(out.var.loc[list(fit.var_names), "pln_mu"], fit.mu)
+    # a backed AnnData: an in-memory result, the file unchanged
+    path = tmp_path / "backed.h5ad"
+    adata.write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    out = fit.to_anndata(backed)
+    assert not out.isbacked
+    np.testing.assert_array_equal(out.obsm["pln_x"], fit.x_hat)
+    backed.file.close()
+    assert "pln" not in ad.read_h5ad(path).uns
+
+
+def test_plot_ppc_refuses_a_fit(lap):
+    _, fit = lap
+    with pytest.raises(TypeError, match=r"plot_ppc takes a DataTree, got LaplaceFit; for a "
+                                        r"fit pass scribe_stan.posterior_predictive\(fit\)"):
+        ss.plot_ppc(fit)

@@ -4,6 +4,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import warnings
 
 import anndata as ad
 import numpy as np
@@ -167,7 +168,7 @@ def bad_h5ad(tmp_path):
         (["fit", "{bad}", "--rank", 2, "--out", "{tmp}/o.h5ad"],
          "must hold finite, non-negative integer counts; found 1 negative entry"),
         (["fit", "{bad}", "--out", "{bad}"], "--out must differ from INPUT"),
-        (["validate", "pbmc_donor_a", "--genes", 1], "--genes must be >= 2; got 1"),
+        (["validate", "pbmc_donor_a", "--genes", 1], "--genes must be an integer >= 2; got 1"),
         (["fit", "{tmp}", "--out", "{tmp}/o.h5ad"], "is a directory; expected an .h5ad file"),
     ],
     ids=["missing-file", "model", "backend", "layer", "rank", "negative-counts",
@@ -203,6 +204,179 @@ def test_usage_error_exits_2(capsys):
         cli.main(["fit", "pbmc_donor_a"])  # --out missing
     assert exc.value.code == 2
     assert "the following arguments are required: --out" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------
+# every model through the CLI, and the error paths that must fail before the work
+# --------------------------------------------------------------------------------------
+
+SLICE_CELLS = 60
+
+
+@pytest.fixture(scope="module")
+def slice_h5ad(tmp_path_factory):
+    """The first cells of the shipped data, as a file."""
+    path = tmp_path_factory.mktemp("slice") / "slice.h5ad"
+    ss.datasets.pbmc_donor_a()[:SLICE_CELLS].copy().write_h5ad(path)
+    return path
+
+
+def only_json(out):
+    """stdout must hold exactly one JSON line (machine-readable)."""
+    lines = out.strip().splitlines()
+    assert len(lines) == 1, out
+    return json.loads(lines[0])
+
+
+# per model: rank argument, summary keys of its own, posterior variables in its tree
+MODEL_OUTPUTS = {
+    "pln": (["--rank", 2], {"rank", "effective_rank", "median_capture_efficiency"},
+            {"x", "eta", "Sigma"}),
+    "nbln": (["--rank", 2], {"rank", "effective_rank", "median_dispersion_r",
+                             "median_capture_efficiency"}, {"x", "eta", "r"}),
+    "nbvcp": ([], {"median_dispersion_r", "median_capture_efficiency"}, {"m", "r", "eta"}),
+    "lnm": (["--rank", 2], {"rank", "mode", "reference_gene", "m_T", "r_T"},
+            {"y", "Sigma_alr", "corr_clr"}),
+    "lnmvcp": (["--rank", 2], {"rank", "reference_gene", "m_T", "r_T",
+                               "median_capture_efficiency"}, {"y", "eta", "corr_clr"}),
+}
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_fit_every_model(model, slice_h5ad, tmp_path, capsys):
+    rank, keys, variables = MODEL_OUTPUTS[model]
+    out = tmp_path / f"{model}.h5ad"
+    rc, stdout, err = run(["fit", slice_h5ad, "--model", model, "--genes", 6, *rank,
+                           "--max-iter", 40, "--draws", 5, "--out", out, "--quiet"], capsys)
+    assert rc == 0, err
+    assert err == ""
+    summary = only_json(stdout)
+    assert keys <= set(summary), set(summary)
+    assert summary["model"] == model and summary["genes"] == 6
+    assert summary["cells_total"] == SLICE_CELLS and np.isfinite(summary["objective"])
+    assert ("rank" in summary) == (model != "nbvcp")
+    res = ad.read_h5ad(out)
+    assert f"{model}_converged" in res.obs and model in res.uns
+    tree = xr.open_datatree(summary["tree"], engine="zarr")
+    assert variables <= set(tree["posterior"].data_vars)
+    assert tree.attrs["model"] == model
+    # per-gene models store the --tree-genes highest-mean genes (default 20 > 6: all six);
+    # lnm and lnmvcp every fitted gene
+    assert tree["posterior"].sizes["gene"] == 6
+
+
+def _no_fit(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("the fit ran although the input was bad")
+
+    monkeypatch.setattr(ss, "fit", boom)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--out", "{tmp}"], "is an existing directory; give a file path"),
+        (["--out", "{file}/o.h5ad"], "which is a file, not a directory"),
+        (["--out", "{file}"], "exists; pass --force to overwrite it"),
+        (["--tree", "{file}", "--out", "{tmp}/o.h5ad"], "--tree '{file}' exists; pass --force"),
+        (["--tol", -1, "--out", "{tmp}/o.h5ad"], "--tol must be a positive finite number"),
+        (["--genes", 0, "--out", "{tmp}/o.h5ad"], "--genes must be an integer >= 2; got 0"),
+        (["--model", "nbvcp", "--rank", 3, "--out", "{tmp}/o.h5ad"],
+         "--rank does not apply to --model nbvcp"),
+        (["--model", "lnm", "--tree-genes", 5, "--out", "{tmp}/o.h5ad"],
+         "--tree-genes does not apply to --model lnm"),
+        (["--model", "lnm", "--draws", 10**6, "--out", "{tmp}/o.h5ad"],
+         "draws*cells*genes = 1000000*60*2000 exceeds 2e+08; allowed: draws <= 1666"),
+        (["--model", "nbvcp", "--device", "cuda", "--out", "{tmp}/o.h5ad"],
+         "device='cuda' is not available for nbvcp: its Laplace kernels run on the CPU only"),
+    ],
+    ids=["out-dir", "out-under-file", "out-exists", "tree-exists", "tol", "genes", "rank-nbvcp",
+         "tree-genes-lnm", "tree-size", "cuda-nbvcp"],
+)
+def test_fit_errors_before_the_work(argv, message, slice_h5ad, tmp_path, capsys, monkeypatch):
+    _no_fit(monkeypatch)
+    existing = tmp_path / "existing.txt"
+    existing.write_text("keep me")
+    fmt = {"tmp": tmp_path, "file": existing}
+    rc, out, err = run(["fit", slice_h5ad, *[str(a).format(**fmt) for a in argv], "--quiet"],
+                       capsys)
+    assert rc == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("scribe-stan: error: "), err
+    assert message.format(**fmt) in err
+    assert existing.read_text() == "keep me"
+    assert not (tmp_path / "o.h5ad").exists()
+
+
+@pytest.mark.parametrize("command", ["hmc", "validate"])
+@pytest.mark.parametrize("argv, message", [
+    (["--out", "{file}"], "--out '{file}' is an existing file; give a directory"),
+    (["--out", "{file}/sub"], "which is a file, not a directory"),
+    (["--tol", 0], "--tol must be a positive finite number"),
+    (["--model", "nbvcp", "--rank", 2], "--rank does not apply to --model nbvcp"),
+], ids=["out-file", "out-under-file", "tol", "rank-nbvcp"])
+def test_stan_commands_check_before_the_work(command, argv, message, slice_h5ad, tmp_path,
+                                             capsys, monkeypatch):
+    if command == "hmc" and "--tol" in argv:
+        pytest.skip("hmc has no --tol")
+    _no_fit(monkeypatch)
+    existing = tmp_path / "existing.txt"
+    existing.write_text("keep me")
+    argv = [str(a).format(file=existing) for a in argv]
+    rc, out, err = run([command, slice_h5ad, *argv, "--quiet"], capsys)
+    assert rc == 2 and out == ""
+    assert err.count("\n") == 1 and message.format(file=existing) in err, err
+    assert existing.read_text() == "keep me"
+
+
+def test_fit_force_overwrites(slice_h5ad, tmp_path, capsys):
+    out = tmp_path / "o.h5ad"
+    out.write_text("old")
+    argv = ["fit", slice_h5ad, "--genes", 4, "--rank", 1, "--max-iter", 5, "--draws", 2,
+            "--out", out, "--quiet"]
+    assert run(argv, capsys)[0] == 2
+    rc, stdout, err = run(argv + ["--force"], capsys)
+    assert rc == 0, err
+    assert ad.read_h5ad(out).n_obs == SLICE_CELLS
+    assert run(argv + ["--force"], capsys)[0] == 0  # the tree is replaced as well
+
+
+@pytest.mark.parametrize("names, message", [
+    ("var", "var_names (gene names) must be unique; duplicated 1 name: 'A'"),
+    ("obs", "obs_names (cell names) must be unique"),
+])
+def test_duplicate_names_exit_2(names, message, tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    a = ad.AnnData(X=rng.poisson(3.0, size=(6, 4)).astype(np.float32) + 1)
+    setattr(a, f"{names}_names", ["A", "B", "A", "C"] + (["D", "E"] if names == "obs" else []))
+    path = tmp_path / "dup.h5ad"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # anndata warns about the names too
+        a.write_h5ad(path)
+    rc, out, err = run(["fit", path, "--rank", 1, "--out", tmp_path / "o.h5ad", "--quiet"],
+                       capsys)
+    assert rc == 2 and out == ""
+    assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "o.h5ad").exists()
+
+
+def test_missing_cuda_and_cmdstan_exit_2(slice_h5ad, tmp_path, capsys, monkeypatch):
+    from scribe_stan.laplace.device import cuda_status
+    from scribe_stan.stan import _cmdstan_available
+
+    _no_fit(monkeypatch)
+    checked = 0
+    if not cuda_status()[0]:
+        rc, out, err = run(["fit", slice_h5ad, "--device", "cuda", "--out",
+                            tmp_path / "o.h5ad", "--quiet"], capsys)
+        assert rc == 2 and err.count("\n") == 1 and "CUDA is unavailable" in err, err
+        checked += 1
+    if not _cmdstan_available():
+        rc, out, err = run(["hmc", slice_h5ad, "--backend", "cmdstanpy", "--out",
+                            tmp_path / "h", "--quiet"], capsys)
+        assert rc == 2 and err.count("\n") == 1 and "needs a CmdStan installation" in err, err
+        checked += 1
+    if not checked:
+        pytest.skip("both a GPU and CmdStan are present here")
 
 
 # --------------------------------------------------------------------------------------
@@ -244,15 +418,15 @@ def test_hmc_diagnostics_on_mixed_and_unmixed_chains():
 # Stan runs (build Stan programs: slow the first time, cached afterwards)
 # --------------------------------------------------------------------------------------
 
-TINY = ["--genes", 4, "--cells", 30, "--rank", 1, "--chains", 2, "--draws", 100,
-        "--warmup", 100, "--quiet"]
+TINY = ["--genes", 4, "--cells", 30, "--chains", 2, "--draws", 100, "--warmup", 100,
+        "--quiet"]
 
 
 @pytest.mark.slow
 def test_hmc_command(tmp_path, capsys):
     outdir = tmp_path / "hmc"
-    rc, out, err = run(["hmc", "pbmc_donor_a", "--model", "pln", *TINY, "--out", outdir],
-                       capsys)
+    rc, out, err = run(["hmc", "pbmc_donor_a", "--model", "pln", "--rank", 1, *TINY,
+                        "--out", outdir], capsys)
     assert rc == 0, err
     summary = last_json(out)
     for key in ("max_rhat_Sigma", "max_rhat", "min_ess_bulk", "min_ess_tail", "divergences",
@@ -270,10 +444,13 @@ def test_hmc_command(tmp_path, capsys):
 @pytest.mark.slow
 def test_validate_command(tmp_path, capsys):
     outdir = tmp_path / "val"
-    rc, out, err = run(["validate", "pbmc_donor_a", "--model", "pln", *TINY,
-                        "--laplace-draws", 200, "--out", outdir], capsys)
+    argv = ["validate", "pbmc_donor_a", "--model", "pln", "--rank", 1, *TINY,
+            "--laplace-draws", 200, "--out", outdir]
+    rc, out, err = run([a for a in argv if a != "--quiet"], capsys)
     assert rc == 0, err
-    assert "Laplace vs conditional NUTS" in out and "mean_abs_smd" in out
+    # the tables go to stderr: stdout holds only the JSON line
+    assert "Laplace vs conditional NUTS" in err and "mean_abs_smd" in err
+    only_json(out)
     for name in ("comparison.png", "compare_conditional.csv", "compare_full.csv",
                  "compare_conditional_detail.csv", "compare_full_detail.csv",
                  "summary.json"):
@@ -300,7 +477,8 @@ def test_validate_command_other_models(tmp_path, capsys, model, conditional, ful
     import pandas as pd
 
     outdir = tmp_path / model
-    rc, out, err = run(["validate", "pbmc_donor_a", "--model", model, *TINY,
+    rank = [] if model == "nbvcp" else ["--rank", 1]
+    rc, out, err = run(["validate", "pbmc_donor_a", "--model", model, *rank, *TINY,
                         "--laplace-draws", 100, "--out", outdir], capsys)
     assert rc == 0, err
     full_table = pd.read_csv(outdir / "compare_full.csv", index_col=0)
@@ -316,3 +494,26 @@ def test_validate_command_other_models(tmp_path, capsys, model, conditional, ful
         assert list(cond.index) == conditional
         assert cond.loc["y", "n"] == 30 * 3  # ALR: G - 1 coordinates per cell
         assert 0 < cond.loc["y", "mean_coverage"] <= 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["hmc", "validate"])
+@pytest.mark.parametrize("model", list(MODELS))
+def test_stan_commands_every_model(command, model, slice_h5ad, tmp_path, capfd):
+    """Every Stan command for every model: exit 0, one JSON line on stdout (checked at the
+    file-descriptor level), and with --quiet none of Stan's build or sampling lines."""
+    rank = [] if model == "nbvcp" else ["--rank", 1]
+    extra = ["--laplace-draws", 50] if command == "validate" else []
+    rc = cli.main([str(a) for a in [command, slice_h5ad, "--model", model, *rank, "--genes", 4,
+                                    "--cells", 30, "--chains", 2, "--draws", 50,
+                                    "--warmup", 50, *extra, "--out", tmp_path / "o",
+                                    "--quiet"]])
+    out, err = capfd.readouterr()
+    assert rc == 0, err[-3000:]
+    summary = only_json(out)
+    assert summary["command"] == command and summary["model"] == model
+    assert summary["cells"] == 30 and summary["genes"] == 4
+    for line in ("Building", "Sampling", "Informational Message", "stanc"):
+        assert line not in err, err[-3000:]
+    log = tmp_path / "o" / ("stan.log" if command == "hmc" else "stan_full.log")
+    assert "Building" in log.read_text()  # kept in a log file instead

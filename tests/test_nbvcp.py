@@ -300,10 +300,84 @@ def test_bad_inputs(tiny):
         nbvcp_fit.posterior_moments(pln_like)
     with pytest.raises(ValueError, match="draws"):
         fit.to_datatree(draws=0)
-    with pytest.raises(ValueError, match="not in the fit"):
+    with pytest.raises(ValueError, match="not found among the fitted genes"):
         fit.to_datatree(draws=2, genes=["nope"])
     with pytest.raises(ValueError, match="other cells"):
         fit.to_anndata(adata[:5].copy())
     before = adata.X.copy()
     ss.fit(adata, model="nbvcp", progress=False)
     assert (adata.X != before).nnz == 0
+
+
+# ----------------------------------------------------------------------------- large counts
+
+
+def _counts_with(big, seed=4):
+    rng = np.random.default_rng(seed)
+    X = rng.poisson(3.0, size=(40, 6)).astype(np.int64)
+    X[:, 0] += 1
+    X[0, 0], X[1, 3] = big, 25
+    return X
+
+
+def test_tables_do_not_grow_with_the_largest_count():
+    X = _counts_with(10**9)
+    problem = lap.NbvcpProblem(X)
+    assert problem.max_u[0] == 10**9
+    assert problem.offsets[-1] <= X.shape[1] * (lap.TABLE_CAP + 1)
+    lg, dg = lap.gamma_tables(np.ones(6), problem.offsets)
+    assert lg.size == problem.offsets[-1]
+
+
+def test_direct_terms_past_the_table_match_the_tables(monkeypatch):
+    """With a cap of 2 every count above 2 takes the direct lgamma/digamma/trigamma
+    path: values, gradients, per-draw log likelihoods and the whole fit must not move."""
+    X = _counts_with(400)
+    ref = lap.NbvcpProblem(X)
+    m, log_r = lap.initial_globals(ref.csr, ref.a)
+    log_r = log_r + np.linspace(-4.0, 6.0, log_r.size)  # small and large dispersions
+    full = ref.log_marginal(m, log_r, grad=True)
+    r = np.exp(log_r)
+    eta = np.abs(np.random.default_rng(0).normal(1.0, 0.5, size=(3, X.shape[0])))
+    draws = lap.log_lik_draws(ref.indptr, ref.indices, ref.vals,
+                              lap.gamma_tables(r, ref.offsets)[0], ref.offsets, ref.lgam_u,
+                              m, r, eta)
+    fit_ref = lap.fit_nbvcp(X, max_iter=50)
+
+    monkeypatch.setattr(lap, "TABLE_CAP", 2)
+    capped = lap.NbvcpProblem(X)
+    assert capped.offsets[-1] == 3 * X.shape[1]
+    for a, b in zip(full, capped.log_marginal(m, log_r, grad=True)):
+        np.testing.assert_allclose(b, a, rtol=1e-11, atol=1e-9)
+    np.testing.assert_allclose(
+        lap.log_lik_draws(capped.indptr, capped.indices, capped.vals,
+                          lap.gamma_tables(r, capped.offsets)[0], capped.offsets,
+                          capped.lgam_u, m, r, eta), draws, rtol=1e-12)
+    fit_capped = lap.fit_nbvcp(X, max_iter=50)  # gene_newton's start uses the direct path
+    np.testing.assert_allclose(fit_capped.m, fit_ref.m, atol=1e-6)
+    np.testing.assert_allclose(fit_capped.log_r, fit_ref.log_r, atol=1e-5)
+
+
+def test_digamma_and_trigamma_match_scipy():
+    from scipy import special
+
+    x = np.logspace(-7, 10, 300)
+    np.testing.assert_allclose([lap.digamma(v) for v in x], special.digamma(x),
+                               rtol=1e-14, atol=1e-14)
+    np.testing.assert_allclose([lap.trigamma(v) for v in x], special.polygamma(1, x),
+                               rtol=1e-14)
+
+
+def test_fit_with_a_count_of_1e9():
+    """Issue 18: one count of 1e8 took 27 s and 1.9 GB, 1e9 over 10 GB; now the tables
+    are bounded and the fit takes about as long as with small counts."""
+    import time
+
+    adata = ad.AnnData(X=_counts_with(10**9).astype(np.float64))
+    ss.fit(adata[:5].copy(), model="nbvcp", progress=False, max_iter=3)  # compiled
+    t0 = time.perf_counter()
+    fit = ss.fit(adata, model="nbvcp", progress=False)
+    assert time.perf_counter() - t0 < 30
+    assert fit.converged.all() and np.isfinite(fit.objective)
+    tree = fit.to_datatree(draws=20)
+    assert np.isfinite(tree["log_likelihood"]["counts"].values).all()

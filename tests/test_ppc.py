@@ -167,7 +167,7 @@ def test_levels_that_do_not_apply_and_bad_input(pln_fit, nbvcp_fit, lnm_fit):
         ss.posterior_predictive(lnm_fit, level="per_cell")
     with pytest.raises(ValueError, match="draws must be a positive integer"):
         ss.posterior_predictive(pln_fit, draws=0)
-    with pytest.raises(ValueError, match="genes not in the fit"):
+    with pytest.raises(ValueError, match="genes not found among the fitted genes"):
         ss.posterior_predictive(pln_fit, genes=["nope"])
     with pytest.raises(TypeError, match="takes a fit"):
         ss.posterior_predictive(pln_fit.data.counts)

@@ -21,7 +21,9 @@ Gradient (Margossian et al. 2020, arXiv:2004.12550, in one dimension): with
 
 Every partial derivative is a per-(cell, gene) closed form; the ones that involve
 ``lgamma`` and ``digamma`` of ``u + r`` are needed only where ``u > 0`` (counts are held
-in CSR form) and come from per-gene recurrence tables; a Newton step costs O(G)
+in CSR form) and come from per-gene recurrence tables for ``u <= TABLE_CAP``, and from
+``lgamma`` and an asymptotic digamma (:func:`digamma`) for the rare larger counts, so
+that time and memory do not depend on the largest count; a Newton step costs O(G)
 multiplications per cell and no exponential or logarithm per gene.
 """
 
@@ -48,6 +50,9 @@ LOG_R_BOUNDS = (-15.0, 15.0)
 # Prior constants as globals so the Numba kernels see them as compile-time constants.
 M_LOC, M_SCALE = nbvcp.M_LOC, nbvcp.M_SCALE
 LOG_R_LOC, LOG_R_SCALE = dispersion.LOG_R_LOC, dispersion.LOG_R_SCALE
+#: Largest count held in the per-gene lgamma/digamma tables; larger counts (rare in UMI
+#: data) get the differences computed directly.
+TABLE_CAP = 4096
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -133,19 +138,83 @@ def newton_all(indptr, indices, vals, em, r, a, sigma_M, eta, tol, max_iter):
     return n_iter, converged, at_bound
 
 
+@njit(cache=True)
+def digamma(x):
+    """Digamma function for ``x > 0``: recurrence up to ``x >= 10``, then the
+    asymptotic series (absolute error below 1e-15)."""
+    shift = 0.0
+    while x < 10.0:
+        shift -= 1.0 / x
+        x += 1.0
+    f = 1.0 / (x * x)
+    tail = f * (1.0 / 12 - f * (1.0 / 120 - f * (1.0 / 252 - f * (
+        1.0 / 240 - f * (1.0 / 132 - f * (691.0 / 32760 - f / 12.0))))))
+    return shift + math.log(x) - 0.5 / x - tail
+
+
+@njit(cache=True)
+def trigamma(x):
+    """Trigamma function for ``x > 0``: recurrence up to ``x >= 10``, then the
+    asymptotic series (relative error below 1e-15)."""
+    shift = 0.0
+    while x < 10.0:
+        shift += 1.0 / (x * x)
+        x += 1.0
+    f = 1.0 / (x * x)
+    tail = (1.0 / 6 - f * (1.0 / 30 - f * (1.0 / 42 - f * (1.0 / 30 - f * (
+        5.0 / 66 - f * (691.0 / 2730 - f * 7.0 / 6)))))) / (x * x * x)
+    return shift + 1.0 / x + 0.5 * f + tail
+
+
+@njit(cache=True)
+def _lgamma_diff(lg, offsets, g, u, r):
+    """``lgamma(u + r) - lgamma(r)`` of gene g: from its table, or directly past it."""
+    k = int(u)
+    if k < offsets[g + 1] - offsets[g]:
+        return lg[offsets[g] + k]
+    return math.lgamma(u + r) - math.lgamma(r)
+
+
+@njit(cache=True)
+def _digamma_diff(dg, offsets, g, u, r):
+    """``digamma(u + r) - digamma(r)`` of gene g: from its table, or directly past it."""
+    k = int(u)
+    if k < offsets[g + 1] - offsets[g]:
+        return dg[offsets[g] + k]
+    return digamma(u + r) - digamma(r)
+
+
+def table_offsets(max_u):
+    """Offsets of the per-gene tables of :func:`gamma_tables`.
+
+    Parameters
+    ----------
+    max_u : (G,) int, largest count per gene.
+
+    Returns
+    -------
+    (G + 1,) int64
+        Gene g's table covers ``u = 0 .. min(max_u_g, TABLE_CAP)`` at
+        ``offsets[g] + u``: at most ``G * (TABLE_CAP + 1)`` entries, whatever the counts.
+    """
+    return np.concatenate([[0], np.cumsum(np.minimum(max_u, TABLE_CAP) + 1)]).astype(np.int64)
+
+
 @njit(cache=True, parallel=True)
 def gamma_tables(r, offsets):
     """Per-gene tables of ``lgamma(u + r) - lgamma(r)`` and ``digamma(u + r) - digamma(r)``.
 
     Built by the exact recurrences ``lgamma(x + 1) = lgamma(x) + log x`` and
-    ``digamma(x + 1) = digamma(x) + 1/x`` for ``u = 0 .. max_u_g``: the total length
-    ``sum_g (max_u_g + 1)`` is a few times G for UMI data, far less than the number of
-    non-zero counts, and the differences carry no cancellation when ``r`` is large.
+    ``digamma(x + 1) = digamma(x) + 1/x`` for ``u = 0 ..`` the table's end
+    (:func:`table_offsets`): the total length is a few times G for UMI data, far less
+    than the number of non-zero counts, and the differences carry no cancellation when
+    ``r`` is large. Counts past a gene's table are computed directly by the kernels.
 
     Parameters
     ----------
     r : (G,) dispersions.
-    offsets : (G + 1,) int64; gene g's entries are ``offsets[g] + u``.
+    offsets : (G + 1,) int64 from :func:`table_offsets`; gene g's entries are
+        ``offsets[g] + u``.
 
     Returns
     -------
@@ -210,7 +279,8 @@ def value_grad(indptr, indices, vals, lg, dg, offsets, const, m, r, a, sigma_M, 
                 f3 += t * (r[g] - mu[g]) / (mu[g] + r[g])
             for k in range(indptr[c], indptr[c + 1]):  # terms of the non-zero counts
                 g, u = indices[k], vals[k]
-                val += lg[offsets[g] + int(u)] + u * (m[g] - e - l1p[g] - math.log(r[g]))
+                val += (_lgamma_diff(lg, offsets, g, u, r[g])
+                        + u * (m[g] - e - l1p[g] - math.log(r[g])))
                 t = rq[g] * rq[g] * mu[g] * u / r[g]
                 H += t
                 f3 += t * (r[g] - mu[g]) / (mu[g] + r[g])
@@ -238,7 +308,7 @@ def value_grad(indptr, indices, vals, lg, dg, offsets, const, m, r, a, sigma_M, 
                 q = mg + rg
                 t = b * mg * u / q  # r mu u / q^2
                 acc_m[ch, g] += b * u + half * (-t * (rg - mg) / q + slope * t)
-                acc_r[ch, g] += (rg * dg[offsets[g] + int(u)] - b * u
+                acc_r[ch, g] += (rg * _digamma_diff(dg, offsets, g, u, rg) - b * u
                                  + half * (-t * (mg - rg) / q - slope * t))
     return value, curv, acc_m.sum(axis=0), acc_r.sum(axis=0)
 
@@ -247,7 +317,8 @@ def value_grad(indptr, indices, vals, lg, dg, offsets, const, m, r, a, sigma_M, 
 def _gene_sums(colptr, rows, vals, g, eta, m, r, T_table, want_r):
     """Score and second derivative of gene g's NB log likelihood (eta fixed), in m or
     (``want_r``) in log_r; the u = 0 form of every cell, then the non-zero counts'
-    terms. ``T_table[u]`` holds (digamma, trigamma)(u + r) - (digamma, trigamma)(r)."""
+    terms. ``T_table[u]`` holds (digamma, trigamma)(u + r) - (digamma, trigamma)(r);
+    counts past its end get them directly."""
     s, h = 0.0, 0.0
     em = math.exp(m)
     for c in range(eta.size):
@@ -265,7 +336,10 @@ def _gene_sums(colptr, rows, vals, g, eta, m, r, T_table, want_r):
         mu = em * math.exp(-eta[rows[k]])
         q = mu + r
         if want_r:
-            D, T = T_table[int(u), 0], T_table[int(u), 1]
+            if int(u) < T_table.shape[0]:
+                D, T = T_table[int(u), 0], T_table[int(u), 1]
+            else:
+                D, T = digamma(u + r) - digamma(r), trigamma(u + r) - trigamma(r)
             s += r * D - r * u / q
             h += r * D - r * mu * u / (q * q) + r * r * T
         else:
@@ -275,7 +349,7 @@ def _gene_sums(colptr, rows, vals, g, eta, m, r, T_table, want_r):
 
 
 @njit(cache=True, parallel=True)
-def gene_newton(colptr, rows, vals, max_u, eta, m, log_r, n_sweeps):
+def gene_newton(colptr, rows, vals, table_u, eta, m, log_r, n_sweeps):
     """Per-gene MAP of ``(m_g, log_r_g)`` with eta held fixed, in place (start values).
 
     Given eta the genes decouple, so each gene alternates damped 1-D Newton steps
@@ -284,13 +358,14 @@ def gene_newton(colptr, rows, vals, max_u, eta, m, log_r, n_sweeps):
 
     Parameters
     ----------
-    colptr, rows, vals : CSC counts (N x G);  max_u : (G,) largest count per gene.
+    colptr, rows, vals : CSC counts (N x G);  table_u : (G,) last count of each gene's
+        digamma/trigamma table (its largest count, at most ``TABLE_CAP``).
     eta : (N,);  m, log_r : (G,) in/out;  n_sweeps : int.
     """
     inv_m = 1.0 / (M_SCALE * M_SCALE)
     inv_r = 1.0 / (LOG_R_SCALE * LOG_R_SCALE)
     for g in prange(m.size):
-        table = np.zeros((max_u[g] + 1, 2))
+        table = np.zeros((table_u[g] + 1, 2))
         for sweep in range(n_sweeps):
             r = math.exp(log_r[g])
             for it in range(5):
@@ -300,7 +375,7 @@ def gene_newton(colptr, rows, vals, max_u, eta, m, log_r, n_sweeps):
                 m[g] = min(max(m[g] - max(-1.0, min(1.0, s / h)), M_BOUNDS[0]), M_BOUNDS[1])
             for it in range(5):
                 r = math.exp(log_r[g])
-                for u in range(1, max_u[g] + 1):
+                for u in range(1, table_u[g] + 1):
                     table[u, 0] = table[u - 1, 0] + 1.0 / (r + u - 1)
                     table[u, 1] = table[u - 1, 1] - 1.0 / ((r + u - 1) * (r + u - 1))
                 s, h = _gene_sums(colptr, rows, vals, g, eta, m[g], r, table, True)
@@ -369,7 +444,7 @@ class NbvcpProblem:
         self.shape = (N, G)
         self.max_u = np.zeros(G, np.int64)  # largest count per gene
         np.maximum.at(self.max_u, self.indices, self.vals.astype(np.int64))
-        self.offsets = np.concatenate([[0], np.cumsum(self.max_u + 1)]).astype(np.int64)
+        self.offsets = table_offsets(self.max_u)
         self.sigma_M = float(sigma_M)
         if log_lib is None:
             log_lib = np.log(np.asarray(X.sum(axis=1)).ravel())
@@ -567,7 +642,7 @@ def fit_nbvcp(counts, *, log_M0=np.log(pln.M0_DEFAULT), sigma_M=pln.SIGMA_M_DEFA
         for _ in range(n_init_sweeps):
             problem.modes(m0, r0)
             gene_newton(csc.indptr.astype(np.int64), csc.indices.astype(np.int64), csc.data,
-                        problem.max_u, problem.eta, m0, r0, 2)
+                        np.minimum(problem.max_u, TABLE_CAP), problem.eta, m0, r0, 2)
     else:
         m0, r0 = (np.array(v, dtype=np.float64) for v in init)
     lower = np.concatenate([np.full(G, M_BOUNDS[0]), np.full(G, LOG_R_BOUNDS[0])])
@@ -623,7 +698,8 @@ def log_lik_draws(indptr, indices, vals, lg, offsets, lgam_u, m, r, eta):
                 val -= r[g] * l1p[g]
             for k in range(indptr[c], indptr[c + 1]):
                 g, u = indices[k], vals[k]
-                val += lg[offsets[g] + int(u)] + u * (m[g] - e - l1p[g] - log_r[g])
+                val += (_lgamma_diff(lg, offsets, g, u, r[g])
+                        + u * (m[g] - e - l1p[g] - log_r[g]))
             out[s, c] = val
     return out
 
