@@ -80,7 +80,7 @@ def _softmax(y, D, p):
 
 
 @njit(cache=True, inline="always", fastmath=_FAST)
-def _composition(u, uT, y, mu, W, inv_d, Lc, D, K, p, r, alpha, tmpK, tmpK2):
+def _composition(u, uT, y, mu, Wt, inv_d, Lc, D, K, p, r, alpha, tmpK, tmpK2):
     """f(y) without constants; fills p, r = y - mu, alpha = Sigma^{-1} r.
 
     Returns (f, q = r' Sigma^{-1} r, lik = u'y - u_T logZ, rho_ref).
@@ -90,7 +90,7 @@ def _composition(u, uT, y, mu, W, inv_d, Lc, D, K, p, r, alpha, tmpK, tmpK2):
     for j in range(D):
         lik += u[j] * y[j]
         r[j] = y[j] - mu[j]
-    _woodbury_apply(r, W, inv_d, inv_d, -1.0, Lc, D, K, tmpK, tmpK2, alpha)
+    _woodbury_apply(r, Wt, inv_d, inv_d, -1.0, Lc, D, K, tmpK, tmpK2, alpha)
     q = 0.0
     for j in range(D):
         q += r[j] * alpha[j]
@@ -118,10 +118,10 @@ def _curvature(lam, W, d, WW, D, K, h, invB, Mf, Lm):
 
 
 @njit(cache=True, inline="always", fastmath=_FAST)
-def _sm_factor(p, sig1, rho_ref, W, h, invB, Lm, D, K, tmpK, tmpK2, a, psi):
+def _sm_factor(p, sig1, rho_ref, Wt, h, invB, Lm, D, K, tmpK, tmpK2, a, psi):
     """a = A^{-1} p and the guarded Sherman-Morrison denominator s (module docstring)."""
-    _woodbury_apply(p, W, invB, h, 1.0, Lm, D, K, tmpK, tmpK2, a)
-    _woodbury_apply(sig1, W, invB, h, 1.0, Lm, D, K, tmpK, tmpK2, psi)
+    _woodbury_apply(p, Wt, invB, h, 1.0, Lm, D, K, tmpK, tmpK2, a)
+    _woodbury_apply(sig1, Wt, invB, h, 1.0, Lm, D, K, tmpK, tmpK2, psi)
     quad = 0.0
     for j in range(D):
         quad += p[j] * psi[j]
@@ -132,21 +132,21 @@ def _sm_factor(p, sig1, rho_ref, W, h, invB, Lm, D, K, tmpK, tmpK2, a, psi):
 
 
 @njit(cache=True, fastmath=_FAST)
-def _newton_full(u, uT, mu, W, d, WW, inv_d, Lc, sig1, y, tol, max_iter, ws, ws_K, Mf, Lm):
+def _newton_full(u, uT, mu, Wt, d, WW, inv_d, Lc, sig1, y, tol, max_iter, ws, ws_K, Mf, Lm):
     """Damped Newton on y for one cell (y updated in place). Returns (n_iter, converged)."""
-    D, K = W.shape
+    K, D = Wt.shape
     p, r, alpha, lam, h, invB, g, dy, a, psi, yn = (ws[0], ws[1], ws[2], ws[3], ws[4],
                                                     ws[5], ws[6], ws[7], ws[8], ws[9], ws[10])
     tmpK, tmpK2 = ws_K[0], ws_K[1]
-    f, _, _, rho_ref = _composition(u, uT, y, mu, W, inv_d, Lc, D, K, p, r, alpha, tmpK, tmpK2)
+    f, _, _, rho_ref = _composition(u, uT, y, mu, Wt, inv_d, Lc, D, K, p, r, alpha, tmpK, tmpK2)
     for it in range(max_iter):
         for j in range(D):
             lam[j] = uT * p[j]
             g[j] = u[j] - lam[j] - alpha[j]
-        if not _curvature(lam, W, d, WW, D, K, h, invB, Mf, Lm):
+        if not _curvature(lam, Wt, d, WW, D, K, h, invB, Mf, Lm):
             return it, False
-        s = _sm_factor(p, sig1, rho_ref, W, h, invB, Lm, D, K, tmpK, tmpK2, a, psi)
-        _woodbury_apply(g, W, invB, h, 1.0, Lm, D, K, tmpK, tmpK2, dy)
+        s = _sm_factor(p, sig1, rho_ref, Wt, h, invB, Lm, D, K, tmpK, tmpK2, a, psi)
+        _woodbury_apply(g, Wt, invB, h, 1.0, Lm, D, K, tmpK, tmpK2, dy)
         ag = 0.0
         for j in range(D):
             ag += a[j] * g[j]
@@ -158,21 +158,21 @@ def _newton_full(u, uT, mu, W, d, WW, inv_d, Lc, sig1, y, tol, max_iter, ws, ws_
         if 0.5 * dec < tol:  # converged; tested before the line search (see cpu.py)
             for j in range(D):
                 y[j] += dy[j]
-            _composition(u, uT, y, mu, W, inv_d, Lc, D, K, p, r, alpha, tmpK, tmpK2)
+            _composition(u, uT, y, mu, Wt, inv_d, Lc, D, K, p, r, alpha, tmpK, tmpK2)
             return it + 1, True
         t = 1.0
         accepted = False
         for _ls in range(60):
             for j in range(D):
                 yn[j] = y[j] + t * dy[j]
-            fn, _, _, rn = _composition(u, uT, yn, mu, W, inv_d, Lc, D, K, p, r, alpha,
+            fn, _, _, rn = _composition(u, uT, yn, mu, Wt, inv_d, Lc, D, K, p, r, alpha,
                                         tmpK, tmpK2)
             if math.isfinite(fn) and fn >= f + 1e-4 * t * dec - 1e-12 * abs(f):
                 accepted = True
                 break
             t *= 0.5
         if not accepted:
-            _composition(u, uT, y, mu, W, inv_d, Lc, D, K, p, r, alpha, tmpK, tmpK2)
+            _composition(u, uT, y, mu, Wt, inv_d, Lc, D, K, p, r, alpha, tmpK, tmpK2)
             return it + 1, dec < 1e3 * tol
         for j in range(D):
             y[j] = yn[j]
@@ -198,6 +198,7 @@ def newton_full(u, uT, mu, W, d, WW, Lc, sig1, y, tol, max_iter, n_chunks):
     """
     N, D = u.shape
     K = W.shape[1]
+    Wt = np.ascontiguousarray(W.T)  # the layout of cpu._woodbury_apply
     inv_d = 1.0 / d
     n_iter = np.zeros(N, np.int64)
     converged = np.zeros(N, np.bool_)
@@ -208,7 +209,7 @@ def newton_full(u, uT, mu, W, d, WW, Lc, sig1, y, tol, max_iter, n_chunks):
         Mf = np.empty(K * K)
         Lm = np.empty((K, K))
         for c in range(ch * N // n_chunks, (ch + 1) * N // n_chunks):
-            it, ok = _newton_full(u[c], uT[c], mu, W, d, WW, inv_d, Lc, sig1, y[c], tol,
+            it, ok = _newton_full(u[c], uT[c], mu, Wt, d, WW, inv_d, Lc, sig1, y[c], tol,
                                   max_iter, ws, ws_K, Mf, Lm)
             n_iter[c] = it
             converged[c] = ok
@@ -230,6 +231,7 @@ def value_grad_full(u, uT, const, mu, W, d, WW, Lc, sig1, y, want_grad, n_chunks
     """
     N, D = u.shape
     K = W.shape[1]
+    Wt = np.ascontiguousarray(W.T)  # the layout of cpu._woodbury_apply
     inv_d = 1.0 / d
     value = np.empty(N)
     n_chunks = max(1, min(N, n_chunks))
@@ -246,12 +248,12 @@ def value_grad_full(u, uT, const, mu, W, d, WW, Lc, sig1, y, want_grad, n_chunks
         kA, kB, kb, row = np.empty(K), np.empty(K), np.empty(K), np.empty(K)
         for c in range(ch * N // n_chunks, (ch + 1) * N // n_chunks):
             yc = y[c]
-            f, q, lik, rho_ref = _composition(u[c], uT[c], yc, mu, W, inv_d, Lc, D, K, p, r,
+            f, q, lik, rho_ref = _composition(u[c], uT[c], yc, mu, Wt, inv_d, Lc, D, K, p, r,
                                               alpha, tmpK, tmpK2)
             for j in range(D):
                 lam[j] = uT[c] * p[j]
             _curvature(lam, W, d, WW, D, K, h, invB, Mf, Lm)
-            s = _sm_factor(p, sig1, rho_ref, W, h, invB, Lm, D, K, tmpK, tmpK2, a, psi)
+            s = _sm_factor(p, sig1, rho_ref, Wt, h, invB, Lm, D, K, tmpK, tmpK2, a, psi)
             logdet = math.log(s)
             for k in range(K):
                 logdet += 2.0 * math.log(Lm[k, k])
@@ -294,14 +296,14 @@ def value_grad_full(u, uT, const, mu, W, d, WW, Lc, sig1, y, want_grad, n_chunks
             for j in range(D):
                 t[j] = uT[c] * p[j] * (t[j] + ssum - 2.0 * a[j] / s)
             # adjoint adj = -1/2 V t = -1/2 (A^{-1} t + cT a (a't))
-            _woodbury_apply(t, W, invB, h, 1.0, Lm, D, K, tmpK, tmpK2, vt)
+            _woodbury_apply(t, Wt, invB, h, 1.0, Lm, D, K, tmpK, tmpK2, vt)
             at = 0.0
             for j in range(D):
                 at += a[j] * t[j]
             for j in range(D):
                 adj[j] = -0.5 * (vt[j] + cT * at * a[j])
-            _woodbury_apply(adj, W, inv_d, inv_d, -1.0, Lc, D, K, tmpK, tmpK2, beta)
-            _woodbury_apply(a, W, inv_d, inv_d, -1.0, Lc, D, K, tmpK, tmpK2, b)
+            _woodbury_apply(adj, Wt, inv_d, inv_d, -1.0, Lc, D, K, tmpK, tmpK2, beta)
+            _woodbury_apply(a, Wt, inv_d, inv_d, -1.0, Lc, D, K, tmpK, tmpK2, b)
             for k in range(K):
                 kA[k] = 0.0
                 kB[k] = 0.0
