@@ -55,8 +55,8 @@ def lnm_fit():
     return fit_sim(lnm.simulate(N, G, K, seed=7, total_mean=300.0), "lnm")
 
 
-def replicate(fit, level, cells=slice(0, 6), seed=1):
-    tree = ss.posterior_predictive(fit, level=level, draws=DRAWS, seed=seed)
+def replicate(fit, level, cells=slice(0, 6), seed=1, draws=DRAWS):
+    tree = ss.posterior_predictive(fit, level=level, draws=draws, seed=seed)
     u = tree["posterior_predictive"]["counts"].values[0][:, cells].astype(float)
     eta = tree["posterior"]["eta"].values[0][:, cells]
     return u, eta, tree
@@ -86,7 +86,9 @@ def lognormal_moments(fit, eta):
 @pytest.mark.parametrize("level", ["per_cell", "library_anchored"])
 def test_fixed_capture_levels_match_lognormal_moments(model, level, pln_fit, nbln_fit):
     fit = {"pln": pln_fit, "nbln": nbln_fit}[model]
-    u, eta, _ = replicate(fit, level)
+    # fresh log-normal latents make the counts heavy-tailed: the z of a sample variance
+    # is far from normal at 4000 draws (a max |z| of 5.0 was seen with a correct sampler)
+    u, eta, _ = replicate(fit, level, draws=4 * DRAWS)
     # the capture is fixed per cell: the mode, or the value that anchors the library size
     assert np.ptp(eta, axis=0).max() == 0.0
     if level == "per_cell":
