@@ -408,11 +408,18 @@ def _cache_root() -> Path:
 
 
 def _build_versions(backend: str) -> str:
-    """What, besides the program text, decides a build (no interpreter path)."""
+    """What, besides the program text, decides a build (no interpreter path).
+
+    For pystan this includes httpstan's installation directory: a built model links
+    the TBB library found there, so a build is shared by every interpreter of one
+    environment (``python``, ``python3``) but never copied into another environment,
+    where it would fail to load once the first environment is gone.
+    """
     if backend == "pystan":
         import httpstan
 
-        return f"httpstan {httpstan.__version__} {EXTENSION_SUFFIXES[0]}"
+        where = Path(httpstan.__file__).resolve().parent
+        return f"httpstan {httpstan.__version__} {EXTENSION_SUFFIXES[0]} {where}"
     import cmdstanpy
 
     return f"cmdstan {cmdstanpy.cmdstan_version()}"
@@ -431,8 +438,9 @@ def build_key(name: str, backend: str) -> str:
     -------
     str
         SHA-256 hex digest of the resolved program code (:func:`program_code`) and the
-        versions that make the build (httpstan version and Python extension ABI, or
-        the CmdStan version). The Python executable's path is not part of it.
+        versions that make the build (httpstan version, its installation directory and
+        the Python extension ABI, or the CmdStan version). The Python executable's path
+        is not part of it.
     """
     text = program_code(name) + "\n// " + _build_versions(backend)
     return hashlib.sha256(text.encode()).hexdigest()
