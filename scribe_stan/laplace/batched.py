@@ -225,6 +225,11 @@ class Globals:
 
     @classmethod
     def build(cls, mu, W, d, inv_r):
+        """Globals from ``mu`` (G,), ``W`` (G, K), ``d`` (G,) > 0 and ``inv_r`` (G,) >= 0.
+
+        Raises ``numpy.linalg.LinAlgError`` if ``C = I + W' diag(1/d) W`` is not
+        numerically positive definite (non-finite or non-positive ``d``).
+        """
         mu, W, d, inv_r = (np.ascontiguousarray(v, dtype=np.float64) for v in (mu, W, d, inv_r))
         K = W.shape[1]
         ki, kj = np.triu_indices(K)
