@@ -84,6 +84,11 @@ _SAMPLE_STATS = {
     "energy": ("energy__", np.float64),
 }
 
+#: Significant digits of CmdStan's CSV output: its default, 6, rounds draws and log
+#: densities (``lp`` to 0.01); 18 (the most CmdStan allows) is more than the 17 that
+#: give every double back exactly.
+_SIG_FIGS = 18
+
 _INCLUDE_RE = re.compile(r"^[ \t]*#include[ \t]+[<\"]?([^\s<>\"]+)[>\"]?[ \t]*$", re.M)
 
 
@@ -246,11 +251,12 @@ def _parse_declaration(stmt: str, out: dict) -> None:
         close = rest.index("]")
         tdims = _split_top(rest[1:close], ",")
         rest = rest[close + 1:].strip()
-    name_match = re.match(r"(\w+)", rest)
+    name_match = re.match(r"(\w+)\s*(?:=\s*(?P<init>.*))?$", rest, re.S)
     if name_match is None:
         return
     adims = _split_top(match.group("adims"), ",") if match.group("adims") else []
-    out[name_match.group(1)] = {"type": match.group("type"), "dims": tuple(adims + tdims)}
+    out[name_match.group(1)] = {"type": match.group("type"), "dims": tuple(adims + tdims),
+                                "init": name_match.group("init")}
 
 
 def data_variables(name: str) -> dict[str, tuple[str, ...]]:
@@ -268,6 +274,119 @@ def data_variables(name: str) -> dict[str, tuple[str, ...]]:
     """
     decls = _declarations(_block(program_code(name), "data"))
     return {k: v["dims"] for k, v in decls.items()}
+
+
+_OUTPUT_BLOCKS = ("parameters", "transformed parameters", "generated quantities")
+
+
+def _output_names(code: str) -> list[str]:
+    """Every variable a run reports, in Stan's order (the blocks' declaration order)."""
+    return [var for block in _OUTPUT_BLOCKS for var in _declarations(_block(code, block))]
+
+
+_SIZE_TOKEN_RE = re.compile(r"\s*(\d+|[A-Za-z_]\w*|&&|\|\||==|!=|<=|>=|%/%|[-+*/%<>!?:()])")
+
+# Binary operators of Stan integer expressions: symbol -> (precedence, function).
+_SIZE_BINARY = {
+    "||": (1, lambda a, b: int(bool(a) or bool(b))),
+    "&&": (2, lambda a, b: int(bool(a) and bool(b))),
+    "==": (3, lambda a, b: int(a == b)), "!=": (3, lambda a, b: int(a != b)),
+    "<": (4, lambda a, b: int(a < b)), "<=": (4, lambda a, b: int(a <= b)),
+    ">": (4, lambda a, b: int(a > b)), ">=": (4, lambda a, b: int(a >= b)),
+    "+": (5, lambda a, b: a + b), "-": (5, lambda a, b: a - b),
+    "*": (6, lambda a, b: a * b),
+    # Stan's (C++'s) integer division and modulus truncate towards zero
+    "/": (6, lambda a, b: int(a / b)), "%/%": (6, lambda a, b: int(a / b)),
+    "%": (6, lambda a, b: a - b * int(a / b)),
+}
+
+
+def _eval_size(expr: str, lookup) -> int:
+    """Value of a Stan integer size expression (literals, names, arithmetic, comparisons,
+    ``&&``, ``||``, ``!`` and ``? :``); ``lookup(name)`` gives a name's value.
+
+    Raises
+    ------
+    ValueError
+        ``expr`` uses anything else (e.g. a function call).
+    """
+    tokens, pos = [], 0
+    while pos < len(expr.rstrip()):
+        match = _SIZE_TOKEN_RE.match(expr, pos)
+        if match is None:
+            raise ValueError(f"cannot evaluate the Stan size expression {expr!r}")
+        tokens.append(match.group(1))
+        pos = match.end()
+    tokens.append("")
+    at = 0
+
+    def take(expected=None):
+        nonlocal at
+        token = tokens[at]
+        if expected is not None and token != expected:
+            raise ValueError(f"cannot evaluate the Stan size expression {expr!r}")
+        at += 1
+        return token
+
+    def operand():
+        token = take()
+        if token == "(":
+            value = ternary()
+            take(")")
+            return value
+        if token == "-":
+            return -operand()
+        if token == "!":
+            return int(not operand())
+        if token.isdigit():
+            return int(token)
+        if re.fullmatch(r"[A-Za-z_]\w*", token) and tokens[at] != "(":
+            return lookup(token)
+        raise ValueError(f"cannot evaluate the Stan size expression {expr!r}")
+
+    def binary(min_prec):
+        left = operand()
+        while tokens[at] in _SIZE_BINARY and _SIZE_BINARY[tokens[at]][0] >= min_prec:
+            prec, func = _SIZE_BINARY[take()]
+            left = func(left, binary(prec + 1))
+        return left
+
+    def ternary():
+        cond = binary(1)
+        if tokens[at] != "?":
+            return cond
+        take("?")
+        if_true = ternary()
+        take(":")
+        if_false = ternary()
+        return if_true if cond else if_false
+
+    value = ternary()
+    take("")
+    return value
+
+
+def _declared_shape(code: str, name: str, data: Mapping[str, Any]) -> tuple[int, ...]:
+    """Stan shape of output variable ``name`` from its declared sizes and the data.
+
+    Sizes may use data variables and ``int`` transformed data defined from them.
+    """
+    transformed = _declarations(_block(code, "transformed data"))
+
+    def lookup(var: str) -> int:
+        if var in data and np.ndim(data[var]) == 0:
+            return int(data[var])
+        info = transformed.get(var)
+        if info is not None and info["type"] == "int" and not info["dims"] and info["init"]:
+            return _eval_size(info["init"], lookup)
+        raise ValueError(f"size {var!r} of Stan variable {name!r} is neither integer data "
+                         f"nor integer transformed data defined from it")
+
+    for block in _OUTPUT_BLOCKS:
+        info = _declarations(_block(code, block)).get(name)
+        if info is not None:
+            return tuple(_eval_size(expr, lookup) for expr in info["dims"])
+    raise ValueError(f"{name!r} is not an output variable of the program")
 
 
 def _int_outputs(code: str) -> set[str]:
@@ -372,7 +491,13 @@ def _ensure_event_loop_ok() -> None:
     nest_asyncio.apply()
 
 
-def _versions(backend: str) -> dict[str, str]:
+def _versions(backend: str, model=None) -> dict[str, str]:
+    """Versions of scribe_stan, numpy, the Stan interface and Stan.
+
+    For cmdstanpy, ``model`` is the compiled :class:`cmdstanpy.CmdStanModel`: the Stan
+    version is the one its executable was built with (``exe_info()``), which need not
+    be CmdStan's own release number (``cmdstan``, read from CmdStan's makefile).
+    """
     import scribe_stan
 
     versions = {"scribe_stan": scribe_stan.__version__, "numpy": np.__version__}
@@ -394,12 +519,13 @@ def _versions(backend: str) -> dict[str, str]:
         import cmdstanpy
 
         versions["cmdstanpy"] = cmdstanpy.__version__
-        try:
-            ver = cmdstanpy.cmdstan_version()
-            if ver is not None:
-                versions["cmdstan"] = ".".join(str(v) for v in ver)
-        except Exception:
-            pass
+        ver = cmdstanpy.cmdstan_version()
+        if ver is not None:
+            versions["cmdstan"] = ".".join(str(v) for v in ver)
+        info = model.exe_info()
+        parts = [info.get(f"stan_version_{k}") for k in ("major", "minor", "patch")]
+        if all(parts):
+            versions["stan"] = ".".join(parts)
     return versions
 
 
@@ -413,7 +539,9 @@ def _build_versions(backend: str) -> str:
     For pystan this includes httpstan's installation directory: a built model links
     the TBB library found there, so a build is shared by every interpreter of one
     environment (``python``, ``python3``) but never copied into another environment,
-    where it would fail to load once the first environment is gone.
+    where it would fail to load once the first environment is gone. For cmdstanpy it
+    includes the CmdStan directory for the same reason (executables link its TBB), and
+    because two installations of one CmdStan release may hold different Stan headers.
     """
     if backend == "pystan":
         import httpstan
@@ -422,7 +550,7 @@ def _build_versions(backend: str) -> str:
         return f"httpstan {httpstan.__version__} {EXTENSION_SUFFIXES[0]} {where}"
     import cmdstanpy
 
-    return f"cmdstan {cmdstanpy.cmdstan_version()}"
+    return f"cmdstan {cmdstanpy.cmdstan_version()} {Path(cmdstanpy.cmdstan_path()).resolve()}"
 
 
 def build_key(name: str, backend: str) -> str:
@@ -439,8 +567,8 @@ def build_key(name: str, backend: str) -> str:
     str
         SHA-256 hex digest of the resolved program code (:func:`program_code`) and the
         versions that make the build (httpstan version, its installation directory and
-        the Python extension ABI, or the CmdStan version). The Python executable's path
-        is not part of it.
+        the Python extension ABI, or the CmdStan version and directory). The Python
+        executable's path is not part of it.
     """
     text = program_code(name) + "\n// " + _build_versions(backend)
     return hashlib.sha256(text.encode()).hexdigest()
@@ -575,14 +703,30 @@ def _pystan_posterior(fit, int_names: set[str]) -> tuple[dict, dict]:
     return posterior, stats
 
 
-def _cmdstanpy_posterior(fit, n_chains: int, int_names: set[str]) -> tuple[dict, dict]:
-    """(chain, draw, *shape) arrays from a cmdstanpy CmdStanMCMC."""
-    posterior = {}
-    for pname in fit.metadata.stan_vars:
-        arr = np.asarray(fit.stan_variable(pname))  # (chains * draws, *shape), chain-major
-        arr = arr.reshape(n_chains, -1, *arr.shape[1:])
-        posterior[pname] = arr.astype(np.int64) if pname in int_names else np.array(arr)
+def _cmdstanpy_posterior(fit, n_chains: int, code: str, data: Mapping[str, Any],
+                         int_names: set[str]) -> tuple[dict, dict]:
+    """(chain, draw, *shape) arrays from a cmdstanpy CmdStanMCMC.
+
+    CmdStan's CSV has no column for a zero-size variable (e.g. ``tau`` without a
+    shrinkage prior), so cmdstanpy does not know it; it is added here, in its declared
+    place and with its declared shape, as pystan reports it.
+    """
     method_vars = fit.method_variables()  # name -> (draws, chains[, 1])
+    n_draws = np.asarray(method_vars["lp__"]).shape[0]
+    present = fit.metadata.stan_vars
+    names = _output_names(code)
+    posterior = {}
+    for pname in names + [v for v in present if v not in names]:
+        if pname in present:
+            arr = np.asarray(fit.stan_variable(pname))  # (chains * draws, *shape), chain-major
+            arr = arr.reshape(n_chains, n_draws, *arr.shape[1:])
+        else:
+            shape = _declared_shape(code, pname, data)
+            if np.prod(shape) != 0:
+                raise RuntimeError(f"CmdStan reported no values of {pname!r}, declared "
+                                   f"with shape {shape}")
+            arr = np.empty((n_chains, n_draws, *shape))
+        posterior[pname] = arr.astype(np.int64) if pname in int_names else np.array(arr)
     stats = {}
     for ours, (theirs, dtype) in _SAMPLE_STATS.items():
         if theirs in method_vars:
@@ -682,10 +826,15 @@ def sample(
         See :func:`resolve_backend`.
     chains, draws, warmup : int
         Number of chains, saved draws per chain and warmup iterations per chain.
+        ``warmup=0`` samples without adaptation (unit metric); pystan, whose only
+        sampler is the adaptive one, still starts from Stan's step-size
+        initialization heuristic, CmdStan from step size 1, so only then do the two
+        backends give different draws for the same seed.
     seed : int
         Random seed (non-negative).
     adapt_delta : float
-        Target acceptance rate of step-size adaptation, in (0, 1).
+        Target acceptance rate of step-size adaptation, in (0, 1); unused when
+        ``warmup=0``.
     max_depth : int
         Maximum tree depth.
     progress : bool
@@ -750,19 +899,25 @@ def sample(
             model = _cmdstanpy_model(name)
             build_time = time.perf_counter() - t0
             t1 = time.perf_counter()
+            json_data = _json_data(data)
             fit = model.sample(
-                data=_json_data(data),
+                data=json_data,
                 chains=int(chains),
                 iter_sampling=int(draws),
                 iter_warmup=int(warmup),
                 seed=int(seed),
-                adapt_delta=float(adapt_delta),
+                # CmdStan refuses adaptation without warmup iterations (adapt_delta
+                # then has nothing to act on, and cmdstanpy refuses it too)
+                adapt_engaged=warmup > 0,
+                adapt_delta=float(adapt_delta) if warmup > 0 else None,
                 max_treedepth=int(max_depth),
                 inits=init_list,
                 show_progress=bool(progress),
+                sig_figs=_SIG_FIGS,
             )
             wall = time.perf_counter() - t1
-            posterior, stats = _cmdstanpy_posterior(fit, int(chains), int_names)
+            posterior, stats = _cmdstanpy_posterior(fit, int(chains), code, json_data,
+                                                    int_names)
 
     return StanDraws(
         posterior=posterior,
@@ -771,7 +926,7 @@ def sample(
         program=_program_path(name).stem,
         stan_hash=hashlib.sha256(code.encode()).hexdigest(),
         seed=int(seed),
-        versions=_versions(backend),
+        versions=_versions(backend, model),
         wall_time_s=wall,
         config=dict(chains=int(chains), draws=int(draws), warmup=int(warmup),
                     adapt_delta=float(adapt_delta), max_depth=int(max_depth),
@@ -809,7 +964,8 @@ def fixed_param(
     """
     backend = resolve_backend(backend)
     _check_data(name, data)
-    int_names = _int_outputs(program_code(name))
+    code = program_code(name)
+    int_names = _int_outputs(code)
     if backend == "pystan":
         with _stan_output(False):
             model = _pystan_model(name, data, seed)
@@ -819,15 +975,13 @@ def fixed_param(
             arr = np.asarray(fit[pname]).reshape([int(v) for v in dims])
             posterior[pname] = arr.astype(np.int64) if pname in int_names else np.array(arr)
         return posterior
+    json_data = _json_data(data)
     with _stan_output(False):
         model = _cmdstanpy_model(name)
-        fit = model.sample(data=_json_data(data), fixed_param=True, chains=1,
-                           iter_sampling=1, seed=int(seed), show_progress=False)
-    out = {}
-    for pname in fit.metadata.stan_vars:
-        arr = np.asarray(fit.stan_variable(pname))[0]
-        out[pname] = arr.astype(np.int64) if pname in int_names else np.array(arr)
-    return out
+        fit = model.sample(data=json_data, fixed_param=True, chains=1, iter_sampling=1,
+                           seed=int(seed), show_progress=False, sig_figs=_SIG_FIGS)
+    posterior, _ = _cmdstanpy_posterior(fit, 1, code, json_data, int_names)
+    return {pname: arr[0, 0] for pname, arr in posterior.items()}
 
 
 def log_prob(
@@ -874,5 +1028,6 @@ def log_prob(
             upars = model.unconstrain_pars(pars)
             return float(model.log_prob(upars, adjust_transform=bool(jacobian)))
         model = _cmdstanpy_model(name)
-        frame = model.log_prob(params=pars, data=_json_data(data), jacobian=bool(jacobian))
+        frame = model.log_prob(params=pars, data=_json_data(data), jacobian=bool(jacobian),
+                               sig_figs=_SIG_FIGS)
     return float(frame["lp__"].iloc[0])
