@@ -1,12 +1,29 @@
-"""Shared pytest setup: hypothesis profiles for the property-based tests.
+"""Shared pytest setup: hypothesis profiles and the two Stan backends.
 
-``ci`` (the default) keeps the example budget small so the suite stays fast;
+Hypothesis: ``ci`` (the default) keeps the example budget small so the suite stays fast;
 ``HYPOTHESIS_PROFILE=dev pytest tests/test_properties.py`` runs many more examples
 locally.
+
+Stan backends: a test that takes the ``backend`` fixture runs once under pystan and once
+under cmdstanpy (marked ``slow`` and ``cmdstan``). The cmdstanpy half runs the programs
+of :data:`CMDSTAN_PROGRAMS`, one per program kind, and needs a CmdStan installation: the
+one cmdstanpy finds (``CMDSTAN``, ``~/.cmdstan``), or else one that
+``tests/cmdstan_setup.py`` assembles offline with ``../shared/cmdstan/assemble.sh`` and
+caches (once per httpstan version). Without either, the cmdstanpy half is skipped.
+
+Assembly and the builds of :data:`CMDSTAN_PROGRAMS` are minutes of single-threaded g++,
+so they start in a background process as soon as tests that need them are collected,
+and those tests run last: the rest of the suite (much of it single-threaded pystan
+builds) runs meanwhile on the other core.
 """
 
 import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 settings.register_profile("ci", max_examples=12, deadline=None, derandomize=True,
@@ -16,3 +33,66 @@ settings.register_profile("dev", max_examples=300, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow,
                                                  HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+#: The programs the cmdstanpy half runs: one per program kind (full joint,
+#: conditional, embedded Laplace), built ahead in the background.
+CMDSTAN_PROGRAMS = ("pln", "pln_conditional", "pln_laplace")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "cmdstan: runs the cmdstanpy backend (needs or assembles CmdStan)")
+
+
+#: The background ``tests/cmdstan_setup.py`` process and the file it writes to.
+_setup: tuple[subprocess.Popen, Path] | None = None
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(session, config, items):
+    """Run the items that need CmdStan last, and start getting CmdStan ready now."""
+    global _setup
+    needs = [item for item in items if item.get_closest_marker("cmdstan")]
+    if not needs:
+        return
+    items[:] = [item for item in items if not item.get_closest_marker("cmdstan")] + needs
+    log = Path(tempfile.mkstemp(prefix="scribe-stan-cmdstan-setup-", suffix=".log")[1])
+    script = Path(__file__).with_name("cmdstan_setup.py")
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([sys.executable, str(script), *CMDSTAN_PROGRAMS],
+                                stdout=sink, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+    _setup = (proc, log)
+
+
+@pytest.fixture(scope="session")
+def cmdstan_dir():
+    """Directory of a CmdStan installation with :data:`CMDSTAN_PROGRAMS` built."""
+    if _setup is None:
+        pytest.fail("the cmdstan_dir fixture is for tests marked cmdstan")
+    proc, log = _setup
+    status = proc.wait()
+    lines = log.read_text().splitlines() or [""]
+    if status not in (0, 3):  # 3: cmdstan_setup.NO_CMDSTAN
+        pytest.fail(f"CmdStan setup failed (exit {status}); last lines of {log}:\n"
+                    + "\n".join(lines[-40:]))
+    log.unlink()
+    if status == 3:
+        pytest.skip(lines[-1])
+    return lines[-1]
+
+
+@pytest.fixture(scope="module",
+                params=["pystan", pytest.param("cmdstanpy", marks=[pytest.mark.slow,
+                                                                    pytest.mark.cmdstan])])
+def backend(request):
+    """Stan backend name; under ``"cmdstanpy"`` CMDSTAN points at :func:`cmdstan_dir`
+    for the module's cmdstanpy items only, so ``backend="auto"`` elsewhere does not
+    depend on the order the tests run in."""
+    if request.param == "pystan":
+        yield "pystan"
+        return
+    path = request.getfixturevalue("cmdstan_dir")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CMDSTAN", path)
+        yield "cmdstanpy"

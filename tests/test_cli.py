@@ -442,6 +442,19 @@ def test_hmc_command(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_hmc_command_without_warmup(backend, slice_h5ad, tmp_path, capsys):
+    outdir = tmp_path / "hmc0"
+    rc, out, err = run(["hmc", slice_h5ad, "--model", "pln", "--rank", 1, "--genes", 4,
+                        "--cells", 30, "--chains", 1, "--draws", 20, "--warmup", 0,
+                        "--backend", backend, "--quiet", "--out", outdir], capsys)
+    assert rc == 0, err
+    assert last_json(out)["chains"] == 1
+    tree = xr.open_datatree(outdir / "hmc.tree.zarr", engine="zarr")
+    assert tree["posterior"]["x"].shape == (1, 20, 30, 4)
+    assert tree.attrs["backend"] == backend
+
+
+@pytest.mark.slow
 def test_validate_command(tmp_path, capsys):
     outdir = tmp_path / "val"
     argv = ["validate", "pbmc_donor_a", "--model", "pln", "--rank", 1, *TINY,

@@ -1,5 +1,6 @@
 """The Numba Laplace code against the Stan programs themselves: Stan's embedded Laplace
-(``stan/pln_laplace.stan``) and the conditional program's log density."""
+(``stan/pln_laplace.stan``) and the conditional program's log density, through both
+Stan backends."""
 
 import numpy as np
 
@@ -17,12 +18,12 @@ def _case(seed=7, N=6, G=5, K=2):
     return sim, mu, W, d
 
 
-def test_laplace_value_equals_stan_embedded_laplace():
+def test_laplace_value_equals_stan_embedded_laplace(backend):
     sim, mu, W, d = _case()
     eta = sim["eta"]
     data = pln.laplace_stan_data(sim["counts"], mu, W, d, eta, log_M0=sim["log_M0"],
                                  sigma_M=sim["sigma_M"], log_lib=sim["log_lib"])
-    stan_value = stan.fixed_param("pln_laplace", data)["log_marginal"].reshape(-1)
+    stan_value = stan.fixed_param("pln_laplace", data, backend=backend)["log_marginal"].reshape(-1)
     P = LaplaceProblem(sim["counts"], log_M0=sim["log_M0"], sigma_M=sim["sigma_M"],
                        log_lib=sim["log_lib"], newton_tol=1e-14)
     ours = P.log_marginal(mu, W, d, eta=eta)
@@ -30,7 +31,7 @@ def test_laplace_value_equals_stan_embedded_laplace():
     np.testing.assert_allclose(ours, stan_value, rtol=1e-6)
 
 
-def test_numba_log_joint_equals_stan_conditional_log_density():
+def test_numba_log_joint_equals_stan_conditional_log_density(backend):
     sim, mu, W, d = _case(seed=8)
     N, G = sim["counts"].shape
     data = pln.conditional_stan_data(sim["counts"], mu, W, d, log_M0=sim["log_M0"],
@@ -44,7 +45,7 @@ def test_numba_log_joint_equals_stan_conditional_log_density():
         eta = np.abs(sim["eta"] + 0.2 * rng.standard_normal(N))
         params = {"z": np.linalg.solve(L, (x - mu).T).T,
                   "eta_std": (eta - P.a) / sim["sigma_M"]}
-        stan_lp = stan.log_prob("pln_conditional", data, params)
+        stan_lp = stan.log_prob("pln_conditional", data, params, backend=backend)
         # non-centred x = mu + L z and eta = a + sigma_M eta_std: per cell the Stan
         # density exceeds the one in (x, eta) by log det L + log sigma_M.
         shift = N * (np.sum(np.log(np.diag(L))) + np.log(sim["sigma_M"]))

@@ -1,7 +1,8 @@
 """Stan programs of the pln model against the NumPy reference, and the Stan boundary.
 
 Sizes are tiny (N <= 10 cells, G <= 5 genes) so each build + run is quick; compiled
-models are cached by httpstan across runs.
+models are cached across runs. Tests taking ``backend`` run under pystan and cmdstanpy
+(see conftest.py).
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ def test_json_data_rejects_non_finite():
 # capture prior or of the likelihood would show).
 
 
-def test_pln_log_density_matches_numpy():
+def test_pln_log_density_matches_numpy(backend):
     sim = _sim(N=5, G=4, K=2)
     data = _builders(sim)["pln"]
     N, G, K = data["N"], data["G"], data["K"]
@@ -147,7 +148,7 @@ def test_pln_log_density_matches_numpy():
         mu, W, d, x, eta = _random_point(rng, N, G, K)
         coords = _stan_coordinates(data, mu, W, d, x, eta)
         params = {"mu": mu, "W": W, "d": d} | _sampled(coords)
-        stan_lp.append(ss.log_prob("pln", data, params, backend="pystan", jacobian=False))
+        stan_lp.append(ss.log_prob("pln", data, params, backend=backend, jacobian=False))
         ref = pln.log_joint(data["counts"], mu, W, d, x, eta,
                             log_M0=data["log_M0"], sigma_M=data["sigma_M"])
         ref_lp.append(ref + coords["log_offset"])
@@ -159,13 +160,13 @@ def test_pln_log_density_matches_numpy():
     # no parametrization pins W: the joint is invariant under W -> W R (R orthogonal,
     # here with a reflection), as Sigma, hence L and z, are unchanged
     R = np.linalg.qr(rng.standard_normal((K, K)))[0] @ np.diag([1.0, -1.0])
-    rotated = ss.log_prob("pln", data, params | {"W": W @ R}, backend="pystan",
+    rotated = ss.log_prob("pln", data, params | {"W": W @ R}, backend=backend,
                           jacobian=False)
     np.testing.assert_allclose(rotated, stan_lp[-1], rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("prior", ["gaussian", "horseshoe", "neg"])
-def test_pln_shrinkage_prior_log_density_matches_numpy(prior):
+def test_pln_shrinkage_prior_log_density_matches_numpy(prior, backend):
     # Same W and tau on both sides (tau enters both as a parameter, density in tau).
     sim = _sim(N=4, G=5, K=2)
     data = pln.stan_data(sim["counts"], 2, loadings_prior=prior, **_capture(sim))
@@ -177,7 +178,7 @@ def test_pln_shrinkage_prior_log_density_matches_numpy(prior):
         tau = rng.uniform(0.05, 2.0, K)
         coords = _stan_coordinates(data, mu, W, d, x, eta)
         params = {"mu": mu, "W": W, "d": d, "tau": tau} | _sampled(coords)
-        stan_lp.append(ss.log_prob("pln", data, params, backend="pystan", jacobian=False))
+        stan_lp.append(ss.log_prob("pln", data, params, backend=backend, jacobian=False))
         ref = pln.log_joint(data["counts"], mu, W, d, x, eta, log_M0=data["log_M0"],
                             sigma_M=data["sigma_M"], tau=tau, loadings_prior=prior)
         ref_lp.append(ref + coords["log_offset"])
@@ -185,7 +186,7 @@ def test_pln_shrinkage_prior_log_density_matches_numpy(prior):
     assert np.abs(np.diff(ref_lp)).min() > 1.0
 
 
-def test_pln_conditional_log_density_matches_numpy():
+def test_pln_conditional_log_density_matches_numpy(backend):
     sim = _sim(N=5, G=4, K=2)
     rng = np.random.default_rng(12)
     mu, W, d, _, _ = _random_point(rng, 5, 4, 2)
@@ -197,7 +198,7 @@ def test_pln_conditional_log_density_matches_numpy():
         _, _, _, x, eta = _random_point(rng, N, data["G"], data["K"])
         z, eta_std, logdet_L = _noncentred(data, mu, W, d, x, eta)
         stan_lp.append(ss.log_prob("pln_conditional", data, {"z": z, "eta_std": eta_std},
-                                   backend="pystan", jacobian=False))
+                                   backend=backend, jacobian=False))
         a = pln.capture_prior_mean(data["log_lib"], data["log_M0"])
         ref = (pln.log_lik_cells(data["counts"], x, eta).sum()
                + pln.log_latent_prior_cells(x, mu, W, d).sum()
@@ -255,10 +256,10 @@ def dense_laplace_log_marginal(u, mu, Sigma, eta):
     return loglik + log_prior + 0.5 * G * LOG_2PI - 0.5 * logdet
 
 
-def test_embedded_laplace_matches_dense_numpy():
+def test_embedded_laplace_matches_dense_numpy(backend):
     sim = _sim(N=5, G=4, K=2, seed=5)
     data = _builders(sim)["pln_laplace"]
-    out = ss.fixed_param("pln_laplace", data, backend="pystan")
+    out = ss.fixed_param("pln_laplace", data, backend=backend)
     assert out["log_marginal"].shape == (data["N"],)
     Sigma = pln.covariance(data["W"], data["d"])
     ref = np.array([
@@ -275,7 +276,7 @@ def test_embedded_laplace_matches_dense_numpy():
 STATS_KEYS = {"lp", "diverging", "tree_depth", "energy", "step_size", "acceptance_rate"}
 
 
-def _check_common(draws, counts, C=2, D=200):
+def _check_common(draws, counts, backend, C=2, D=200):
     N, G = np.shape(counts)
     post = draws.posterior
     assert post["x"].shape == (C, D, N, G)
@@ -289,7 +290,7 @@ def _check_common(draws, counts, C=2, D=200):
         assert arr.shape == (C, D), key
     assert draws.sample_stats["diverging"].dtype == np.bool_
     assert np.all(np.isfinite(draws.sample_stats["lp"]))
-    assert draws.backend == "pystan" and len(draws.stan_hash) == 64
+    assert draws.backend == backend and len(draws.stan_hash) == 64
     assert draws.wall_time_s > 0 and "stan" in draws.versions
     # generated log_lik agrees with the NumPy likelihood at the same draws
     for c, d_ in [(0, 0), (1, D - 1)]:
@@ -299,17 +300,18 @@ def _check_common(draws, counts, C=2, D=200):
             rtol=1e-10)
 
 
-def test_nuts_pln_shapes():
+def test_nuts_pln_shapes(backend):
     sim = pln.simulate(10, 4, 1, seed=7, lib_target=200.0, sigma_M=0.5)
     data = pln.stan_data(sim["counts"], 1, log_M0=sim["log_M0"], sigma_M=sim["sigma_M"])
-    draws = ss.sample("pln", data, backend="pystan", chains=2, draws=200, warmup=200, seed=1)
+    draws = ss.sample("pln", data, backend=backend, chains=2, draws=200, warmup=200, seed=1)
     N, G, K = 10, 4, 1
     post = draws.posterior
     assert post["mu"].shape == (2, 200, G)
     assert post["W"].shape == (2, 200, G, K)
     assert post["d"].shape == (2, 200, G)
     assert post["Sigma"].shape == (2, 200, G, G)
-    _check_common(draws, data["counts"])
+    assert post["tau"].shape == (2, 200, 0)  # no shrinkage prior: no column scales
+    _check_common(draws, data["counts"], backend)
     # Sigma = W W' + diag(d) draw by draw (W itself is identified only up to sign)
     W, d = post["W"], post["d"]
     Sigma = np.einsum("cdgk,cdhk->cdgh", W, W) + d[..., None] * np.eye(G)
@@ -318,14 +320,30 @@ def test_nuts_pln_shapes():
     assert not np.allclose(post["mu"][0], post["mu"][1])
 
 
-def test_nuts_pln_conditional_shapes():
+def test_nuts_pln_conditional_shapes(backend):
     sim = pln.simulate(10, 4, 1, seed=8, lib_target=200.0, sigma_M=0.5)
     data = pln.conditional_stan_data(sim["counts"], sim["mu"], sim["W"], sim["d"],
                                      log_M0=sim["log_M0"], sigma_M=sim["sigma_M"])
-    draws = ss.sample("pln_conditional", data, backend="pystan", chains=2, draws=200,
+    draws = ss.sample("pln_conditional", data, backend=backend, chains=2, draws=200,
                       warmup=200, seed=2)
     assert "mu" not in draws.posterior and "Sigma" not in draws.posterior
-    _check_common(draws, data["counts"])
+    _check_common(draws, data["counts"], backend)
+
+
+def test_nuts_without_warmup(backend):
+    """warmup=0: no adaptation (cmdstanpy must not ask CmdStan for it), so the step size
+    stays where it started in every draw: CmdStan's 1, pystan's from Stan's step-size
+    initialization (its one sampler is the adaptive one)."""
+    sim = pln.simulate(10, 4, 1, seed=7, lib_target=200.0, sigma_M=0.5)
+    data = pln.stan_data(sim["counts"], 1, log_M0=sim["log_M0"], sigma_M=sim["sigma_M"])
+    draws = ss.sample("pln", data, backend=backend, chains=2, draws=30, warmup=0, seed=4)
+    assert draws.posterior["x"].shape == (2, 30, 10, 4)
+    assert draws.config["warmup"] == 0
+    step = draws.sample_stats["step_size"]
+    assert np.all(step == step[:, :1]) and np.all(step > 0)
+    if backend == "cmdstanpy":
+        assert np.all(step == 1.0)
+    assert np.all(np.isfinite(draws.sample_stats["lp"]))
 
 
 def test_pystan_draw_order_matches_fit_internals():
@@ -367,37 +385,89 @@ def test_backend_resolution():
             ss.resolve_backend("cmdstanpy")
 
 
-def test_missing_data_key_is_named():
+def test_missing_data_key_is_named(backend):
     sim = _sim()
     data = _builders(sim)["pln"]
     del data["sigma_M"]
     with pytest.raises(ValueError, match="sigma_M"):
-        ss.sample("pln", data, backend="pystan")
+        ss.sample("pln", data, backend=backend)
 
 
-def test_cmdstanpy_conversion_shapes():
-    """cmdstanpy output (chain-major flat draws, (draws, chains) diagnostics) is mapped
-    to the same (chain, draw, ...) layout as pystan's (no CmdStan needed)."""
-    C, D, N, G = 3, 5, 2, 4
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((C, D, N, G))
-    y_rep = rng.integers(0, 9, (C, D, N, G)).astype(float)
-    lp = rng.standard_normal((C, D))
+FAKE_PROGRAM = """
+data { int N; int G; int K; int prior; }
+parameters { array[N] vector[G] x; vector[prior > 0 ? K : 0] tau; }
+generated quantities { array[N, G] int y_rep; }
+"""
+
+
+def _fake_cmdstanpy_fit(C, D, values):
+    """A stand-in for cmdstanpy's CmdStanMCMC: chain-major flat draws of the variables
+    in ``values`` (CmdStan's CSV has no column for zero-size ones), (draws, chains)
+    diagnostics."""
+    lp = np.arange(C * D, dtype=float).reshape(C, D)
 
     class FakeFit:
         class metadata:
-            stan_vars = {"x": None, "y_rep": None}
+            stan_vars = dict.fromkeys(values)
 
         def stan_variable(self, name):
-            return {"x": x, "y_rep": y_rep}[name].reshape(C * D, N, G)
+            return values[name].reshape(C * D, *values[name].shape[2:])
 
         def method_variables(self):
             return {"lp__": lp.T, "divergent__": np.zeros((D, C)),
                     "treedepth__": np.full((D, C, 1), 3.0)}
 
-    post, stats_ = ss._cmdstanpy_posterior(FakeFit(), C, {"y_rep"})
+    return FakeFit(), lp
+
+
+def test_cmdstanpy_conversion_shapes():
+    """cmdstanpy output (chain-major flat draws, (draws, chains) diagnostics) is mapped
+    to the same (chain, draw, ...) layout as pystan's (no CmdStan needed); a zero-size
+    variable, absent from CmdStan's output, comes back in its declared place."""
+    C, D, N, G = 3, 5, 2, 4
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((C, D, N, G))
+    y_rep = rng.integers(0, 9, (C, D, N, G)).astype(float)
+    fit, lp = _fake_cmdstanpy_fit(C, D, {"x": x, "y_rep": y_rep})
+    data = {"N": N, "G": G, "K": 2, "prior": 0}
+    post, stats_ = ss._cmdstanpy_posterior(fit, C, FAKE_PROGRAM, data, {"y_rep"})
+    assert list(post) == ["x", "tau", "y_rep"]  # Stan's order, as pystan gives it
     np.testing.assert_array_equal(post["x"], x)
+    assert post["tau"].shape == (C, D, 0)
     assert post["y_rep"].dtype == np.int64 and post["y_rep"].shape == (C, D, N, G)
     np.testing.assert_array_equal(stats_["lp"], lp)
     assert stats_["diverging"].dtype == np.bool_ and stats_["diverging"].shape == (C, D)
     assert stats_["tree_depth"].shape == (C, D)
+    # a variable of non-zero size that CmdStan did not report is an error, not zeros
+    with pytest.raises(RuntimeError, match=r"no values of 'tau', declared with shape \(2,\)"):
+        ss._cmdstanpy_posterior(fit, C, FAKE_PROGRAM, data | {"prior": 1}, {"y_rep"})
+
+
+@pytest.mark.parametrize("expr, value", [
+    ("K", 3), ("12", 12), ("prior > 0 ? K : 0", 0), ("prior == 0 ? K : 0", 3),
+    ("1 + 2 * 3", 7), ("(1 + 2) * 3", 9), ("10 - 4 - 3", 3), ("-7 / 2", -3),
+    ("7 %/% 2", 3), ("-7 % 3", -1), ("!prior && K >= 3 || 0", 1), ("K != 3", 0),
+    ("prior ? 1 : K > 2 ? 2 : 3", 2),
+])
+def test_size_expressions(expr, value):
+    # Stan's integer arithmetic: C++ precedence, division and modulus truncate to zero
+    assert ss._eval_size(expr, {"K": 3, "prior": 0}.__getitem__) == value
+
+
+@pytest.mark.parametrize("expr", ["size(x)", "K +", "K K", "2.5", "(K"])
+def test_size_expressions_outside_the_grammar_are_refused(expr):
+    with pytest.raises(ValueError, match="cannot evaluate the Stan size expression"):
+        ss._eval_size(expr, {"K": 3, "x": 1}.__getitem__)
+
+
+def test_declared_shapes_use_data_and_transformed_data():
+    code = ss.program_code("lnm")  # D = G - 1 is transformed data
+    data = {"N": 7, "G": 5, "K": 2}
+    assert ss._declared_shape(code, "z", data) == (7, 4)
+    assert ss._declared_shape(code, "W_alr", data) == (4, 2)
+    assert ss._declared_shape(code, "m_T", data) == ()
+    assert ss._declared_shape(ss.program_code("pln"), "tau",
+                              {"K": 2, "loadings_prior": 0}) == (0,)
+    with pytest.raises(ValueError, match="'total' of Stan variable 'v' is neither"):
+        ss._declared_shape("transformed data { array[2] int total; }\n"
+                           "parameters { vector[total] v; }", "v", {})
