@@ -21,6 +21,21 @@ def test_build_key_ignores_the_interpreter_path(monkeypatch):
     assert stan.build_key("nbvcp", "pystan") != key  # the program text counts
 
 
+def test_cmdstan_build_key_tells_installations_apart(monkeypatch, tmp_path):
+    """Two CmdStan directories of one release may hold different Stan headers (the
+    offline assembly reports 2.36 around Stan 2.39), and executables link their own
+    TBB: each directory gets its own builds."""
+    import cmdstanpy
+
+    monkeypatch.setattr(cmdstanpy, "cmdstan_version", lambda: (2, 36))
+    keys = []
+    for where in ("a", "b", "a"):
+        monkeypatch.setattr(cmdstanpy, "cmdstan_path", lambda: str(tmp_path / where))
+        keys.append(stan.build_key("pln", "cmdstanpy"))
+    assert keys[0] == keys[2] != keys[1]
+    assert keys[0] != stan.build_key("pln", "pystan")
+
+
 def test_output_is_captured_and_never_on_stdout(capfd):
     with stan._stan_output(False) as messages:
         print("Building...")
