@@ -251,7 +251,7 @@ def _parse_declaration(stmt: str, out: dict) -> None:
         close = rest.index("]")
         tdims = _split_top(rest[1:close], ",")
         rest = rest[close + 1:].strip()
-    name_match = re.match(r"(\w+)\s*(?:=\s*(?P<init>.*))?$", rest, re.S)
+    name_match = re.match(r"(\w+)\s*(?:=\s*(?P<init>.*))?", rest, re.S)
     if name_match is None:
         return
     adims = _split_top(match.group("adims"), ",") if match.group("adims") else []

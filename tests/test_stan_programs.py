@@ -7,6 +7,8 @@ models are cached across runs. Tests taking ``backend`` run under pystan and cmd
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy import linalg, special, stats
@@ -441,6 +443,24 @@ def test_cmdstanpy_conversion_shapes():
     # a variable of non-zero size that CmdStan did not report is an error, not zeros
     with pytest.raises(RuntimeError, match=r"no values of 'tau', declared with shape \(2,\)"):
         ss._cmdstanpy_posterior(fit, C, FAKE_PROGRAM, data | {"prior": 1}, {"y_rep"})
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in ss.STAN_DIR.glob("*.stan")))
+def test_output_names_match_stanc(name, tmp_path):
+    """The variables (and order) cmdstanpy results are built from, against stanc's own
+    account of the program (``stanc --info``, the stanc of the httpstan wheel)."""
+    import json
+    import subprocess
+
+    import httpstan
+
+    path = tmp_path / f"{name}.stan"
+    path.write_text(ss.program_code(name))
+    stanc = Path(httpstan.__file__).parent / "stanc"
+    info = json.loads(subprocess.run([str(stanc), "--info", str(path)], check=True,
+                                     capture_output=True, text=True).stdout)
+    blocks = ("parameters", "transformed parameters", "generated quantities")
+    assert ss._output_names(ss.program_code(name)) == [v for b in blocks for v in info[b]]
 
 
 @pytest.mark.parametrize("expr, value", [
