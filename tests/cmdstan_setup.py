@@ -5,7 +5,7 @@ Run as a script, by ``conftest.py`` in the background (and usable by hand):
 (``CMDSTAN``, ``~/.cmdstan``) or else assembles one offline with
 ``../shared/cmdstan/assemble.sh`` into ``<cache>/cmdstan-offline/<key>/`` (once per key;
 concurrent sessions wait for each other), builds the given Stan programs with it, and
-prints its directory as the last line. Exit status 3 with a reason on the last line:
+prints ``CMDSTAN=<its directory>`` last. Exit status 3 with a reason on the last line:
 no CmdStan and no assembly script.
 """
 
@@ -63,7 +63,7 @@ def main(programs: list[str]) -> int:
     for name in programs:
         print(f"building {name}", flush=True)
         _cmdstanpy_model(name)
-    print(path)
+    print(f"CMDSTAN={path}")
     return 0
 
 

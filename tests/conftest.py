@@ -18,6 +18,7 @@ builds) runs meanwhile on the other core.
 """
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -61,7 +62,7 @@ def pytest_collection_modifyitems(session, config, items):
     with open(log, "w") as sink:
         proc = subprocess.Popen([sys.executable, str(script), *CMDSTAN_PROGRAMS],
                                 stdout=sink, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
+                                stdin=subprocess.DEVNULL, start_new_session=True)
     _setup = (proc, log)
 
 
@@ -79,7 +80,15 @@ def cmdstan_dir():
     log.unlink()
     if status == 3:
         pytest.skip(lines[-1])
-    return lines[-1]
+    return next(line for line in reversed(lines) if line.startswith("CMDSTAN=")).split("=", 1)[1]
+
+
+def pytest_unconfigure(config):
+    """An interrupted session leaves no assembly running behind it: the setup and
+    the make/g++ it started form their own process group."""
+    if _setup is not None and _setup[0].poll() is None:
+        os.killpg(_setup[0].pid, signal.SIGTERM)
+        _setup[0].wait()
 
 
 @pytest.fixture(scope="module",
