@@ -623,7 +623,7 @@ def _add_sampler(p, *, cells=None):
                    help="target acceptance rate of step-size adaptation")
     p.add_argument("--backend", default="auto",
                    help="Stan interface: " + ", ".join(BACKENDS) + " (auto: cmdstanpy if "
-                        "CmdStan is installed, else pystan)")
+                        "it finds CmdStan, through CMDSTAN or ~/.cmdstan, else pystan)")
 
 
 def build_parser() -> argparse.ArgumentParser:
