@@ -57,6 +57,8 @@ def pytest_collection_modifyitems(session, config, items):
     if not needs:
         return
     items[:] = [item for item in items if not item.get_closest_marker("cmdstan")] + needs
+    if config.option.collectonly:
+        return
     log = Path(tempfile.mkstemp(prefix="scribe-stan-cmdstan-setup-", suffix=".log")[1])
     script = Path(__file__).with_name("cmdstan_setup.py")
     with open(log, "w") as sink:
