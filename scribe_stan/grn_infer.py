@@ -202,11 +202,23 @@ def fit_lyapunov(S, *, free=None, weights=None, alpha=0.02, eps=1e-3, scale_ridg
         J[np.diag_indices(G)] = -gam
         return J, np.exp(p[nf + G:]), gam
 
+    last = [0.0]
+
     def objective(p):
         J, D, gam = unpack(p)
         val, gJ, gD, _ = lyapunov_nll(J, D, S)
         if not np.isfinite(val):
-            return np.inf, np.zeros_like(p)
+            # J unstable: a steep wall (slope 1e4 along the spectral abscissa) above the
+            # last stable value, so the line search backs off towards stability
+            vals, vl, vr = linalg.eig(J, left=True, right=True)
+            k = int(np.argmax(vals.real))
+            dlam = np.real(np.outer(vl[:, k].conj(), vr[:, k]) / (vl[:, k].conj() @ vr[:, k]))
+            g = np.zeros_like(p)
+            g[:nf] = 1e4 * dlam[fr, fc]
+            gt = -np.diag(dlam) * gam * 1e4
+            g[nf:nf + G] = gt - gt.mean()
+            return last[0] + 1e4 * (vals[k].real + 1e-3), g
+        last[0] = val
         v = p[:nf]
         sm = np.sqrt(v * v + eps * eps)
         tc = np.log(gam)
