@@ -226,3 +226,55 @@ def test_edge_metrics_beeline():
     m = grn_eval.edge_metrics(perfect, truth, ["a", "b", "c"])
     assert m["auprc"] == pytest.approx(1.0) and m["auprc_ratio"] == pytest.approx(3.0)
     assert m["epr"] == pytest.approx(3.0) and m["sign_accuracy"] == 1.0
+
+
+def _fit_h5ad(tmp_path):
+    """An h5ad shaped like fit.to_anndata's output (pln keys), from reference modes."""
+    import anndata
+
+    src, _ = _source(N=40)
+    ad = anndata.AnnData(src.counts.astype(np.int64),
+                         obs=pd.DataFrame(index=src.obs_names),
+                         var=pd.DataFrame(index=src.genes))
+    ad.obs["pln_eta"] = src.eta
+    ad.obsm["pln_x"] = src.x
+    ad.var["pln_mu"], ad.var["pln_d"] = src.mu, src.d
+    ad.varm["pln_W"] = src.W
+    ad.uns["pln"] = {"model": "pln", "M0": float(np.exp(0.3) * 1.0), "sigma_M": 0.5,
+                     "genes": np.asarray(src.genes, dtype=str)}
+    path = tmp_path / "fit.h5ad"
+    ad.write_h5ad(path)
+    return path, src
+
+
+def test_latent_source_from_fit_h5ad(tmp_path):
+    import anndata
+
+    path, src = _fit_h5ad(tmp_path)
+    got = grn_infer.latent_source(anndata.read_h5ad(path))
+    np.testing.assert_allclose(got.x, src.x)
+    np.testing.assert_allclose(got.W, src.W)
+    with pytest.raises(ValueError, match="no fit results"):
+        grn_infer.latent_source(anndata.AnnData(np.zeros((2, 2))))
+
+
+def test_cli_grn(tmp_path, capsys):
+    import json
+
+    from scribe_stan import cli
+
+    path, _ = _fit_h5ad(tmp_path)
+    prior = tmp_path / "edges.csv"
+    pd.DataFrame({"tf": ["g0", "g0", "g1", "TP53"], "target": ["g1", "g2", "g3", "g0"],
+                  "confidence": ["A", "B", "C", "A"]}).to_csv(prior, index=False)
+    out = tmp_path / "grn.csv"
+    rc = cli.main(["grn", str(path), "--prior", str(prior), "--out", str(out),
+                   "--figure", str(tmp_path / "g.png"), "--h5ad-out", str(tmp_path / "o.h5ad")])
+    assert rc == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["unknown_prior_genes"] == 1 and line["candidate_edges"] == 3
+    assert set(pd.read_csv(out).columns) >= {"regulator", "target", "score", "sign"}
+    assert cli.main(["grn", str(path), "--prior", str(prior), "--out", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert cli.main(["grn", str(path), "--method", "pca", "--out", str(tmp_path / "x.csv")]) == 2
+    assert "allowed" in capsys.readouterr().err
