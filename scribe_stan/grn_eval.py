@@ -97,8 +97,8 @@ def simulated_prior(truth_edges, genes, *, recall, false_per_true, rng,
 
     Keeps a fraction ``recall`` of the true edges and adds ``false_per_true`` false
     edges per true edge (uniform among non-edges from the regulators); ``shuffle``
-    instead permutes the target labels of the true edges (same size and degrees,
-    wrong targets). Confidence 1; the true sign on true edges, 0 on false ones.
+    instead puts the true topology on randomly permuted gene labels (same size and
+    degrees, wrong genes). Confidence 1; the true sign on true edges, 0 on false ones.
 
     Returns
     -------
@@ -109,9 +109,9 @@ def simulated_prior(truth_edges, genes, *, recall, false_per_true, rng,
     te["regulator"] = [genes[int(i)] if not isinstance(i, str) else i for i in te["regulator"]]
     te["target"] = [genes[int(i)] if not isinstance(i, str) else i for i in te["target"]]
     regs = sorted(set(te["regulator"])) if regulators is None else list(regulators)
-    if shuffle:
-        tg = rng.permutation(te["target"].to_numpy())
-        rows = [(r, t) for r, t in zip(te["regulator"], tg) if r != t]
+    if shuffle:  # the true topology on randomly permuted gene labels
+        perm = dict(zip(genes, rng.permutation(genes)))
+        rows = [(perm[r], perm[t]) for r, t in zip(te["regulator"], te["target"])]
         frame = pd.DataFrame(rows, columns=["regulator", "target"]).assign(confidence=1.0,
                                                                             sign=0)
     else:
