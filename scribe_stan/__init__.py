@@ -14,6 +14,8 @@ __version__ = "0.1.0"
 from scribe_stan import datasets
 from scribe_stan.api import HmcFit, LaplaceFit, fit
 from scribe_stan.compare import compare, plot_comparison
+from scribe_stan.grn_infer import GrnResult, infer_grn
+from scribe_stan.grn_prior import combine_priors, read_prior
 from scribe_stan.lnm_fit import LnmHmcFit, LnmLaplaceFit
 from scribe_stan.log_predictive import cell_log_predictive
 from scribe_stan.model_comparison import compare_models, loo
@@ -22,4 +24,5 @@ from scribe_stan.ppc_plots import plot_ppc
 
 __all__ = ["fit", "compare", "plot_comparison", "datasets", "LaplaceFit", "HmcFit",
            "LnmLaplaceFit", "LnmHmcFit", "posterior_predictive", "plot_ppc", "loo", "compare_models",
-           "cell_log_predictive", "__version__"]
+           "cell_log_predictive", "infer_grn", "GrnResult", "read_prior", "combine_priors",
+           "__version__"]

@@ -696,6 +696,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="OUTDIR",
                    help="output directory (default: validate-<data>-<model>)")
     p.set_defaults(func=cmd_validate)
+
+    from scribe_stan import grn_cli
+
+    grn_cli.add_parser(sub, _Formatter)
     return parser
 
 

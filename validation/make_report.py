@@ -332,7 +332,10 @@ def write_report(results, out_dir, *, reduced, missing=()):
         "`embedded Laplace max rel. diff`: our per-cell Laplace log marginal against Stan's "
         "`laplace_marginal_*` at the fitted globals and capture modes (pln, nbln only).", "",
         _fmt(pd.DataFrame(time_rows).set_index("pair")), "", "## Pairs", ""]
-    (out_dir / "REPORT.md").write_text("\n".join(head + body + sbc_section(out_dir)))
+    # hand-written sections kept across regenerations (e.g. GRN inference)
+    extra = [p.read_text() for p in sorted((HERE / "report_sections").glob("*.md"))] \
+        if (HERE / "report_sections").is_dir() else []
+    (out_dir / "REPORT.md").write_text("\n".join(head + body + sbc_section(out_dir) + extra))
 
 
 SBC_ROOT = HERE / "sbc"
