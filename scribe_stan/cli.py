@@ -31,7 +31,6 @@ import argparse
 import inspect
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -39,6 +38,9 @@ from typing import NamedTuple
 
 from scribe_stan import __version__, _validate
 from scribe_stan.api import DEFAULT_RANK, check_device, check_tree_size
+from scribe_stan.cli_io import DATASETS
+from scribe_stan.cli_io import check_writable as _check_writable
+from scribe_stan.cli_io import load_input as _load
 from scribe_stan.api import fit as _api_fit
 from scribe_stan.models import MODELS, loadings
 from scribe_stan.stan import BACKENDS, resolve_backend
@@ -46,8 +48,6 @@ from scribe_stan.stan import BACKENDS, resolve_backend
 __all__ = ["main", "build_parser", "hmc_diagnostics"]
 
 PROG = "scribe-stan"
-#: Names accepted in place of an INPUT path (functions of :mod:`scribe_stan.datasets`).
-DATASETS = ("pbmc_donor_a",)
 _MODELS = tuple(MODELS)
 
 
@@ -76,32 +76,6 @@ def _data_name(path: str) -> str:
     return path if path in DATASETS else Path(path).stem
 
 
-def _load(path: str, cells: int | None = None):
-    """AnnData from an .h5ad path or a shipped dataset name; first ``cells`` rows."""
-    import anndata
-
-    from scribe_stan import datasets
-
-    if path in DATASETS:
-        adata = getattr(datasets, path)()
-    else:
-        p = Path(path)
-        if not p.exists():
-            raise FileNotFoundError(
-                f"input file {path!r} not found; give an .h5ad file or one of the shipped "
-                f"datasets: {', '.join(DATASETS)}"
-            )
-        if p.is_dir():
-            raise ValueError(f"input {path!r} is a directory; expected an .h5ad file")
-        try:
-            adata = anndata.read_h5ad(p)
-        except Exception as exc:  # h5py/anndata raise OSError, KeyError, ...
-            raise ValueError(f"cannot read {path!r} as .h5ad: {exc}") from exc
-    if cells is not None and cells < adata.n_obs:
-        adata = adata[:cells].copy()
-    return adata
-
-
 def _check_choices(args) -> None:
     """Model, backend and device: known names, and usable on this machine."""
     _validate.check_choice("model", args.model, _MODELS)
@@ -119,34 +93,6 @@ def _check_choices(args) -> None:
                              "given the capture: no latent factors); leave it out")
     elif args.rank is None:
         args.rank = args.default_rank
-
-
-def _check_writable(path: Path, option: str, *, force: bool = False,
-                    directory: bool = False) -> None:
-    """Fail before any work if ``path`` cannot be written.
-
-    A file path (``directory=False``) must not be an existing directory (a ``.zarr``
-    tree is one) and must not exist unless ``force``; an output directory may exist
-    but must not be a file. Either way the nearest existing parent must be a writable
-    directory.
-    """
-    if directory and path.exists() and not path.is_dir():
-        raise ValueError(f"{option} {str(path)!r} is an existing file; give a directory")
-    if not directory:
-        if path.is_dir() and path.suffix != ".zarr":
-            raise ValueError(f"{option} {str(path)!r} is an existing directory; give a file "
-                             "path")
-        if path.exists() and not force:
-            raise ValueError(f"{option} {str(path)!r} exists; pass --force to overwrite it or "
-                             "choose another path")
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ValueError(f"{option} {str(path)!r} lies under {str(parent)!r}, which is a file, "
-                         "not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{option} {str(path)!r}: directory {str(parent)!r} is not writable")
 
 
 def _check_laplace_args(args) -> None:

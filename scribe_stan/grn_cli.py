@@ -56,7 +56,7 @@ def add_parser(sub, formatter):
 def cmd_grn(args) -> int:
     import warnings
 
-    from scribe_stan import cli, grn_infer, grn_prior
+    from scribe_stan import cli_io, grn_infer, grn_prior
     from scribe_stan._validate import check_choice
 
     check_choice("method", args.method, grn_infer.METHODS)
@@ -64,12 +64,12 @@ def cmd_grn(args) -> int:
     check_choice("input kind", args.input_kind, grn_infer.INPUTS)
     outs = [Path(args.out)] + [Path(p) for p in (args.h5ad_out, args.figure) if p]
     for o in outs:
-        cli._check_writable(o, "output", force=args.force)
+        cli_io.check_writable(o, "output", force=args.force)
     prior = None
     if args.prior:
         srcs = [grn_prior.read_prior(p, levels=args.levels) for p in args.prior]
         prior = grn_prior.combine_priors(*srcs)
-    adata = cli._load(args.input)
+    adata = cli_io.load_input(args.input)
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         res = grn_infer.infer_grn(adata, prior=prior, method=args.method, genes=args.genes,
