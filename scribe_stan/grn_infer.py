@@ -383,8 +383,7 @@ def posterior_covariance_block(src, rows, cols, *, chunk_cells=256):
     -------
     (len(rows), len(cols)) array, summed over cells (divide by N for the mean).
     """
-    W, d = src.W, src.d
-    K = W.shape[1]
+    W = src.W
     rows, cols = np.asarray(rows), np.asarray(cols)
     out = np.zeros((rows.size, cols.size))
     inv_r = None if src.r is None else 1.0 / np.asarray(src.r, float)
@@ -392,21 +391,7 @@ def posterior_covariance_block(src, rows, cols, *, chunk_cells=256):
     N = src.x.shape[0]
     for lo in range(0, N, chunk_cells):
         hi = min(N, lo + chunk_cells)
-        m = np.exp(np.minimum(src.x[lo:hi] - src.eta[lo:hi, None], 700.0))
-        if inv_r is None:
-            lam = m
-        else:
-            u = np.asarray(src.counts[lo:hi], float)
-            q = 1.0 + inv_r * m
-            lam = m * (1.0 + inv_r * u) / (q * q)
-        h = 1.0 / (1.0 + lam * d)
-        invB = d * h
-        M = np.einsum("cg,gk,gj->ckj", lam * h, W, W) + np.eye(K)
-        Minv = np.linalg.inv(M)
-        t = np.einsum("cg,gk->ck", h * lam, W)
-        y = np.einsum("ckj,cj->ck", Minv, t)
-        phi = lam * invB + h * (y @ W.T)
-        s = 1.0 / src.sigma[lo:hi] ** 2 + np.sum(lam * (1.0 - phi), axis=1)
+        h, invB, Minv, phi, s = _woodbury_pieces(src, slice(lo, hi), inv_r)
         Hr = h[:, rows, None] * W[rows][None]  # (n, R, K)
         Hc = h[:, cols, None] * W[cols][None]
         HrM = np.matmul(Hr, Minv)
@@ -877,6 +862,32 @@ def _diag_moments(src, idx, input, weights):
     return v
 
 
+def _woodbury_pieces(src, sl, inv_r):
+    """Per-cell pieces of the Laplace covariance of the cells ``sl`` in Woodbury form.
+
+    With likelihood curvature ``lambda`` (Poisson, or NB2 at dispersion ``1/inv_r``),
+    ``h = 1 / (1 + lambda d)``, ``M_c = I + W' diag(lambda h) W``: returns ``h``,
+    ``invB = d h``, ``M^{-1}`` (n, K, K), ``phi`` (the x-eta coupling of each cell) and
+    ``s`` (the Schur complement in eta), as in :mod:`scribe_stan.laplace.cpu`.
+    """
+    W, d = src.W, src.d
+    K = W.shape[1]
+    m = np.exp(np.minimum(src.x[sl] - src.eta[sl, None], 700.0))
+    if inv_r is None:
+        lam = m
+    else:
+        u = np.asarray(src.counts[sl], float)
+        q = 1.0 + inv_r * m
+        lam = m * (1.0 + inv_r * u) / (q * q)
+    h = 1.0 / (1.0 + lam * d)
+    invB = d * h
+    Minv = np.linalg.inv(np.einsum("cg,gk,gj->ckj", lam * h, W, W) + np.eye(K))
+    y = np.einsum("ckj,cj->ck", Minv, np.einsum("cg,gk->ck", h * lam, W))
+    phi = lam * invB + h * (y @ W.T)
+    s = 1.0 / src.sigma[sl] ** 2 + np.sum(lam * (1.0 - phi), axis=1)
+    return h, invB, Minv, phi, s
+
+
 def _posterior_variance(src, idx, chunk_cells=256):
     """``sum_c diag(Cov_c)[idx]`` without forming blocks (see
     :func:`posterior_covariance_block`)."""
@@ -889,23 +900,9 @@ def _posterior_variance(src, idx, chunk_cells=256):
 
 
 def _var_chunk(src, sl, idx):
-    W, d = src.W, src.d
-    K = W.shape[1]
+    W = src.W
     inv_r = None if src.r is None else 1.0 / np.asarray(src.r, float)
-    m = np.exp(np.minimum(src.x[sl] - src.eta[sl, None], 700.0))
-    if inv_r is None:
-        lam = m
-    else:
-        u = np.asarray(src.counts[sl], float)
-        q = 1.0 + inv_r * m
-        lam = m * (1.0 + inv_r * u) / (q * q)
-    h = 1.0 / (1.0 + lam * d)
-    invB = d * h
-    M = np.einsum("cg,gk,gj->ckj", lam * h, W, W) + np.eye(K)
-    Minv = np.linalg.inv(M)
-    y = np.einsum("ckj,cj->ck", Minv, np.einsum("cg,gk->ck", h * lam, W))
-    phi = lam * invB + h * (y @ W.T)
-    s = 1.0 / src.sigma[sl] ** 2 + np.sum(lam * (1.0 - phi), axis=1)
+    h, invB, Minv, phi, s = _woodbury_pieces(src, sl, inv_r)
     Hi = h[:, idx, None] * W[idx][None]
     quad = np.einsum("cik,ckj,cij->ci", Hi, Minv, Hi)
     return (invB[:, idx] + quad + phi[:, idx] ** 2 / s[:, None]).sum(axis=0)
