@@ -54,6 +54,8 @@ def add_parser(sub, formatter):
 
 
 def cmd_grn(args) -> int:
+    """Run ``scribe-stan grn``: check the outputs, read the fit and priors, infer the
+    network, write the edge table (and h5ad / figure when asked). Returns the exit code."""
     import warnings
 
     from scribe_stan import cli_io, grn_infer, grn_prior
