@@ -19,7 +19,13 @@ Backends
 The build cache: ``<cache>`` is ``~/.cache/scribe-stan`` (``SCRIBE_STAN_CACHE``
 overrides it); ``<key>`` hashes only the resolved program text and the versions that
 make a build: httpstan (which fixes Stan and stanc) and the Python extension ABI for
-pystan, the CmdStan version for cmdstanpy (:func:`build_key`).
+pystan, the CmdStan version for cmdstanpy (:func:`build_key`). One process builds a
+given key at a time (a lock file beside it); another waits and then takes the build.
+
+Optimization level of pystan builds: ``SCRIBE_STAN_OPT`` (one of :data:`OPT_LEVELS`,
+default ``"3"``, httpstan's own ``-O3``). A lower level builds faster and samples more
+slowly; the test suite uses ``"1"`` (``tests/conftest.py``), where builds dominate and
+the sampling runs are short. A non-default level is part of the build key.
 
 Output: with ``progress=False`` nothing is printed. pystan's build and sampling lines,
 stanc's warnings and Stan's informational messages (and cmdstanpy's log) are captured
@@ -38,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import io
 import logging
@@ -45,6 +52,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from importlib.machinery import EXTENSION_SUFFIXES
@@ -69,6 +77,9 @@ __all__ = [
 
 #: Allowed values of ``backend=``.
 BACKENDS = ("auto", "cmdstanpy", "pystan")
+
+#: Allowed values of ``SCRIBE_STAN_OPT``, the C++ optimization level of pystan builds.
+OPT_LEVELS = ("0", "1", "2", "3")
 
 #: Directory holding the Stan programs (``<name>.stan``) and ``functions/``.
 STAN_DIR = Path(__file__).resolve().parent.parent / "stan"
@@ -533,6 +544,15 @@ def _cache_root() -> Path:
     return Path(os.environ.get("SCRIBE_STAN_CACHE", "~/.cache/scribe-stan")).expanduser()
 
 
+def _opt_level() -> str:
+    """The ``SCRIBE_STAN_OPT`` optimization level for pystan builds (module docstring)."""
+    level = os.environ.get("SCRIBE_STAN_OPT", "3")
+    if level not in OPT_LEVELS:
+        raise ValueError(f"SCRIBE_STAN_OPT={level!r} is not an optimization level; allowed: "
+                         f"{', '.join(OPT_LEVELS)}")
+    return level
+
+
 def _build_versions(backend: str) -> str:
     """What, besides the program text, decides a build (no interpreter path).
 
@@ -547,7 +567,8 @@ def _build_versions(backend: str) -> str:
         import httpstan
 
         where = Path(httpstan.__file__).resolve().parent
-        return f"httpstan {httpstan.__version__} {EXTENSION_SUFFIXES[0]} {where}"
+        opt = "" if _opt_level() == "3" else f" -O{_opt_level()}"  # -O3 keys unchanged
+        return f"httpstan {httpstan.__version__} {EXTENSION_SUFFIXES[0]} {where}{opt}"
     import cmdstanpy
 
     return f"cmdstan {cmdstanpy.cmdstan_version()} {Path(cmdstanpy.cmdstan_path()).resolve()}"
@@ -566,9 +587,9 @@ def build_key(name: str, backend: str) -> str:
     -------
     str
         SHA-256 hex digest of the resolved program code (:func:`program_code`) and the
-        versions that make the build (httpstan version, its installation directory and
-        the Python extension ABI, or the CmdStan version and directory). The Python
-        executable's path is not part of it.
+        versions that make the build (httpstan version, its installation directory,
+        the Python extension ABI and a non-default ``SCRIBE_STAN_OPT``, or the CmdStan
+        version and directory). The Python executable's path is not part of it.
     """
     text = program_code(name) + "\n// " + _build_versions(backend)
     return hashlib.sha256(text.encode()).hexdigest()
@@ -611,23 +632,115 @@ def _no_build_timeout():
         aiohttp.client.DEFAULT_TIMEOUT = saved
 
 
-def _pystan_model(name: str, data: Mapping[str, Any], seed: int):
+@contextlib.contextmanager
+def _build_lock(key_dir: Path):
+    """Hold the lock of one build key (a file beside its directory) while building."""
+    key_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{key_dir}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+@contextlib.contextmanager
+def _build_flags(level: str):
+    """Have httpstan compile with ``-O<level>`` while pystan builds a program.
+
+    httpstan's server builds through ``httpstan.models.build_services_extension_module``
+    with its default flags (``-O3 -std=c++17 -Wno-sign-compare``); its optional
+    ``extra_compile_args`` is the only place to set another level.
+    """
+    import httpstan.models
+
+    saved = httpstan.models.build_services_extension_module
+    if level == "3":
+        yield
+        return
+
+    async def build(program_code, extra_compile_args=None):
+        return await saved(program_code, extra_compile_args=[f"-O{level}", "-std=c++17",
+                                                             "-Wno-sign-compare"])
+
+    httpstan.models.build_services_extension_module = build
+    try:
+        yield
+    finally:
+        httpstan.models.build_services_extension_module = saved
+
+
+@contextlib.contextmanager
+def _compiler_stderr():
+    """Send what the compiler writes to file descriptor 2 on to ``sys.stderr``.
+
+    httpstan silences the compiler only when ``sys.stderr`` has a file descriptor; under
+    :func:`_stan_output` it is a buffer, and the compiler's warnings would reach the
+    terminal. They go to the buffer (and on to the terminal only with ``progress``).
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            sys.stderr.write(caught.read().decode(errors="replace"))
+
+
+#: File in httpstan's model directory naming the build key its module was made for.
+_KEY_FILE = "scribe_stan_build_key"
+
+
+def _pystan_build(name: str) -> None:
+    """Make sure httpstan's cache holds this interpreter's build of a program.
+
+    From the shared cache when it has the build, else by compiling it (through pystan's
+    in-process httpstan server, as ``stan.build`` does) and keeping a copy there.
+    Raises RuntimeError with httpstan's message if the build fails.
+    """
     import httpstan.cache
     import httpstan.models
-    import stan
+    import stan.common
 
     _ensure_event_loop_ok()
     code = program_code(name)
+    key = build_key(name, "pystan")
     ours = httpstan.cache.model_directory(httpstan.models.calculate_model_name(code))
-    shared = _cache_root() / "pystan" / build_key(name, "pystan")
-    if not _has_module(ours) and _has_module(shared):
-        shutil.rmtree(ours, ignore_errors=True)  # a failed build: httpstan would redo it
-        _copy_build(shared, ours)
+    shared = _cache_root() / "pystan" / key
+    with _build_lock(shared):
+        # httpstan's directory is keyed by the program and interpreter only: a module
+        # made for another key (another optimization level) is replaced.
+        made_for = ours / _KEY_FILE
+        if made_for.is_file():
+            stale = made_for.read_text() != key
+        else:  # built before keys were recorded, or by pystan directly: httpstan's -O3
+            stale = _opt_level() != "3"
+        if stale or not _has_module(ours):
+            shutil.rmtree(ours, ignore_errors=True)  # also a failed build's leftovers
+            if _has_module(shared):
+                _copy_build(shared, ours)
+
+        async def build():
+            async with stan.common.HttpstanClient() as client:
+                resp = await client.post("/models", json={"program_code": code})
+                if resp.status != 201:
+                    raise RuntimeError(f"building {name}.stan failed: "
+                                       f"{resp.json()['message']}")
+
+        with _no_build_timeout(), _build_flags(_opt_level()), _compiler_stderr():
+            asyncio.run(build())
+        (ours / _KEY_FILE).write_text(key)
+        if not _has_module(shared):
+            _copy_build(ours, shared)
+
+
+def _pystan_model(name: str, data: Mapping[str, Any], seed: int):
+    import stan
+
+    _pystan_build(name)
     with _no_build_timeout():
-        model = stan.build(code, data=_json_data(data), random_seed=int(seed))
-    if not _has_module(shared):
-        _copy_build(ours, shared)
-    return model
+        return stan.build(program_code(name), data=_json_data(data), random_seed=int(seed))
 
 
 def _cmdstanpy_model(name: str):

@@ -49,6 +49,15 @@ def test_output_is_captured_and_never_on_stdout(capfd):
     assert messages.getvalue() == "Sampling: 100%\n"
 
 
+def test_compiler_warnings_on_descriptor_2_are_captured(capfd):
+    # The compiler is a child process writing to file descriptor 2, not to sys.stderr.
+    with stan._stan_output(False) as messages, stan._compiler_stderr():
+        subprocess.run([sys.executable, "-c", "import os; os.write(2, b'warning: x\\n')"],
+                       check=True)
+    assert capfd.readouterr() == ("", "")
+    assert messages.getvalue() == "warning: x\n"
+
+
 def test_builds_are_not_cut_at_five_minutes():
     import aiohttp
     import aiohttp.client
@@ -111,3 +120,55 @@ def test_one_build_serves_every_interpreter_path(tmp_path, capfd):
     assert "found in cache" in result["messages"]
     assert result["build_s"] < 60  # a copy, not a C++ build (1-2 min)
     assert stan._has_module(Path(result["dir"]))
+
+
+def test_optimization_level_is_checked_and_keys_builds(monkeypatch):
+    monkeypatch.setenv("SCRIBE_STAN_OPT", "3")
+    default = stan.build_key("pln", "pystan")
+    monkeypatch.delenv("SCRIBE_STAN_OPT")
+    assert stan.build_key("pln", "pystan") == default  # "3" is httpstan's own level
+    monkeypatch.setenv("SCRIBE_STAN_OPT", "1")
+    assert stan.build_key("pln", "pystan") != default
+    monkeypatch.setenv("SCRIBE_STAN_OPT", "-O2")
+    with pytest.raises(ValueError, match="SCRIBE_STAN_OPT.*allowed: 0, 1, 2, 3"):
+        stan.build_key("pln", "pystan")
+
+
+def test_build_flags_reach_httpstan(monkeypatch):
+    import asyncio
+
+    import httpstan.models
+
+    seen = []
+
+    async def fake_build(program_code, extra_compile_args=None):
+        seen.append(extra_compile_args)
+
+    monkeypatch.setattr(httpstan.models, "build_services_extension_module", fake_build)
+    with stan._build_flags("1"):
+        asyncio.run(httpstan.models.build_services_extension_module("code"))
+    with stan._build_flags("3"):  # httpstan's defaults untouched
+        asyncio.run(httpstan.models.build_services_extension_module("code"))
+    assert seen[0][0] == "-O1" and "-std=c++17" in seen[0]
+    assert seen[1] is None
+    assert httpstan.models.build_services_extension_module is fake_build
+
+
+def test_one_process_builds_a_key_at_a_time(tmp_path):
+    import threading
+    import time
+
+    order = []
+
+    def hold(tag, delay):
+        with stan._build_lock(tmp_path / "key"):
+            order.append(f"{tag} in")
+            time.sleep(delay)
+            order.append(f"{tag} out")
+
+    first = threading.Thread(target=hold, args=("a", 0.3))
+    first.start()
+    time.sleep(0.1)
+    hold("b", 0.0)  # waits for "a" to leave
+    first.join()
+    assert order == ["a in", "a out", "b in", "b out"]

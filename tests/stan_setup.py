@@ -1,7 +1,11 @@
-"""Get a CmdStan installation ready for the cmdstanpy half of the tests (see conftest).
+"""Build ahead what the Stan tests need: pystan programs, then CmdStan (see conftest).
 
 Run as a script, by ``conftest.py`` in the background (and usable by hand):
-``python tests/cmdstan_setup.py PROGRAM...``. It takes the CmdStan that cmdstanpy finds
+``python tests/stan_setup.py [--pystan NAME,NAME,...] [PROGRAM...]``. It first builds
+the ``--pystan`` programs in the order given (the order the suite first needs them;
+each build holds the build key's lock, so a test that needs a program meanwhile waits
+for it instead of building it twice). Then, if PROGRAMs are given, it takes the CmdStan
+that cmdstanpy finds
 (``CMDSTAN``, ``~/.cmdstan``) or else assembles one offline with
 ``../shared/cmdstan/assemble.sh`` into ``<cache>/cmdstan-offline/<key>/`` (once per key;
 concurrent sessions wait for each other), builds the given Stan programs with it, and
@@ -47,7 +51,24 @@ def assemble() -> Path:
     return out
 
 
-def main(programs: list[str]) -> int:
+def main(args: list[str]) -> int:
+    if args[:1] == ["--pystan"]:
+        from scribe_stan.stan import _pystan_build
+
+        for name in args[1].split(","):
+            print(f"building {name} (pystan)", flush=True)
+            try:
+                _pystan_build(name)
+            except Exception as exc:  # noqa: BLE001  (the test that needs it builds it
+                print(f"  failed: {exc!r}", flush=True)  # again and reports the error)
+        args = args[2:]
+    if not args:
+        return 0
+    return cmdstan(args)
+
+
+def cmdstan(programs: list[str]) -> int:
+    """Find or assemble CmdStan, build ``programs`` with it; print ``CMDSTAN=<dir>``."""
     import cmdstanpy
 
     try:
