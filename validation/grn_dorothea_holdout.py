@@ -62,7 +62,12 @@ def run_dataset(name, adata, prior, *, rank, n_splits, seed, max_iter, fit_iter,
         fit = ss.fit(sub, model="pln", rank=rank, library_size=lib, progress=False,
                      max_iter=fit_iter)
     fit_s = time.perf_counter() - t0
-    local = grn_prior.GrnPrior(matched.drop(columns=["reg_idx", "tgt_idx"]), prior.sources)
+    # genes with no count in these cells are dropped by the fit (with a warning): the
+    # network and its prior edges are restricted to the fitted genes
+    genes = [g for g in genes if g in set(fit.var_names)]
+    matched = matched[matched["regulator"].isin(genes) & matched["target"].isin(genes)]
+    local = grn_prior.GrnPrior(matched.drop(columns=["reg_idx", "tgt_idx"])
+                               .reset_index(drop=True), prior.sources)
     rng = np.random.default_rng(seed)
     rows = []
     no_prior = {}  # the no-prior ranking does not depend on the split: inferred once
@@ -116,6 +121,7 @@ def main(argv=None):
     donor = anndata.read_h5ad(DATA / "pbmc_donor_a.h5ad")
     rows += run_dataset("pbmc_donor_a", donor, prior, rank=a.rank, n_splits=a.splits,
                         seed=a.seed, max_iter=a.max_iter, fit_iter=a.fit_iter)
+    pathlib.Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     ref = anndata.read_h5ad(DATA / "pbmc_sorted_reference.h5ad")
     counts = ref.obs["cell_type"].value_counts()
     types = a.cell_types or [t for t, n in counts.items() if n >= a.min_cells]
@@ -124,6 +130,8 @@ def main(argv=None):
                             rank=a.rank, n_splits=a.splits, seed=a.seed,
                             max_iter=a.max_iter, fit_iter=a.fit_iter, genes_from=ref,
                             lyapunov=a.lyapunov_all)
+        pd.DataFrame(rows).to_csv(pathlib.Path(a.out).with_suffix(".partial.csv"),
+                                  index=False)
     df = pd.DataFrame(rows)
     summary = (df.groupby(["data", "method", "input", "prior"])
                .agg(cells=("cells", "first"), genes=("genes", "first"),
