@@ -30,7 +30,9 @@ genes, minimize per cell::
 (the Gaussian negative log likelihood over N, a smoothed L1 penalty with per-edge
 weights ``w`` from the prior) by L-BFGS-B over the free off-diagonal entries, ``theta``
 and ``log D``. The gradient goes through the adjoint Lyapunov equation
-(:func:`lyapunov_nll`), each solve by :func:`scipy.linalg.solve_continuous_lyapunov`.
+(:func:`lyapunov_nll`): one real Schur form of ``J`` (:func:`scipy.linalg.schur`) serves
+the forward and the adjoint solve (Bartels-Stewart with LAPACK's ``dtrsyl``, as
+:func:`scipy.linalg.solve_continuous_lyapunov` does for one equation).
 Stability is enforced by the likelihood itself: ``Sigma`` is positive definite exactly
 when ``J`` is stable (Lyapunov's theorem, ``D > 0``), and ``log det Sigma`` diverges at
 the boundary; points outside get an infinite objective, so the line search stays inside.
@@ -95,7 +97,8 @@ def lyapunov_nll(J, D, S):
 
     Returns
     -------
-    value : float (``inf`` when ``Sigma`` is not positive definite, i.e. ``J`` unstable)
+    value : float (``inf`` when ``J`` is unstable, or ``Sigma`` is not numerically
+        positive definite: smallest Cholesky pivot^2 below 1e-12 of the largest variance)
     grad_J : (G, G) or None;  grad_D : (G,) or None;  Sigma : (G, G) or None
     """
     if not np.all(np.isfinite(J)):
