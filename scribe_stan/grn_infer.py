@@ -30,7 +30,9 @@ genes, minimize per cell::
 (the Gaussian negative log likelihood over N, a smoothed L1 penalty with per-edge
 weights ``w`` from the prior) by L-BFGS-B over the free off-diagonal entries, ``theta``
 and ``log D``. The gradient goes through the adjoint Lyapunov equation
-(:func:`lyapunov_nll`), each solve by :func:`scipy.linalg.solve_continuous_lyapunov`.
+(:func:`lyapunov_nll`): one real Schur form of ``J`` (:func:`scipy.linalg.schur`) serves
+the forward and the adjoint solve (Bartels-Stewart with LAPACK's ``dtrsyl``, as
+:func:`scipy.linalg.solve_continuous_lyapunov` does for one equation).
 Stability is enforced by the likelihood itself: ``Sigma`` is positive definite exactly
 when ``J`` is stable (Lyapunov's theorem, ``D > 0``), and ``log det Sigma`` diverges at
 the boundary; points outside get an infinite objective, so the line search stays inside.
@@ -60,6 +62,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 from scipy import linalg, optimize
+from threadpoolctl import threadpool_limits
 
 from scribe_stan.grn_prior import GrnPrior, as_prior
 
@@ -94,23 +97,52 @@ def lyapunov_nll(J, D, S):
 
     Returns
     -------
-    value : float (``inf`` when ``Sigma`` is not positive definite, i.e. ``J`` unstable)
+    value : float (``inf`` when ``J`` is unstable, or ``Sigma`` is not numerically
+        positive definite: smallest Cholesky pivot^2 below 1e-12 of the largest variance)
     grad_J : (G, G) or None;  grad_D : (G,) or None;  Sigma : (G, G) or None
     """
-    Sigma = linalg.solve_continuous_lyapunov(J, -2.0 * np.diag(D))
-    Sigma = 0.5 * (Sigma + Sigma.T)
+    if not np.all(np.isfinite(J)):
+        return np.inf, None, None, None
+    T, U = linalg.schur(J, output="real")
+    # the real Schur form's diagonal carries the real parts of the eigenvalues (2 x 2
+    # blocks are standardized with equal diagonal entries): J must be stable
+    if np.max(np.diag(T)) >= 0:
+        return np.inf, None, None, None
+    Sigma = _lyap_schur(T, U, -2.0 * np.diag(D), adjoint=False)
     try:
         cf = linalg.cho_factor(Sigma, lower=True, check_finite=True)
     except (linalg.LinAlgError, ValueError):
         return np.inf, None, None, None
-    logdet = 2.0 * np.log(np.diag(cf[0])).sum()
+    piv = np.diag(cf[0])
+    if piv.min() ** 2 < 1e-12 * np.max(np.diag(Sigma)):
+        # numerically singular Sigma: its inverse (and the likelihood) is not reliable
+        return np.inf, None, None, None
+    logdet = 2.0 * np.log(piv).sum()
     Sinv = linalg.cho_solve(cf, np.eye(len(D)))
     SinvS = Sinv @ S
     value = 0.5 * (logdet + np.trace(SinvS))
     Gs = 0.5 * (Sinv - SinvS @ Sinv)
     Gs = 0.5 * (Gs + Gs.T)
-    P = linalg.solve_continuous_lyapunov(J.T, -Gs)
+    P = _lyap_schur(T, U, -Gs, adjoint=True)
     return float(value), 2.0 * P @ Sigma, 2.0 * np.diag(P).copy(), Sigma
+
+
+def _lyap_schur(T, U, Q, *, adjoint):
+    """Solve ``J X + X J' = Q`` (or ``J' X + X J = Q`` when ``adjoint``), symmetric ``Q``.
+
+    ``J = U T U'`` is the real Schur form of ``J``, computed once and shared by the forward
+    and the adjoint equation; the triangular Sylvester equation is LAPACK's ``dtrsyl``
+    (the Bartels-Stewart algorithm, as in :func:`scipy.linalg.solve_continuous_lyapunov`).
+    """
+    F = U.T @ Q @ U
+    if adjoint:
+        Y, scale, info = linalg.lapack.dtrsyl(T, T, F, trana="T", tranb="N")
+    else:
+        Y, scale, info = linalg.lapack.dtrsyl(T, T, F, trana="N", tranb="T")
+    if info < 0:
+        raise RuntimeError(f"dtrsyl failed (info={info})")
+    X = U @ (Y / scale) @ U.T
+    return 0.5 * (X + X.T)
 
 
 @dataclass
@@ -208,8 +240,9 @@ def fit_lyapunov(S, *, free=None, weights=None, alpha=0.02, eps=1e-3, scale_ridg
         J, D, gam = unpack(p)
         val, gJ, gD, _ = lyapunov_nll(J, D, S)
         if not np.isfinite(val):
-            # J unstable: a steep wall (slope 1e4 along the spectral abscissa) above the
-            # last stable value, so the line search backs off towards stability
+            # J unstable (or Sigma numerically singular): a steep wall (slope 1e4 along
+            # the spectral abscissa) always above the last feasible value, so the line
+            # search backs off towards stability
             vals, vl, vr = linalg.eig(J, left=True, right=True)
             k = int(np.argmax(vals.real))
             dlam = np.real(np.outer(vl[:, k].conj(), vr[:, k]) / (vl[:, k].conj() @ vr[:, k]))
@@ -217,7 +250,7 @@ def fit_lyapunov(S, *, free=None, weights=None, alpha=0.02, eps=1e-3, scale_ridg
             g[:nf] = 1e4 * dlam[fr, fc]
             gt = -np.diag(dlam) * gam * 1e4
             g[nf:nf + G] = gt - gt.mean()
-            return last[0] + 1e4 * (vals[k].real + 1e-3), g
+            return last[0] + 10.0 + 1e4 * max(vals[k].real + 1e-3, 0.0), g
         last[0] = val
         v = p[:nf]
         sm = np.sqrt(v * v + eps * eps)
@@ -232,15 +265,18 @@ def fit_lyapunov(S, *, free=None, weights=None, alpha=0.02, eps=1e-3, scale_ridg
 
     # start: J = -I, D = diag(S) / 1  -> Sigma = diag(S)
     p0 = np.concatenate([np.zeros(nf), np.zeros(G), np.log(np.diag(S))])
-    res = optimize.minimize(objective, p0, jac=True, method="L-BFGS-B",
-                            options={"maxiter": int(max_iter), "ftol": tol, "gtol": 1e-8,
-                                     "maxcor": 20})
-    J, D, _ = unpack(res.x)
-    nll, _, _, Sigma = lyapunov_nll(J, D, S)
+    # BLAS threads on G x G matrices (G <= a few hundred) cost more than they save: with
+    # 2 threads on a busy 2-core machine a 100 x 100 Schur took 0.29 s instead of 0.015 s
+    with threadpool_limits(limits=1, user_api="blas"):
+        res = optimize.minimize(objective, p0, jac=True, method="L-BFGS-B",
+                                options={"maxiter": int(max_iter), "ftol": tol,
+                                         "gtol": 1e-8, "maxcor": 20})
+        J, D, _ = unpack(res.x)
+        nll, _, _, Sigma = lyapunov_nll(J, D, S)
+        abscissa = float(np.max(np.linalg.eigvals(J).real))
     return LyapunovFit(J=J, D=D, Sigma=Sigma, objective=float(res.fun), nll=float(nll),
                        n_iter=int(res.nit), success=bool(res.success),
-                       message=str(res.message),
-                       abscissa=float(np.max(np.linalg.eigvals(J).real)))
+                       message=str(res.message), abscissa=abscissa)
 
 
 # --------------------------------------------------------------------------------------
@@ -362,6 +398,13 @@ def _source_from_anndata(adata, key, layer):
         a=np.log(float(info.get("M0", 1e5))) - np.log(lib), sigma=np.full(N, sigma_M))
 
 
+#: BLAS on many small (K x K, R x R) matrices per cell chunk or per target: threads cost
+#: more than they save (measured on 2 cores: a batch of 256 100 x 100 solves took 1.7 s
+#: with 2 OpenBLAS threads, 0.03 s with 1).
+_ONE_BLAS_THREAD = threadpool_limits.wrap(limits=1, user_api="blas")
+
+
+@_ONE_BLAS_THREAD
 def posterior_covariance_block(src, rows, cols, *, chunk_cells=256):
     """``sum_c Cov_c[rows, cols]`` of the cells' Laplace Gaussians (marginal over eta).
 
@@ -434,12 +477,15 @@ def latent_moments(src, rows, cols=None, *, input="latent", center=None, weights
     Xc = X[:, cols] - center[cols]
     S = (Xr * w[:, None]).T @ Xc / w.sum()
     if input == "latent" and src.W is not None:
-        key = (tuple(np.asarray(rows)), tuple(np.asarray(cols)))
-        cache = getattr(src, "_cov_cache", None)
-        if cache is None or cache[0] != key:
-            cache = (key, posterior_covariance_block(src, rows, cols) / N)
-            src._cov_cache = cache
-        S = S + cache[1]
+        # blocks cached on the source: bagging asks for the same blocks (the posterior
+        # covariance term is not resampled) once per bag
+        key = (np.asarray(rows).tobytes(), np.asarray(cols).tobytes())
+        cache = src.__dict__.setdefault("_cov_cache", {})
+        if key not in cache:
+            if len(cache) >= 4:
+                cache.pop(next(iter(cache)))
+            cache[key] = posterior_covariance_block(src, rows, cols) / N
+        S = S + cache[key]
     return S
 
 
@@ -795,6 +841,7 @@ def _edge_table(gnames, cand, score, W, conf, extra):
     return e
 
 
+@_ONE_BLAS_THREAD
 def _ridge(src, idx, cand, weights, alpha, input, n_bags, rng, chunk=256):
     """Per-target (masked, optionally weighted) ridge on standardized moments.
 
@@ -881,13 +928,14 @@ def _woodbury_pieces(src, sl, inv_r):
         lam = m * (1.0 + inv_r * u) / (q * q)
     h = 1.0 / (1.0 + lam * d)
     invB = d * h
-    Minv = np.linalg.inv(np.einsum("cg,gk,gj->ckj", lam * h, W, W) + np.eye(K))
-    y = np.einsum("ckj,cj->ck", Minv, np.einsum("cg,gk->ck", h * lam, W))
+    Minv = np.linalg.inv(np.matmul(W.T[None] * (lam * h)[:, None, :], W) + np.eye(K))
+    y = np.matmul(Minv, ((h * lam) @ W)[:, :, None])[:, :, 0]
     phi = lam * invB + h * (y @ W.T)
     s = 1.0 / src.sigma[sl] ** 2 + np.sum(lam * (1.0 - phi), axis=1)
     return h, invB, Minv, phi, s
 
 
+@_ONE_BLAS_THREAD
 def _posterior_variance(src, idx, chunk_cells=256):
     """``sum_c diag(Cov_c)[idx]`` without forming blocks (see
     :func:`posterior_covariance_block`)."""
@@ -904,7 +952,7 @@ def _var_chunk(src, sl, idx):
     inv_r = None if src.r is None else 1.0 / np.asarray(src.r, float)
     h, invB, Minv, phi, s = _woodbury_pieces(src, sl, inv_r)
     Hi = h[:, idx, None] * W[idx][None]
-    quad = np.einsum("cik,ckj,cij->ci", Hi, Minv, Hi)
+    quad = np.sum(np.matmul(Hi, Minv) * Hi, axis=2)
     return (invB[:, idx] + quad + phi[:, idx] ** 2 / s[:, None]).sum(axis=0)
 
 

@@ -13,7 +13,7 @@ from nbclient import NotebookClient
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 # (notebook, least number of image outputs it draws)
 CASES = [("pln_pbmc_laplace_vs_nuts.ipynb", 6), ("nbln_cascade.ipynb", 3),
-         ("lnm_compositional.ipynb", 3)]
+         ("lnm_compositional.ipynb", 3), ("grn_inference.ipynb", 3)]
 
 
 @pytest.mark.slow
