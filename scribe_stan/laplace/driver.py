@@ -1,14 +1,15 @@
 """The one outer optimizer of every Laplace model: L-BFGS-B on the exact Laplace objective.
 
 A model's Laplace problem supplies the objective (value and exact gradient in the
-optimizer's natural coordinates, summed over its chunks of cells), a diagonal scale, and
-the warm-start protocol below; :func:`maximize` does the rest, identically for pln,
-nbln, nbvcp and the lnm composition and total blocks:
+optimizer's natural coordinates, summed over its chunks of cells), a preconditioner (a
+diagonal scale, or a :class:`BlockScale`), and the warm-start protocol below;
+:func:`maximize` does the rest, identically for pln, nbln, nbvcp and the lnm
+composition and total blocks:
 
-- L-BFGS-B (SciPy) in coordinates ``theta * scale``, so that the start is near-isotropic;
-  optionally restarted with a renewed scale after ``rescale_first`` iterations, then
-  after twice as many each time (for problems whose natural scales drift far from the
-  start's);
+- L-BFGS-B (SciPy) in the coordinates ``z = T theta`` of the preconditioner, so that the
+  start is near-isotropic; optionally restarted with a renewed preconditioner after
+  ``rescale_first`` iterations, then after twice as many each time (for problems whose
+  natural scales drift far from the start's);
 - a guard on warm starts: an evaluation whose value is not finite, or where more than
   ``max_unconverged`` of the cells failed their Newton step (a line-search trial far
   from the data), does not keep its modes; the next evaluation starts from the last
@@ -28,6 +29,50 @@ from scipy import optimize
 
 #: L-BFGS correction pairs: tens of thousands of globals make each pair cheap to keep.
 MEMORY = 20
+
+
+@dataclass
+class BlockScale:
+    """A block-diagonal linear change of variables ``z = T theta`` for L-BFGS.
+
+    ``T`` scales the coordinates outside the blocks by ``diag`` and maps each block
+    ``theta[index[b]]`` to ``L_b' theta[index[b]]``, where ``L_b L_b'`` is an
+    approximation of the objective's curvature in that block (e.g. one gene's mean and
+    loadings), so the optimizer sees that block near-isotropic: a diagonal scale cannot
+    undo the correlation between coordinates within a block.
+
+    Attributes
+    ----------
+    diag : (P,) > 0, scale of each coordinate (entries of block coordinates unused).
+    index : (n_blocks, b) int, the coordinates of each block (no coordinate twice).
+    chol : (n_blocks, b, b) lower-triangular Cholesky factors ``L_b``.
+    """
+
+    diag: np.ndarray
+    index: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int64))
+    chol: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0)))
+
+    def __post_init__(self):
+        # L_b^{-1} once: the maps below are then batched matrix-vector products.
+        self._inv = np.linalg.inv(self.chol) if len(self.chol) else self.chol
+
+    def forward(self, theta):
+        """``z = T theta``."""
+        z = theta * self.diag
+        z[self.index] = np.einsum("bji,bj->bi", self.chol, theta[self.index])
+        return z
+
+    def backward(self, z):
+        """``theta = T^{-1} z``."""
+        theta = z / self.diag
+        theta[self.index] = np.einsum("bji,bj->bi", self._inv, z[self.index])
+        return theta
+
+    def gradient(self, grad):
+        """Gradient in ``z`` from the gradient in ``theta``: ``T^{-T} grad``."""
+        gz = grad / self.diag
+        gz[self.index] = np.einsum("bij,bj->bi", self._inv, grad[self.index])
+        return gz
 
 
 @dataclass
@@ -62,7 +107,10 @@ def maximize(value_grad, theta0, lower, upper, *, problem=None, scaling=None, to
     theta0 : (P,) start (clipped into the box).
     lower, upper : (P,) bounds (``-inf``/``inf`` allowed).
     problem : object with the warm-start protocol (module docstring), optional.
-    scaling : callable ``theta -> scale`` (P,) > 0, optional (default: ones).
+    scaling : callable ``theta -> scale``, optional (default: ones). ``scale`` is a
+        (P,) array > 0 (``z = theta * scale``) or a :class:`BlockScale`, whose block
+        coordinates must be unbounded (a box does not map into block coordinates; a
+        problem guards such coordinates by returning a non-finite value instead).
     tol : float, relative objective tolerance (``ftol``): stop when
         ``(f_k - f_{k+1}) / max(|f_k|, |f_{k+1}|, 1) <= tol``.
     gtol : float, stop when the largest projected gradient entry (scaled coordinates)
@@ -87,20 +135,20 @@ def maximize(value_grad, theta0, lower, upper, *, problem=None, scaling=None, to
     theta = np.clip(np.asarray(theta0, dtype=np.float64), lower, upper)
     history = []
     n_eval = 0
-    scale = None  # set at each (re)start
+    scale = None  # BlockScale, set at each (re)start
 
-    def fun(theta_scaled):
+    def fun(z):
         nonlocal n_eval
         n_eval += 1
-        value, grad = value_grad(theta_scaled / scale)
+        value, grad = value_grad(scale.backward(z))
         if problem is not None:
             if not np.isfinite(value) or np.mean(~problem.converged) > max_unconverged:
                 problem.restore_modes()
             else:
                 problem.keep_modes()
         if not np.isfinite(value):
-            return np.inf, np.zeros_like(theta_scaled)
-        return -value, -grad / scale
+            return np.inf, np.zeros_like(z)
+        return -value, -scale.gradient(grad)
 
     def callback(intermediate_result):
         history.append(-float(intermediate_result.fun))
@@ -110,19 +158,33 @@ def maximize(value_grad, theta0, lower, upper, *, problem=None, scaling=None, to
 
     n_iter, segment = 0, rescale_first or max_iter
     while True:
-        scale = np.ones_like(theta) if scaling is None else scaling(theta)
+        scale = _block_scale(np.ones_like(theta) if scaling is None else scaling(theta),
+                             lower, upper)
         if problem is not None:
             problem.keep_modes()
         budget = max(1, min(segment, max_iter - n_iter))
-        res = optimize.minimize(fun, theta * scale, jac=True, method="L-BFGS-B",
-                                bounds=list(zip(lower * scale, upper * scale)),
+        res = optimize.minimize(fun, scale.forward(theta), jac=True, method="L-BFGS-B",
+                                bounds=list(zip(lower * scale.diag, upper * scale.diag)),
                                 callback=callback,
                                 options={"maxiter": budget, "ftol": tol, "gtol": gtol,
                                          "maxcor": memory, "maxls": 40})
-        theta = res.x / scale
+        theta = scale.backward(res.x)
         n_iter += int(res.nit)
         if res.success or res.nit < budget or n_iter >= max_iter:
             break
         segment *= 2
     return OuterResult(theta=theta, n_iter=n_iter, n_eval=n_eval, success=bool(res.success),
                        message=str(res.message), history=history)
+
+
+def _block_scale(scale, lower, upper):
+    """The preconditioner as a :class:`BlockScale`; checks block coordinates are free."""
+    if not isinstance(scale, BlockScale):
+        return BlockScale(np.asarray(scale, dtype=np.float64))
+    if not (np.all(lower[scale.index] == -np.inf) and np.all(upper[scale.index] == np.inf)):
+        raise ValueError("coordinates in the blocks of a BlockScale must be unbounded "
+                         "(lower -inf, upper inf)")
+    # Unbounded block coordinates: their diag entries only need to keep the scaled
+    # box at (-inf, inf).
+    scale.diag[scale.index] = 1.0
+    return scale

@@ -30,6 +30,9 @@ from scribe_stan.models import dispersion, loadings, pln
 MODELS = ("pln", "nbln")
 #: Laplace-EM iterations before L-BFGS by default (chosen by validation/bench_pln_laplace.py).
 EM_ITERATIONS = 10
+
+#: Largest |mu_g| the outer optimizer may try (log-rates beyond it overflow).
+MU_BOUND = 50.0
 #: Box on log_r in the outer fit: r from 1e-4 (extreme over-dispersion) to 1e8 (Poisson
 #: to within any count's resolution); keeps trial points where lgamma(u + r) is finite.
 LOG_R_BOUNDS = (float(np.log(1e-4)), float(np.log(1e8)))
@@ -579,43 +582,79 @@ def objective(problem, theta, layout):
     return total, np.concatenate(parts)
 
 
-def diagonal_scaling(problem, mu, W, d, log_r=None, *, eta=None, free_log_r=False):
-    """Per-coordinate scales for the optimizer, from the per-gene Fisher information.
+def block_scaling(problem, mu, W, d, log_r=None, *, eta=None, free_mu=True,
+                  free_log_r=False, w_precision=None):
+    """Preconditioner of the outer problem: per-gene blocks of the Fisher information
+    given the factors.
 
-    The curvature of the objective in mu_g is about ``I_g = sum_c w_cg``,
-    ``w = lambda / (1 + lambda Sigma_gg)`` (lambda the likelihood curvature in the log
-    mean), which spans orders of magnitude between rare and abundant genes; W's row g
-    scales alike, and log d_g with ``1/2 sum_c (w_cg d_g)^2``. For a free log_r the
-    NegBinomial2 information in log r at mean m, about ``1/2 (m / (m + r))^2`` per cell
-    (exact as r -> inf, bounded as r -> 0), sets the scale. Optimizing ``theta * scale``
-    makes L-BFGS's start near-isotropic. Returns ``scale`` shaped like the packed vector.
+    Gene g's latent is ``x_cg = mu_g + W_g z_c + e_cg`` with factors ``z_c ~ N(0, I_K)``
+    and ``e_cg ~ N(0, d_g)``. Given ``z_c``, the count carries information
+    ``w_cg = lambda_cg / (1 + lambda_cg d_g)`` about the linear predictor
+    ``mu_g + W_g z_c`` (lambda the likelihood curvature in the log mean at the mode), so
+    the curvature in gene g's ``(mu_g, W_g)`` is about
+    ``A_g = sum_c w_cg E[(1, z_c)(1, z_c)'] + prior precision of W_g``, the expectation
+    over ``z_c`` given the mode ``x_hat_c``: mean ``P W' D^{-1} (x_hat_c - mu)``,
+    covariance ``P = (I + W' D^{-1} W)^{-1}`` (factor analysis; Bishop 2006, Pattern
+    Recognition and Machine Learning, sec. 12.2.4). The block couples ``mu_g`` with the
+    loadings (through the w-weighted mean of the factors) and the loadings with each
+    other, which a diagonal scale cannot express; on a 400-gene PBMC subset (K=10) the
+    blocks took L-BFGS from 177 to 105 iterations to the same tolerance. ``log d_g``
+    keeps a diagonal scale, ``1/2 sum_c (w_cg d_g)^2``, and a free ``log r_g`` the
+    NegBinomial2 information in log r at mean m, about ``1/2 (m / (m + r))^2`` per
+    cell. Diagonal entries are floored at 1: coordinates of nearly silent genes are never
+    stretched, so a unit step never moves them by more than one natural unit.
+
+    Parameters
+    ----------
+    problem : LaplaceProblem (its modes are set at these globals).
+    mu : (G,);  W : (G, K);  d : (G,) > 0;  log_r : (G,) or None (pln).
+    eta : (N,) held capture losses, optional.
+    free_mu : bool, mu is an optimizer coordinate (first G entries).
+    free_log_r : bool, log r is an optimizer coordinate (after log d).
+    w_precision : (K,) prior precision of each loadings column (default ones: the
+        normal(0, 1) prior).
+
+    Returns
+    -------
+    driver.BlockScale
+        Over ``[mu (if free), W (row-major), log d, log r (if free)]``; the blocks are
+        gene g's ``(mu_g, W_g)``, or ``W_g`` alone when mu is not free.
     """
     problem.modes(mu, W, d, log_r=log_r, eta=eta)
-    G = W.shape[0]
-    sig = np.sum(W**2, axis=1) + d
+    G, K = W.shape
     phi = None if log_r is None else np.exp(-np.asarray(log_r))
     r = None if log_r is None else np.exp(np.asarray(log_r))
-    info, info_d, info_r = np.zeros(G), np.zeros(G), np.zeros(G)
+    W_over_d = W / d[:, None]
+    P = np.linalg.inv(np.eye(K) + W.T @ W_over_d)
+    A = np.zeros((G, K + 1, K + 1))  # over (1, z): the first row and column are mu's
+    info_d, info_r = np.zeros(G), np.zeros(G)
     for lo, hi, _ in problem.chunks():  # per chunk: no N x G temporaries
-        m = np.exp(problem.x[lo:hi] - problem.eta[lo:hi, None])
+        x = problem.x[lo:hi]
+        m = np.exp(x - problem.eta[lo:hi, None])
         if log_r is None:
             lam = m
         else:
             u = problem.csr[lo:hi].toarray()
             lam = m * (1 + phi * u) / (1 + phi * m) ** 2
             info_r += np.sum((m / (m + r)) ** 2, axis=0)
-        w = lam / (1.0 + lam * sig)
-        info += w.sum(axis=0)
+        w = lam / (1.0 + lam * d)
+        z1 = np.hstack([np.ones((hi - lo, 1)), (x - mu) @ W_over_d @ P])
+        # sum_c w_cg (1, z_c)(1, z_c)' for every gene: one GEMM over the outer products
+        A += (w.T @ (z1[:, :, None] * z1[:, None, :]).reshape(hi - lo, -1)).reshape(A.shape)
+        A[:, 1:, 1:] += w.sum(axis=0)[:, None, None] * P
         info_d += np.sum((w * d) ** 2, axis=0)
-    # Floor at 1: coordinates of nearly silent genes are never stretched, so a unit
-    # step of the optimizer never moves them by more than one natural unit.
-    info = np.maximum(info, 1.0)
-    info_d = np.maximum(0.5 * info_d, 1.0)
-    K = W.shape[1]
-    parts = [info, np.repeat(info, K), info_d]
+    A[:, 1:, 1:] += np.diag(np.ones(K) if w_precision is None else w_precision)
+    A[:, 0, 0] = np.maximum(A[:, 0, 0], 1.0)
+    off_W = G if free_mu else 0
+    index = off_W + np.arange(G)[:, None] * K + np.arange(K)[None, :]
+    if free_mu:
+        index = np.hstack([np.arange(G)[:, None], index])
+    else:
+        A = A[:, 1:, 1:]
+    parts = [np.ones(off_W + G * K), np.maximum(0.5 * info_d, 1.0)]
     if free_log_r:
         parts.append(np.maximum(0.5 * info_r, 1.0))
-    return np.sqrt(np.concatenate(parts))
+    return driver.BlockScale(np.sqrt(np.concatenate(parts)), index, np.linalg.cholesky(A))
 
 
 def initial_globals(counts, a, K, *, seed=0):
@@ -767,7 +806,7 @@ def fit_laplace(counts, K, *, model="pln", log_M0=np.log(pln.M0_DEFAULT),
         location (r = 10).
     progress : tqdm-like object with ``update``/``set_postfix``, optional.
     precondition : bool
-        Optimize in coordinates scaled by :func:`diagonal_scaling` (default).
+        Optimize in the coordinates of :func:`block_scaling` (default).
     max_unconverged : float
         After an evaluation where a larger fraction of cells fails the Newton step, the
         next one warm-starts from the last good modes.
@@ -846,25 +885,35 @@ def fit_laplace(counts, K, *, model="pln", log_M0=np.log(pln.M0_DEFAULT),
         if not precondition:
             return np.ones(theta.size)
         mu, W, d, log_r = layout.unpack(theta)
-        scale = diagonal_scaling(problem, mu, W, d, log_r, eta=eta,
-                                 free_log_r=layout.free_log_r)
+        log_tau = layout.log_tau(theta)
+        scale = block_scaling(problem, mu, W, d, log_r, eta=eta, free_mu=layout.free_mu,
+                              free_log_r=layout.free_log_r,
+                              w_precision=np.exp(-2 * log_tau) if layout.n_tau else None)
         # log tau_k's prior curvature is about 2 (G - 1) at its conditional mode
-        return np.concatenate([scale[0 if layout.free_mu else G:],
-                               np.full(layout.n_tau, np.sqrt(2.0 * (G - 1)))])
+        return driver.BlockScale(np.concatenate([scale.diag,
+                                                 np.full(layout.n_tau, np.sqrt(2.0 * (G - 1)))]),
+                                 scale.index, scale.chol)
 
-    # Box on mu, log d (and log r) keeps trial points where the rates stay finite.
+    def value_grad(theta):
+        # mu is in the preconditioner's blocks, where no box applies: trial points past
+        # |mu| = MU_BOUND (rates that overflow) are rejected as infeasible instead.
+        if layout.free_mu and np.max(np.abs(theta[:G])) > MU_BOUND:
+            return -np.inf, np.zeros_like(theta)
+        return objective(problem, theta, layout)
+
+    # Box on log d (and log r) keeps trial points where the rates stay finite.
     # Column scales stay above the floor of the shrinkage priors.
     lower = [np.full(G * K, -np.inf), np.full(G, np.log(1e-6))]
     upper = [np.full(G * K, np.inf), np.full(G, np.log(1e2))]
     if layout.free_mu:
-        lower.insert(0, np.full(G, -50.0))
-        upper.insert(0, np.full(G, 50.0))
+        lower.insert(0, np.full(G, -np.inf))
+        upper.insert(0, np.full(G, np.inf))
     if layout.free_log_r:
         lower.append(np.full(G, LOG_R_BOUNDS[0]))
         upper.append(np.full(G, LOG_R_BOUNDS[1]))
     lower.append(np.full(layout.n_tau, np.log(loadings.TAU_MIN)))
     upper.append(np.full(layout.n_tau, np.log(1e3)))
-    res = driver.maximize(lambda theta: objective(problem, theta, layout), theta0,
+    res = driver.maximize(value_grad, theta0,
                           np.concatenate(lower), np.concatenate(upper), problem=problem,
                           scaling=scaling, tol=tol, max_iter=max_iter,
                           progress=progress, max_unconverged=max_unconverged,
