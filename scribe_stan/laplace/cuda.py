@@ -33,12 +33,17 @@ CPU's ``(G, K^2)`` array per block.
 
 Data placement and precision
 ----------------------------
-Counts go to the device once (:func:`to_device_counts`, dense or CSR); the kernels also
-take host arrays for convenience and copy them per call. With CSR counts each block
-scatters the cell's nonzeros into a dense G-vector of its scratch slice, because the
-rate part ``exp(v)`` (and the NB curvature) runs over every gene anyway. ``x`` and
-``eta`` may be device arrays (updated in place, no copies) or host arrays (copied in and
-back). The floating type of every kernel follows the counts: float64 by default; with
+A fit's cells live on the device for the whole fit (:class:`DeviceCells`, what
+:class:`scribe_stan.laplace.solver.LaplaceProblem` uses): the counts (dense or CSR,
+:func:`to_device_counts`), the eta prior, the modes ``x``, ``eta``, the Newton flags and
+all scratch are allocated once and updated in place. An outer evaluation sends the
+globals (O(G K)) and brings back reductions (per-cell values, gradient sums, converged
+flags), never the O(N G) modes; every host <-> device copy is counted in
+:data:`TRANSFERS`. The module functions (:func:`newton_all`, ...) keep the host-array
+interface of :mod:`scribe_stan.laplace.cpu` and copy host arrays in and back per call.
+With CSR counts each block scatters the cell's nonzeros into a dense G-vector of its
+scratch slice, because the rate part ``exp(v)`` (and the NB curvature) runs over every
+gene anyway. The floating type of every kernel follows the counts: float64 by default; with
 float32 counts the per-gene arrays, ``x`` and the globals are float32 (half the memory
 and bandwidth) while every sum over genes, the K x K factorization and the shared
 scratch stay float64. Accuracy of float32 against float64 is measured in
