@@ -185,7 +185,7 @@ def _resident_case(name):
     counts = sparse.csr_matrix(p["u"]) if csr else p["u"]
     log_r = np.log(2.5) + 0.3 * p["rng"].standard_normal(G) if nb else None
     eta = np.maximum(p["a"], 0.0) + 0.1 if held else None
-    kw = dict(log_lib=np.log(p["u"].sum(axis=1)), newton_tol=1e-12)
+    kw = {"log_lib": np.log(p["u"].sum(axis=1)), "newton_tol": 1e-12}
     P = {dev: LaplaceProblem(counts, device=dev, chunk_cells=4, **kw) for dev in ("cpu", "cuda")}
     dc = P["cuda"]._device
     resident = (dc.x, dc.eta, dc.n_iter, dc.converged, dc.at_bound, dc.counts.data)
@@ -195,8 +195,8 @@ def _resident_case(name):
     for i, (mu, W, d) in enumerate(steps):
         if i == 1:
             gpu.reset_transfers()
-        res = {dev: P[dev].log_marginal(mu, W, d, log_r=log_r, eta=eta, grad=True)
-               for dev in P}
+        res = {dev: prob.log_marginal(mu, W, d, log_r=log_r, eta=eta, grad=True)
+               for dev, prob in P.items()}
         if i == 1:
             out["transfers"] = dict(gpu.TRANSFERS)
         for k, (c, g) in enumerate(zip(res["cpu"], res["cuda"])):
@@ -206,19 +206,25 @@ def _resident_case(name):
             out[f"eval{i}_{key}"] = _rel(getattr(P["cpu"], key), getattr(P["cuda"], key))
         out[f"eval{i}_converged"] = bool(P["cpu"].converged.all() and P["cuda"].converged.all())
         out[f"eval{i}_iter_diff"] = int(np.abs(P["cpu"].n_iter - P["cuda"].n_iter).max())
-    for dev in P:
-        P[dev].keep_modes()
+    mu, W, d = steps[1]
+    gpu.reset_transfers()
+    stats = {dev: prob.em_statistics(mu, W, d, log_r=log_r, eta=eta) for dev, prob in P.items()}
+    out["em_transfers"] = dict(gpu.TRANSFERS)
+    for key, val in stats["cpu"].items():
+        out[f"em_{key}"] = _rel(val, stats["cuda"][key])
+    for prob in P.values():
+        prob.keep_modes()
     P["cuda"].max_newton = P["cpu"].max_newton = 3
-    for dev in P:
-        P[dev].log_marginal(p["mu"] - 0.3, p["W"], p["d"] * 2.0, log_r=log_r, eta=eta)
+    for prob in P.values():
+        prob.log_marginal(p["mu"] - 0.3, p["W"], p["d"] * 2.0, log_r=log_r, eta=eta)
     out["restarted"] = int((~P["cpu"].converged).sum())
-    for dev in P:
-        P[dev].restore_modes()
-        P[dev].sync_modes()
+    for prob in P.values():
+        prob.restore_modes()
+        prob.sync_modes()
     out["restored_x"] = _rel(P["cpu"].x, P["cuda"].x)
-    for dev in P:
-        P[dev].max_newton = 3
-        P[dev].modes(p["mu"] - 0.3, p["W"], p["d"] * 2.0, log_r=log_r, eta=eta)
+    for prob in P.values():
+        prob.max_newton = 3
+        prob.modes(p["mu"] - 0.3, p["W"], p["d"] * 2.0, log_r=log_r, eta=eta)
     for key in ("x", "eta"):
         out[f"short_{key}"] = _rel(getattr(P["cpu"], key), getattr(P["cuda"], key))
     out["short_flags_equal"] = all(np.array_equal(getattr(P["cpu"], k), getattr(P["cuda"], k))
@@ -304,6 +310,7 @@ def test_simulator_modes_stay_on_device(case):
     diffs = _run(["resident", case], simulator=True)
     N, G, K = diffs.pop("shape")
     t = diffs.pop("transfers")
+    t_em = diffs.pop("em_transfers")
     assert diffs.pop("same_device_arrays") is True
     assert diffs.pop("short_flags_equal") is True
     assert diffs.pop("restarted") > 0  # the short Newton left cells to restart
@@ -321,11 +328,15 @@ def test_simulator_modes_stay_on_device(case):
     assert t["to_device"] == 12 and t["to_device_bytes"] == 2 * globals_bytes, t
     assert t["to_host"] == 3 and t["to_host_bytes"] == N + 8 * N + 8 * (K + 3) * G, t
     assert max(t["to_device_max"], t["to_host_max"]) < 8 * N * G
+    # EM statistics at the same globals (modes already there): Newton's globals, the
+    # statistics' mu, W', d, inv_r, (Sigma^{-1} W)' in; flags and two sums out
+    assert t_em["to_device_bytes"] == globals_bytes + 8 * (3 * G + 2 * K * G), t_em
+    assert t_em["to_host_bytes"] == N + 8 * (K + 2) * G + 8 * K, t_em
 
 
 def test_kernels_compile_for_sm90_without_gpu():
     sizes = _run(["ptx"], simulator=False)
-    assert len(sizes) == 12 and min(sizes.values()) > 0
+    assert len(sizes) == 14 and min(sizes.values()) > 0
 
 
 def test_resolve_device_names_and_fallback(caplog):

@@ -29,7 +29,9 @@ distinct genes, so no atomics and a deterministic sum), and a second kernel sums
 slices. Atomics were rejected: ``N G (K + 3)`` float64 atomics per evaluation would
 serialize on the same G (K + 3) addresses from every block. The M^{-1} term of the
 loadings gradient is contracted with W per cell (O(G K^2)) instead of accumulating the
-CPU's ``(G, K^2)`` array per block.
+CPU's ``(G, K^2)`` array per block. The Laplace-EM statistics are summed the same way,
+into ``(B, K + 2, G)`` slices; their ``sum_c diag(h_c) W M_c^{-1} W' diag(h_c) B`` term
+goes through each cell's K x K ``M_c^{-1} (W' diag(h_c) B)``, as on the CPU.
 
 Data placement and precision
 ----------------------------
@@ -38,7 +40,8 @@ A fit's cells live on the device for the whole fit (:class:`DeviceCells`, what
 :func:`to_device_counts`), the eta prior, the modes ``x``, ``eta``, the Newton flags and
 all scratch are allocated once and updated in place. An outer evaluation sends the
 globals (O(G K)) and brings back reductions (per-cell values, gradient sums, converged
-flags), never the O(N G) modes; every host <-> device copy is counted in
+flags, the Laplace-EM statistics of :mod:`scribe_stan.laplace.em`), never the O(N G)
+modes; every host <-> device copy is counted in
 :data:`TRANSFERS`. The module functions (:func:`newton_all`, ...) keep the host-array
 interface of :mod:`scribe_stan.laplace.cpu` and copy host arrays in and back per call.
 With CSR counts each block scatters the cell's nonzeros into a dense G-vector of its
@@ -220,6 +223,24 @@ def _chol_logdet(L, K):
     for k in range(K):
         s += 2.0 * math.log(L[k, k])
     return s
+
+
+@cuda.jit(device=True)
+def _chol_inverse(L, Minv, tid, nt, K):
+    """``Minv = (L L')^{-1}``: column k by thread k (rows of the symmetric inverse)."""
+    for k in range(tid, K, nt):
+        Mk = Minv[k]
+        for i in range(K):
+            tt = 1.0 if i == k else 0.0
+            for j in range(i):
+                tt -= L[i, j] * Mk[j]
+            Mk[i] = tt / L[i, i]
+        for i in range(K - 1, -1, -1):
+            tt = Mk[i]
+            for j in range(i + 1, K):
+                tt -= L[j, i] * Mk[j]
+            Mk[i] = tt / L[i, i]
+    cuda.syncthreads()
 
 
 @cuda.jit(device=True)
@@ -481,20 +502,7 @@ def _value_grad_kernel(cdata, cind, cptr, is_csr, const, a, sigma, mu, Wt, d, in
             value[c] = val
         if not want_grad:
             continue
-        # Column k of M^{-1} by thread k (rows of the symmetric Minv).
-        for k in range(tid, K, nt):
-            Mk = Minv[k]
-            for i in range(K):
-                tt = 1.0 if i == k else 0.0
-                for j in range(i):
-                    tt -= Lm[i, j] * Mk[j]
-                Mk[i] = tt / Lm[i, i]
-            for i in range(K - 1, -1, -1):
-                tt = Mk[i]
-                for j in range(i + 1, K):
-                    tt -= Lm[j, i] * Mk[j]
-                Mk[i] = tt / Lm[i, i]
-        cuda.syncthreads()
+        _chol_inverse(Lm, Minv, tid, nt, K)
         for g in range(tid, G, nt):
             wg = lam[g] * h[g]
             qg = 0.0
@@ -561,6 +569,121 @@ def _value_grad_kernel(cdata, cind, cptr, is_csr, const, a, sigma, mu, Wt, d, in
                 for k in range(K):
                     ab[k, g] += ag * (kv[_KA, k] + kv[_KB, k]) + bg * kv[_KA, k]
             ab[K + 1, g] += dd
+        cuda.syncthreads()
+
+
+@cuda.jit(device=True)
+def _cross(Wt, Bt, wgt, out, part, tid, nt, G, K):
+    """``out[k, j] = sum_g wgt[g] Wt[k, g] Bt[j, g]`` (K x K, not symmetric), in
+    _TILE x _TILE tiles as :func:`_form_m`."""
+    acc = cuda.local.array(_ROWS, float64)
+    wa = cuda.local.array(_TILE, float64)
+    wb = cuda.local.array(_TILE, float64)
+    nb = (K + _TILE - 1) // _TILE
+    for kb in range(nb):
+        for jb in range(nb):
+            for j in range(_ROWS):
+                acc[j] = 0.0
+            for g in range(tid, G, nt):
+                w = wgt[g]
+                for i in range(_TILE):
+                    k = kb * _TILE + i
+                    wa[i] = Wt[k, g] * w if k < K else 0.0
+                    jj = jb * _TILE + i
+                    wb[i] = Bt[jj, g] if jj < K else 0.0
+                for i in range(_TILE):
+                    for j in range(_TILE):
+                        acc[i * _TILE + j] += wa[i] * wb[j]
+            for j in range(_ROWS):
+                part[j, tid] = acc[j]
+            _reduce_rows(part, _ROWS, tid, nt)
+            for p in range(tid, _ROWS, nt):
+                k = kb * _TILE + p // _TILE
+                j = jb * _TILE + p % _TILE
+                if k < K and j < K:
+                    out[k, j] = part[p, 0]
+            cuda.syncthreads()
+
+
+@cuda.jit
+def _em_stats_kernel(cdata, cind, cptr, is_csr, sigma, mu, Wt, d, inv_r, Bt, x, eta, fix_eta,
+                     ws, wk, acc, acc_z):
+    """Per-block sums of the Laplace-EM sufficient statistics (module docstring of
+    :mod:`scribe_stan.laplace.em`; the CPU's ``CellChunk.em_statistics``).
+
+    ``Bt`` (K, G) is ``(Sigma^{-1} W)'``. Block b adds its cells' ``E[r z']`` into
+    ``acc[b, 0:K]`` (K, G), ``E[x]`` into ``acc[b, K]``, ``E[r^2]`` into ``acc[b, K + 1]``
+    and ``E[z]`` into ``acc_z[b, 0]`` (K,), with ``r = x - mu``; ``wk[b]`` holds the
+    cell's factor of M, M^{-1}, ``Z = W' diag(h) B`` and ``Y = M^{-1} Z``.
+    """
+    part = cuda.shared.array((_ROWS, MAX_THREADS), float64)
+    kv = cuda.shared.array((5, KMAX), float64)
+    flag = cuda.shared.array(1, int32)
+    tid = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    b = cuda.blockIdx.x
+    N = x.shape[0]
+    G = x.shape[1]
+    K = Wt.shape[0]
+    w = ws[b]
+    Lm, Minv, Z, Y = wk[b, 0], wk[b, 1], wk[b, 2], wk[b, 3]
+    ab = acc[b]
+    lam, h, invB, phi, r = w[_LAM], w[_H], w[_INVB], w[_PHI], w[_R]
+    for j in range(K + 2):
+        for g in range(tid, G, nt):
+            ab[j, g] = 0.0
+    for k in range(tid, K, nt):
+        acc_z[b, 0, k] = 0.0
+    for c in range(b, N, cuda.gridDim.x):
+        _load_counts(c, cdata, cind, cptr, is_csr, w[_U], tid, nt, G)
+        xc = x[c]
+        e = eta[c] + 0.0
+        _curvature(w, xc, e, inv_r, Wt, d, Lm, flag, part, tid, nt, G, K)
+        inv_s = 0.0  # fix_eta: eta is not integrated, phi = 0
+        if not fix_eta:
+            _woodbury(lam, invB, h, 1.0, Lm, Wt, phi, w[_TMP], kv, part, tid, nt, G, K)
+            sp = 0.0
+            for g in range(tid, G, nt):
+                sp += lam[g] * (1.0 - phi[g])
+            sp, _ = _bsum2(sp, 0.0, part, tid, nt)
+            inv_s = 1.0 / (1.0 / (sigma[c] * sigma[c]) + sp)
+            _project(Bt, phi, kv[_KB], part, tid, nt, G, K)
+        for g in range(tid, G, nt):
+            r[g] = xc[g] - mu[g]
+        cuda.syncthreads()
+        _project(Bt, r, kv[_KA], part, tid, nt, G, K)  # (x - mu)' B: E[z | x]
+        _chol_inverse(Lm, Minv, tid, nt, K)
+        _cross(Wt, Bt, h, Z, part, tid, nt, G, K)
+        for p in range(tid, K * K, nt):
+            k = p // K
+            j = p % K
+            tt = 0.0
+            for i in range(K):
+                tt += Minv[k, i] * Z[i, j]
+            Y[k, j] = tt
+        cuda.syncthreads()
+        for g in range(tid, G, nt):
+            rg = r[g]
+            hg = h[g]
+            pg = phi[g] * inv_s if not fix_eta else 0.0
+            qg = 0.0
+            for k in range(K):
+                sk = 0.0
+                wy = 0.0
+                for j in range(K):
+                    sk += Wt[j, g] * Minv[j, k]
+                    wy += Wt[j, g] * Y[j, k]
+                qg += Wt[k, g] * sk
+                ab[k, g] += rg * kv[_KA, k] + invB[g] * Bt[k, g] + hg * wy
+                if not fix_eta:
+                    ab[k, g] += pg * kv[_KB, k]
+            ab[K, g] += xc[g]
+            ab[K + 1, g] += rg * rg + invB[g] + hg * hg * qg
+            if not fix_eta:
+                ab[K + 1, g] += phi[g] * pg
+        if tid == 0:
+            for k in range(K):
+                acc_z[b, 0, k] += kv[_KA, k]
         cuda.syncthreads()
 
 
@@ -905,7 +1028,8 @@ class DeviceCells:
     place by the kernels, so an outer evaluation moves only the globals to the device
     (plus the per-cell constants when they change, e.g. with a free dispersion) and
     brings back only reductions: the per-cell values (N,), the gradient sums
-    ((K + 3) x G) and the converged flags (N bytes). Uploading x and eta on every call,
+    ((K + 3) x G) and the converged flags (N bytes); an EM step, its statistics
+    ((K + 2) x G and K). Uploading x and eta on every call,
     as the host-array functions :func:`newton_all` and :func:`laplace_value_grad` must,
     would move 2 N G values per evaluation, the dominant cost of a large fit.
 
@@ -939,6 +1063,11 @@ class DeviceCells:
             B = self._blocks
             ws, wk = _scratch(self.counts, B, K, self.counts.dtype)
             self._work = {K: {"ws": ws, "wk": wk,
+                              "wk_em": cuda.device_array((B, 4, K, K), dtype=np.float64),
+                              "acc_em": cuda.device_array((B, K + 2, G), dtype=np.float64),
+                              "acc_z": cuda.device_array((B, 1, K), dtype=np.float64),
+                              "total_em": cuda.device_array((K + 2, G), dtype=np.float64),
+                              "total_z": cuda.device_array((1, K), dtype=np.float64),
                               "acc": cuda.device_array((B, K + 3, G), dtype=np.float64),
                               "total": cuda.device_array((K + 3, G), dtype=np.float64),
                               "value": cuda.device_array(self.counts.shape[0],
@@ -1037,6 +1166,32 @@ class DeviceCells:
         t = _download(total)
         return (_download(buf["value"]), t[K].copy(), np.ascontiguousarray(t[:K].T),
                 t[K + 1].copy(), t[K + 2].copy())
+
+    def em_statistics(self, mu, W, d, inv_r, B, fix_eta):
+        """Laplace-EM sufficient statistics of all cells at the resident modes.
+
+        The quantities of :meth:`scribe_stan.laplace.batched.CellChunk.em_statistics`
+        summed over every cell, with ``B = Sigma^{-1} W`` (G, K) at the globals; per
+        cell the same Woodbury pieces (no G x G matrix), summed per block on the device.
+        Only the ``(K + 2) x G`` and ``K`` sums come back.
+        """
+        K = np.shape(W)[1]
+        buf = self._buffers(K)
+        dt = self.counts.dtype
+        N = self.counts.shape[0]
+        B = np.asarray(B, dtype=np.float64)
+        _em_stats_kernel[self._blocks, THREADS_PER_BLOCK](
+            *_counts_args(self.counts), self.sigma, _upload(mu, dt),
+            _upload(np.asarray(W).T, dt), _upload(d, dt), _upload(inv_r, dt), _upload(B.T, dt),
+            self.x, self.eta, bool(fix_eta), buf["ws"], buf["wk_em"], buf["acc_em"],
+            buf["acc_z"])
+        for part, total in ((buf["acc_em"], buf["total_em"]), (buf["acc_z"], buf["total_z"])):
+            n = total.shape[0] * total.shape[1]
+            _sum_blocks[(n + 127) // 128, 128](part, total)
+        t = _download(buf["total_em"])
+        rz = np.ascontiguousarray(t[:K].T)
+        return {"n": N, "x": t[K], "rr": t[K + 1], "rz": rz, "z": _download(buf["total_z"])[0],
+                "zz": N * (np.eye(K) - B.T @ np.asarray(W)) + B.T @ rz}
 
 
 def newton_all(counts, a, sigma, mu, W, d, inv_r, WW, Lc, x, eta, fix_eta, tol, max_iter,
@@ -1149,6 +1304,8 @@ def kernel_signatures(dtype=np.float64):
         "newton": (_newton_kernel, cnt + (v, v, v, m, v, v, v, m, m, v, iv, boolean, boolean,
                                           float64, int64, float64, t3, wk, iv, bv, bv)),
         "restart": (_restart_kernel, cnt + (v, m, v, iv, boolean)),
+        "em_stats": (_em_stats_kernel, cnt + (v, v, m, v, v, m, m, v, boolean, t3, wk,
+                                              float64[:, :, ::1], float64[:, :, ::1])),
         "value_grad": (_value_grad_kernel, cnt + (dv, v, v, v, m, v, v, v, m, m, v, boolean,
                                                   boolean, boolean, t3, wk, dv, float64[:, :, ::1])),
         "sum_blocks": (_sum_blocks, (float64[:, :, ::1], float64[:, ::1])),

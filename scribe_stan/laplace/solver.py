@@ -366,9 +366,13 @@ class LaplaceProblem:
         """Modes at the globals, then the summed expected sufficient statistics of the
         factor model over all chunks (see :mod:`scribe_stan.laplace.em`).
 
-        With CUDA the statistics are computed on the host from the synced modes (one
-        device-to-host copy of x per call; the EM start makes a few such calls).
+        With CUDA they are summed on the device, where the modes stay.
         """
+        if self._device is not None:
+            self._solve_modes(mu, W, d, log_r, eta)
+            inv_r = inverse_dispersion(log_r, self.shape[1])
+            B = batched.Globals.build(mu, W, d, inv_r).sigma_inv_W
+            return self._device.em_statistics(mu, W, d, inv_r, B, eta is not None)
         self.modes(mu, W, d, log_r=log_r, eta=eta)
         gl = batched.Globals.build(mu, W, d, inverse_dispersion(log_r, self.shape[1]))
         return em.reduce_statistics([chunk.em_statistics(gl, eta is not None)
