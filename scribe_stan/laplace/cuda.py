@@ -1249,7 +1249,8 @@ def sample_cells(counts, const, lgam, a, sigma, mu, W, d, inv_r, WW, Lc, x, eta,
     d_outs = [o if _is_device(o) else cuda.device_array(o.shape, dtype=np.float64)
               for o in outs]
     _sample_kernel[B, THREADS_PER_BLOCK](*_counts_args(counts), _upload(const, np.float64),
-                                         _upload(lgam, np.float64), _upload(a, dt), _upload(sigma, dt),
+                                         _upload(lgam, np.float64), _upload(a, dt),
+                                         _upload(sigma, dt),
                                          d_mu, d_Wt, d_d, d_inv_d, d_inv_r, d_Lc, logdet_sigma,
                                          _upload(x, dt), _upload(eta, dt),
                                          _upload(genes, np.int64), _upload(eps_G, dt),
