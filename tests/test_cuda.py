@@ -8,6 +8,9 @@ it cannot be turned off again). So this file is also a script:
 * ``python tests/test_cuda.py sim CASE`` runs every kernel of
   :mod:`scribe_stan.laplace.cuda` under the simulator and the same call of
   :mod:`scribe_stan.laplace.cpu`, and prints the max relative differences as JSON;
+* ``python tests/test_cuda.py resident CASE`` runs outer evaluations of a
+  ``LaplaceProblem`` on the device (simulator) and on the CPU's batched path, and
+  prints their differences and the device's host <-> device traffic;
 * ``python tests/test_cuda.py ptx`` compiles every kernel for a real GPU (sm_90) with
   explicit signatures and the simulator off, so code the simulator tolerates but the
   CUDA compiler rejects fails here.
@@ -158,6 +161,80 @@ def _ptx_all():
     return sizes
 
 
+#: name: (NB dispersions?, eta held?, CSR?) of the resident-state cases
+RESIDENT = {"pln-free-csr": (False, False, True), "nb-held-dense": (True, True, False)}
+
+
+def _resident_case(name):
+    """Evaluations of one LaplaceProblem on the device against the CPU's batched path.
+
+    Two outer evaluations at different globals (the second warm-started), then
+    keep/restore and a third with 3 Newton iterations per call, so cells fail and are
+    restarted from the data-driven start. Reports the largest relative differences of
+    values, gradients and modes, whether the device arrays of the cells are the same
+    objects throughout, and the host <-> device traffic of the second evaluation.
+    """
+    from scipy import sparse
+
+    from scribe_stan.laplace import cuda as gpu
+    from scribe_stan.laplace.solver import LaplaceProblem
+
+    nb, held, csr = RESIDENT[name]
+    N, G, K = 6, 8, 2  # N > K + 3: a mode array outweighs every reduction that comes back
+    p = _inputs(N, G, K, nb, seed=4)
+    counts = sparse.csr_matrix(p["u"]) if csr else p["u"]
+    log_r = np.log(2.5) + 0.3 * p["rng"].standard_normal(G) if nb else None
+    eta = np.maximum(p["a"], 0.0) + 0.1 if held else None
+    kw = {"log_lib": np.log(p["u"].sum(axis=1)), "newton_tol": 1e-12}
+    P = {dev: LaplaceProblem(counts, device=dev, chunk_cells=4, **kw) for dev in ("cpu", "cuda")}
+    dc = P["cuda"]._device
+    resident = (dc.x, dc.eta, dc.n_iter, dc.converged, dc.at_bound, dc.counts.data)
+    steps = [(p["mu"], p["W"], p["d"]),
+             (p["mu"] + 0.05, p["W"] * 1.1, p["d"] * 0.9)]
+    out = {}
+    for i, (mu, W, d) in enumerate(steps):
+        if i == 1:
+            gpu.reset_transfers()
+        res = {dev: prob.log_marginal(mu, W, d, log_r=log_r, eta=eta, grad=True)
+               for dev, prob in P.items()}
+        if i == 1:
+            out["transfers"] = dict(gpu.TRANSFERS)
+        for k, (c, g) in enumerate(zip(res["cpu"], res["cuda"])):
+            out[f"eval{i}_out{k}"] = _rel(c, g)
+        P["cuda"].sync_modes()
+        for key in ("x", "eta"):
+            out[f"eval{i}_{key}"] = _rel(getattr(P["cpu"], key), getattr(P["cuda"], key))
+        out[f"eval{i}_converged"] = bool(P["cpu"].converged.all() and P["cuda"].converged.all())
+        out[f"eval{i}_iter_diff"] = int(np.abs(P["cpu"].n_iter - P["cuda"].n_iter).max())
+    mu, W, d = steps[1]
+    gpu.reset_transfers()
+    stats = {dev: prob.em_statistics(mu, W, d, log_r=log_r, eta=eta) for dev, prob in P.items()}
+    out["em_transfers"] = dict(gpu.TRANSFERS)
+    for key, val in stats["cpu"].items():
+        out[f"em_{key}"] = _rel(val, stats["cuda"][key])
+    for prob in P.values():
+        prob.keep_modes()
+    P["cuda"].max_newton = P["cpu"].max_newton = 3
+    for prob in P.values():
+        prob.log_marginal(p["mu"] - 0.3, p["W"], p["d"] * 2.0, log_r=log_r, eta=eta)
+    out["restarted"] = int((~P["cpu"].converged).sum())
+    for prob in P.values():
+        prob.restore_modes()
+        prob.sync_modes()
+    out["restored_x"] = _rel(P["cpu"].x, P["cuda"].x)
+    for prob in P.values():
+        prob.max_newton = 3
+        prob.modes(p["mu"] - 0.3, p["W"], p["d"] * 2.0, log_r=log_r, eta=eta)
+    for key in ("x", "eta"):
+        out[f"short_{key}"] = _rel(getattr(P["cpu"], key), getattr(P["cuda"], key))
+    out["short_flags_equal"] = all(np.array_equal(getattr(P["cpu"], k), getattr(P["cuda"], k))
+                                   for k in ("n_iter", "converged", "at_bound"))
+    out["same_device_arrays"] = all(a is b for a, b in zip(
+        resident, (dc.x, dc.eta, dc.n_iter, dc.converged, dc.at_bound, dc.counts.data)))
+    out["shape"] = [N, G, K]
+    return out
+
+
 def _fit_case():
     """A few outer iterations of fit_laplace on both devices from the same start."""
     from scribe_stan.laplace.solver import fit_laplace
@@ -226,9 +303,40 @@ def test_simulator_fit_laplace_matches_cpu():
         assert val <= 1e-8, (key, val)
 
 
+@pytest.mark.parametrize("case", list(RESIDENT))
+def test_simulator_modes_stay_on_device(case):
+    # a LaplaceProblem on the device against the CPU's batched path, evaluation by
+    # evaluation; the cells' device arrays are allocated once and never copied
+    diffs = _run(["resident", case], simulator=True)
+    N, G, K = diffs.pop("shape")
+    t = diffs.pop("transfers")
+    t_em = diffs.pop("em_transfers")
+    assert diffs.pop("same_device_arrays") is True
+    assert diffs.pop("short_flags_equal") is True
+    assert diffs.pop("restarted") > 0  # the short Newton left cells to restart
+    for i in range(2):
+        assert diffs.pop(f"eval{i}_converged") is True
+        # same rule from the same start; a decrement at the tolerance may round either way
+        assert diffs.pop(f"eval{i}_iter_diff") <= 1
+    for key, val in diffs.items():
+        assert val <= RTOL64, (key, val)
+    # second evaluation: the globals go in (mu, W', d, 1/d, inv_r, Lc for each of the
+    # Newton and value/gradient launches; a held eta and the per-cell constants are
+    # unchanged, so not sent again) and only reductions come back: the converged flags,
+    # the per-cell values and the (K + 3, G) gradient sums; never x or eta
+    globals_bytes = 8 * (4 * G + K * G + K * K)
+    assert t["to_device"] == 12 and t["to_device_bytes"] == 2 * globals_bytes, t
+    assert t["to_host"] == 3 and t["to_host_bytes"] == N + 8 * N + 8 * (K + 3) * G, t
+    assert max(t["to_device_max"], t["to_host_max"]) < 8 * N * G
+    # EM statistics at the same globals (modes already there): Newton's globals, the
+    # statistics' mu, W', d, inv_r, (Sigma^{-1} W)' in; flags and two sums out
+    assert t_em["to_device_bytes"] == globals_bytes + 8 * (3 * G + 2 * K * G), t_em
+    assert t_em["to_host_bytes"] == N + 8 * (K + 2) * G + 8 * K, t_em
+
+
 def test_kernels_compile_for_sm90_without_gpu():
     sizes = _run(["ptx"], simulator=False)
-    assert len(sizes) == 10 and min(sizes.values()) > 0
+    assert len(sizes) == 14 and min(sizes.values()) > 0
 
 
 def test_resolve_device_names_and_fallback(caplog):
@@ -263,9 +371,12 @@ def test_simulator_counts_as_available():
 if __name__ == "__main__":
     if sys.argv[1] == "sim":
         print(json.dumps(_sim_case(sys.argv[2])))
+    elif sys.argv[1] == "resident":
+        print(json.dumps(_resident_case(sys.argv[2])))
     elif sys.argv[1] == "fit":
         print(json.dumps(_fit_case()))
     elif sys.argv[1] == "ptx":
         print(json.dumps(_ptx_all()))
     else:
-        raise SystemExit(f"unknown mode {sys.argv[1]!r}; use 'sim CASE', 'fit' or 'ptx'")
+        raise SystemExit(f"unknown mode {sys.argv[1]!r}; use 'sim CASE', 'resident CASE', "
+                         "'fit' or 'ptx'")

@@ -13,6 +13,9 @@ full fit <= 60 s). Prints one JSON object with
   (``3 G`` values); the per-block scratch and ``W`` are assumed to stay in L2. Peak is
   ``2 x memory clock x bus width`` from the device attributes, or the vendor figure
   from :data:`PEAK_GBPS` by name;
+* ``gpu.transfers``: host <-> device copies of the fit (``scribe_stan.laplace.cuda.TRANSFERS``:
+  counts, bytes, largest single copy each way) and the bytes per objective evaluation;
+  the modes stay on the device, so these are the counts once plus O(N + G K) a call;
 * ``cpu``: the same fit and E-step with the CPU kernels on ``--cpu-cells`` cells (the
   largest size run on the CPU), and the speed-ups per cell (both scale linearly in N).
 
@@ -81,21 +84,32 @@ def peak_bandwidth_gbps():
 
 
 def run(counts, K, log_lib, truth, device, dtype, max_iter):
-    """Full fit and one timed E-step; returns a dict of timings."""
+    """Full fit and one timed E-step; returns a dict of timings (and, on the device, the
+    fit's host <-> device traffic)."""
+    if device == "cuda":
+        from scribe_stan.laplace import cuda as gpu
+
+        gpu.reset_transfers()
     t0 = time.perf_counter()
     sol = fit_laplace(counts, K, log_lib=log_lib, log_M0=truth["log_M0"],
                       sigma_M=truth["sigma_M"], max_iter=max_iter, device=device, dtype=dtype)
     fit_s = time.perf_counter() - t0
+    out = {}
+    if device == "cuda":  # the fit's traffic, one-time placement of counts and modes included
+        out["transfers"] = dict(gpu.TRANSFERS)
+        out["transfers"]["bytes_per_evaluation"] = (
+            (gpu.TRANSFERS["to_device_bytes"] + gpu.TRANSFERS["to_host_bytes"]) / sol.n_eval)
     problem = LaplaceProblem(counts, log_lib=log_lib, log_M0=truth["log_M0"],
                              sigma_M=truth["sigma_M"], device=device, dtype=dtype)
     t0 = time.perf_counter()
     modes = problem.modes(sol.mu, sol.W, sol.d)
     estep_s = time.perf_counter() - t0
     N = counts.shape[0]
-    return {"cells": N, "fit_wall_s": fit_s, "outer_iterations": sol.n_iter,
-            "objective_evaluations": sol.n_eval, "objective": sol.objective,
-            "cells_converged": int(sol.modes.converged.sum()), "estep_s": estep_s,
-            "estep_cells_per_s": N / estep_s, "estep_newton_iterations": int(modes.n_iter.sum())}
+    return out | {"cells": N, "fit_wall_s": fit_s, "outer_iterations": sol.n_iter,
+                  "objective_evaluations": sol.n_eval, "objective": sol.objective,
+                  "cells_converged": int(sol.modes.converged.sum()), "estep_s": estep_s,
+                  "estep_cells_per_s": N / estep_s,
+                  "estep_newton_iterations": int(modes.n_iter.sum())}
 
 
 def main(argv=None):

@@ -29,16 +29,24 @@ distinct genes, so no atomics and a deterministic sum), and a second kernel sums
 slices. Atomics were rejected: ``N G (K + 3)`` float64 atomics per evaluation would
 serialize on the same G (K + 3) addresses from every block. The M^{-1} term of the
 loadings gradient is contracted with W per cell (O(G K^2)) instead of accumulating the
-CPU's ``(G, K^2)`` array per block.
+CPU's ``(G, K^2)`` array per block. The Laplace-EM statistics are summed the same way,
+into ``(B, K + 2, G)`` slices; their ``sum_c diag(h_c) W M_c^{-1} W' diag(h_c) B`` term
+goes through each cell's K x K ``M_c^{-1} (W' diag(h_c) B)``, as on the CPU.
 
 Data placement and precision
 ----------------------------
-Counts go to the device once (:func:`to_device_counts`, dense or CSR); the kernels also
-take host arrays for convenience and copy them per call. With CSR counts each block
-scatters the cell's nonzeros into a dense G-vector of its scratch slice, because the
-rate part ``exp(v)`` (and the NB curvature) runs over every gene anyway. ``x`` and
-``eta`` may be device arrays (updated in place, no copies) or host arrays (copied in and
-back). The floating type of every kernel follows the counts: float64 by default; with
+A fit's cells live on the device for the whole fit (:class:`DeviceCells`, what
+:class:`scribe_stan.laplace.solver.LaplaceProblem` uses): the counts (dense or CSR,
+:func:`to_device_counts`), the eta prior, the modes ``x``, ``eta``, the Newton flags and
+all scratch are allocated once and updated in place. An outer evaluation sends the
+globals (O(G K)) and brings back reductions (per-cell values, gradient sums, converged
+flags, the Laplace-EM statistics of :mod:`scribe_stan.laplace.em`), never the O(N G)
+modes; every host <-> device copy is counted in
+:data:`TRANSFERS`. The module functions (:func:`newton_all`, ...) keep the host-array
+interface of :mod:`scribe_stan.laplace.cpu` and copy host arrays in and back per call.
+With CSR counts each block scatters the cell's nonzeros into a dense G-vector of its
+scratch slice, because the rate part ``exp(v)`` (and the NB curvature) runs over every
+gene anyway. The floating type of every kernel follows the counts: float64 by default; with
 float32 counts the per-gene arrays, ``x`` and the globals are float32 (half the memory
 and bandwidth) while every sum over genes, the K x K factorization and the shared
 scratch stay float64. Accuracy of float32 against float64 is measured in
@@ -218,6 +226,24 @@ def _chol_logdet(L, K):
 
 
 @cuda.jit(device=True)
+def _chol_inverse(L, Minv, tid, nt, K):
+    """``Minv = (L L')^{-1}``: column k by thread k (rows of the symmetric inverse)."""
+    for k in range(tid, K, nt):
+        Mk = Minv[k]
+        for i in range(K):
+            tt = 1.0 if i == k else 0.0
+            for j in range(i):
+                tt -= L[i, j] * Mk[j]
+            Mk[i] = tt / L[i, i]
+        for i in range(K - 1, -1, -1):
+            tt = Mk[i]
+            for j in range(i + 1, K):
+                tt -= L[j, i] * Mk[j]
+            Mk[i] = tt / L[i, i]
+    cuda.syncthreads()
+
+
+@cuda.jit(device=True)
 def _woodbury(v, diag, scale, sign, L, Wt, out, tmp, kv, part, tid, nt, G, K):
     """``out = diag * v + sign * scale * (W (L L')^{-1} W' (scale * v))``; out != v."""
     for g in range(tid, G, nt):
@@ -312,14 +338,15 @@ def _curvature(w, xv, eta, inv_r, Wt, d, Lm, flag, part, tid, nt, G, K):
 
 @cuda.jit
 def _newton_kernel(cdata, cind, cptr, is_csr, a, sigma, mu, Wt, d, inv_d, inv_r, Lc, x, eta,
-                   fix_eta, tol, max_iter, slack, ws, wk, n_iter, converged, at_bound):
+                   cells, add_iter, fix_eta, tol, max_iter, slack, ws, wk, n_iter, converged,
+                   at_bound):
+    """Newton for the cells ``cells`` (indices into x); ``add_iter``: n_iter accumulates."""
     part = cuda.shared.array((_ROWS, MAX_THREADS), float64)
     kv = cuda.shared.array((5, KMAX), float64)
     flag = cuda.shared.array(1, int32)
     tid = cuda.threadIdx.x
     nt = cuda.blockDim.x
     b = cuda.blockIdx.x
-    N = x.shape[0]
     G = x.shape[1]
     K = Wt.shape[0]
     w = ws[b]
@@ -327,7 +354,8 @@ def _newton_kernel(cdata, cind, cptr, is_csr, a, sigma, mu, Wt, d, inv_d, inv_r,
     lam, h, invB, gx, alpha, dx, phi, xn, score = (w[_LAM], w[_H], w[_INVB], w[_GX],
                                                    w[_ALPHA], w[_DX], w[_PHI], w[_XN],
                                                    w[_SCORE])
-    for c in range(b, N, cuda.gridDim.x):
+    for i in range(b, cells.shape[0], cuda.gridDim.x):
+        c = cells[i]
         _load_counts(c, cdata, cind, cptr, is_csr, w[_U], tid, nt, G)
         xc = x[c]
         ac = a[c]
@@ -418,7 +446,7 @@ def _newton_kernel(cdata, cind, cptr, is_csr, a, sigma, mu, Wt, d, inv_d, inv_r,
                 break
         if tid == 0:
             eta[c] = e
-            n_iter[c] = n_it
+            n_iter[c] = n_it + n_iter[c] if add_iter else n_it
             converged[c] = ok
             at_bound[c] = bound
         cuda.syncthreads()
@@ -474,20 +502,7 @@ def _value_grad_kernel(cdata, cind, cptr, is_csr, const, a, sigma, mu, Wt, d, in
             value[c] = val
         if not want_grad:
             continue
-        # Column k of M^{-1} by thread k (rows of the symmetric Minv).
-        for k in range(tid, K, nt):
-            Mk = Minv[k]
-            for i in range(K):
-                tt = 1.0 if i == k else 0.0
-                for j in range(i):
-                    tt -= Lm[i, j] * Mk[j]
-                Mk[i] = tt / Lm[i, i]
-            for i in range(K - 1, -1, -1):
-                tt = Mk[i]
-                for j in range(i + 1, K):
-                    tt -= Lm[j, i] * Mk[j]
-                Mk[i] = tt / Lm[i, i]
-        cuda.syncthreads()
+        _chol_inverse(Lm, Minv, tid, nt, K)
         for g in range(tid, G, nt):
             wg = lam[g] * h[g]
             qg = 0.0
@@ -554,6 +569,121 @@ def _value_grad_kernel(cdata, cind, cptr, is_csr, const, a, sigma, mu, Wt, d, in
                 for k in range(K):
                     ab[k, g] += ag * (kv[_KA, k] + kv[_KB, k]) + bg * kv[_KA, k]
             ab[K + 1, g] += dd
+        cuda.syncthreads()
+
+
+@cuda.jit(device=True)
+def _cross(Wt, Bt, wgt, out, part, tid, nt, G, K):
+    """``out[k, j] = sum_g wgt[g] Wt[k, g] Bt[j, g]`` (K x K, not symmetric), in
+    _TILE x _TILE tiles as :func:`_form_m`."""
+    acc = cuda.local.array(_ROWS, float64)
+    wa = cuda.local.array(_TILE, float64)
+    wb = cuda.local.array(_TILE, float64)
+    nb = (K + _TILE - 1) // _TILE
+    for kb in range(nb):
+        for jb in range(nb):
+            for j in range(_ROWS):
+                acc[j] = 0.0
+            for g in range(tid, G, nt):
+                w = wgt[g]
+                for i in range(_TILE):
+                    k = kb * _TILE + i
+                    wa[i] = Wt[k, g] * w if k < K else 0.0
+                    jj = jb * _TILE + i
+                    wb[i] = Bt[jj, g] if jj < K else 0.0
+                for i in range(_TILE):
+                    for j in range(_TILE):
+                        acc[i * _TILE + j] += wa[i] * wb[j]
+            for j in range(_ROWS):
+                part[j, tid] = acc[j]
+            _reduce_rows(part, _ROWS, tid, nt)
+            for p in range(tid, _ROWS, nt):
+                k = kb * _TILE + p // _TILE
+                j = jb * _TILE + p % _TILE
+                if k < K and j < K:
+                    out[k, j] = part[p, 0]
+            cuda.syncthreads()
+
+
+@cuda.jit
+def _em_stats_kernel(cdata, cind, cptr, is_csr, sigma, mu, Wt, d, inv_r, Bt, x, eta, fix_eta,
+                     ws, wk, acc, acc_z):
+    """Per-block sums of the Laplace-EM sufficient statistics (module docstring of
+    :mod:`scribe_stan.laplace.em`; the CPU's ``CellChunk.em_statistics``).
+
+    ``Bt`` (K, G) is ``(Sigma^{-1} W)'``. Block b adds its cells' ``E[r z']`` into
+    ``acc[b, 0:K]`` (K, G), ``E[x]`` into ``acc[b, K]``, ``E[r^2]`` into ``acc[b, K + 1]``
+    and ``E[z]`` into ``acc_z[b, 0]`` (K,), with ``r = x - mu``; ``wk[b]`` holds the
+    cell's factor of M, M^{-1}, ``Z = W' diag(h) B`` and ``Y = M^{-1} Z``.
+    """
+    part = cuda.shared.array((_ROWS, MAX_THREADS), float64)
+    kv = cuda.shared.array((5, KMAX), float64)
+    flag = cuda.shared.array(1, int32)
+    tid = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    b = cuda.blockIdx.x
+    N = x.shape[0]
+    G = x.shape[1]
+    K = Wt.shape[0]
+    w = ws[b]
+    Lm, Minv, Z, Y = wk[b, 0], wk[b, 1], wk[b, 2], wk[b, 3]
+    ab = acc[b]
+    lam, h, invB, phi, r = w[_LAM], w[_H], w[_INVB], w[_PHI], w[_R]
+    for j in range(K + 2):
+        for g in range(tid, G, nt):
+            ab[j, g] = 0.0
+    for k in range(tid, K, nt):
+        acc_z[b, 0, k] = 0.0
+    for c in range(b, N, cuda.gridDim.x):
+        _load_counts(c, cdata, cind, cptr, is_csr, w[_U], tid, nt, G)
+        xc = x[c]
+        e = eta[c] + 0.0
+        _curvature(w, xc, e, inv_r, Wt, d, Lm, flag, part, tid, nt, G, K)
+        inv_s = 0.0  # fix_eta: eta is not integrated, phi = 0
+        if not fix_eta:
+            _woodbury(lam, invB, h, 1.0, Lm, Wt, phi, w[_TMP], kv, part, tid, nt, G, K)
+            sp = 0.0
+            for g in range(tid, G, nt):
+                sp += lam[g] * (1.0 - phi[g])
+            sp, _ = _bsum2(sp, 0.0, part, tid, nt)
+            inv_s = 1.0 / (1.0 / (sigma[c] * sigma[c]) + sp)
+            _project(Bt, phi, kv[_KB], part, tid, nt, G, K)
+        for g in range(tid, G, nt):
+            r[g] = xc[g] - mu[g]
+        cuda.syncthreads()
+        _project(Bt, r, kv[_KA], part, tid, nt, G, K)  # (x - mu)' B: E[z | x]
+        _chol_inverse(Lm, Minv, tid, nt, K)
+        _cross(Wt, Bt, h, Z, part, tid, nt, G, K)
+        for p in range(tid, K * K, nt):
+            k = p // K
+            j = p % K
+            tt = 0.0
+            for i in range(K):
+                tt += Minv[k, i] * Z[i, j]
+            Y[k, j] = tt
+        cuda.syncthreads()
+        for g in range(tid, G, nt):
+            rg = r[g]
+            hg = h[g]
+            pg = phi[g] * inv_s if not fix_eta else 0.0
+            qg = 0.0
+            for k in range(K):
+                sk = 0.0
+                wy = 0.0
+                for j in range(K):
+                    sk += Wt[j, g] * Minv[j, k]
+                    wy += Wt[j, g] * Y[j, k]
+                qg += Wt[k, g] * sk
+                ab[k, g] += rg * kv[_KA, k] + invB[g] * Bt[k, g] + hg * wy
+                if not fix_eta:
+                    ab[k, g] += pg * kv[_KB, k]
+            ab[K, g] += xc[g]
+            ab[K + 1, g] += rg * rg + invB[g] + hg * hg * qg
+            if not fix_eta:
+                ab[K + 1, g] += phi[g] * pg
+        if tid == 0:
+            for k in range(K):
+                acc_z[b, 0, k] += kv[_KA, k]
         cuda.syncthreads()
 
 
@@ -685,6 +815,33 @@ def _log_density_kernel(cdata, cind, cptr, is_csr, a, sigma, mu, Wt, inv_d, inv_
         cuda.syncthreads()
 
 
+@cuda.jit
+def _restart_kernel(cdata, cind, cptr, is_csr, a, x, eta, cells, reset_eta):
+    """Data-driven start ``x = log(u + 1/2) + eta`` of the cells ``cells``, on the device
+    (``reset_eta``: eta first set to ``max(a, 0)``), as the CPU path's restart."""
+    tid = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    G = x.shape[1]
+    log_half = math.log(0.5)
+    for i in range(cuda.blockIdx.x, cells.shape[0], cuda.gridDim.x):
+        c = cells[i]
+        e = max(a[c] + 0.0, 0.0) if reset_eta else eta[c] + 0.0
+        xc = x[c]
+        if is_csr:
+            for g in range(tid, G, nt):
+                xc[g] = log_half + e
+            cuda.syncthreads()
+            for p in range(cptr[c] + tid, cptr[c + 1], nt):
+                xc[cind[p]] = math.log(cdata[p] + 0.5) + e
+        else:
+            for g in range(tid, G, nt):
+                xc[g] = math.log(cdata[c * G + g] + 0.5) + e
+        cuda.syncthreads()
+        if tid == 0:
+            eta[c] = e
+        cuda.syncthreads()
+
+
 # ---------------------------------------------------------------- host side
 
 
@@ -751,14 +908,13 @@ def to_device_counts(counts, dtype=np.float64):
     if hasattr(counts, "tocsr"):  # scipy.sparse
         csr = counts.tocsr()
         csr.sort_indices()
-        return DeviceCounts(cuda.to_device(csr.data.astype(dtype)),
-                            cuda.to_device(csr.indices.astype(np.int64)),
-                            cuda.to_device(csr.indptr.astype(np.int64)), csr.shape, True, dtype)
+        return DeviceCounts(_upload(csr.data, dtype), _upload(csr.indices, np.int64),
+                            _upload(csr.indptr, np.int64), csr.shape, True, dtype)
     dense = np.ascontiguousarray(counts, dtype=dtype)
     if dense.ndim != 2:
         raise ValueError(f"counts must be 2-D (cells x genes); got shape {dense.shape}")
-    stub = cuda.to_device(np.zeros(1, np.int64))
-    return DeviceCounts(cuda.to_device(dense.reshape(-1)), stub, stub, dense.shape, False,
+    stub = _upload(np.zeros(1, np.int64), np.int64)
+    return DeviceCounts(_upload(dense.reshape(-1), dtype), stub, stub, dense.shape, False,
                         dtype)
 
 
@@ -784,20 +940,60 @@ def _is_device(arr):
     return hasattr(arr, "copy_to_host")
 
 
-def _dev(arr, dtype):
-    """Device array of ``arr`` in ``dtype`` (device arrays must already have it)."""
+#: Host <-> device traffic of this module since import (or the last
+#: :func:`reset_transfers`): ``to_device``/``to_host`` copies and their bytes, and the
+#: largest single copy each way. Every copy between host and device goes through
+#: :func:`_upload`, :func:`_upload_into` or :func:`_download`, so a fit's traffic per
+#: evaluation can be read off (tests/test_cuda.py checks that the modes never move).
+TRANSFERS = {}
+
+
+def reset_transfers():
+    """Zero :data:`TRANSFERS`."""
+    TRANSFERS.update(to_device=0, to_device_bytes=0, to_device_max=0, to_host=0,
+                     to_host_bytes=0, to_host_max=0)
+
+
+reset_transfers()
+
+
+def _count(way, nbytes):
+    TRANSFERS[way] += 1
+    TRANSFERS[f"{way}_bytes"] += nbytes
+    TRANSFERS[f"{way}_max"] = max(TRANSFERS[f"{way}_max"], nbytes)
+
+
+def _upload(arr, dtype):
+    """Device copy of host ``arr`` in ``dtype``; a device array is returned as it is
+    (it must already have ``dtype``), so callers may keep data on the device."""
     if _is_device(arr):
         if np.dtype(arr.dtype) != dtype:
             raise ValueError(f"device array of dtype {arr.dtype} passed where {dtype} is "
                              "needed (the dtype of the counts)")
         return arr
-    return cuda.to_device(np.ascontiguousarray(arr, dtype=dtype))
+    host = np.ascontiguousarray(arr, dtype=dtype)
+    _count("to_device", host.nbytes)
+    return cuda.to_device(host)
+
+
+def _upload_into(device, arr):
+    """Overwrite the device array ``device`` with host ``arr`` (same shape), in place."""
+    host = np.ascontiguousarray(arr, dtype=device.dtype)
+    _count("to_device", host.nbytes)
+    device.copy_to_device(host)
+
+
+def _download(device):
+    """Host copy of a device array."""
+    host = device.copy_to_host()
+    _count("to_host", host.nbytes)
+    return host
 
 
 def _back(host, device):
     """Copy a device result into the caller's host array, in place (no-op for device)."""
     if not _is_device(host):
-        host[...] = device.copy_to_host()
+        host[...] = _download(device)
 
 
 def _globals(counts, mu, W, d, inv_r, Lc):
@@ -807,8 +1003,8 @@ def _globals(counts, mu, W, d, inv_r, Lc):
         raise ValueError(f"rank K={K} exceeds the CUDA kernels' maximum KMAX={KMAX}")
     dt = counts.dtype
     d = np.asarray(d, dtype=np.float64)
-    return (_dev(mu, dt), _dev(np.ascontiguousarray(np.asarray(W).T), dt), _dev(d, dt),
-            _dev(1.0 / d, dt), _dev(inv_r, dt), _dev(Lc, dt))
+    return (_upload(mu, dt), _upload(np.ascontiguousarray(np.asarray(W).T), dt), _upload(d, dt),
+            _upload(1.0 / d, dt), _upload(inv_r, dt), _upload(Lc, dt))
 
 
 def _scratch(counts, B, K, dt):
@@ -821,37 +1017,202 @@ def _counts_args(counts):
     return counts.data, counts.indices, counts.indptr, counts.is_csr
 
 
+class DeviceCells:
+    """The cells of one Laplace problem, resident on the device for a whole fit.
+
+    The CPU path keeps each chunk's counts and its rows of the modes in host memory
+    (:class:`scribe_stan.laplace.batched.CellChunk`); this is its device counterpart,
+    one "chunk" holding every cell. The counts, the eta prior, the modes ``x`` (N, G)
+    and ``eta`` (N,), the Newton diagnostics (``n_iter``, ``converged``, ``at_bound``),
+    the per-block scratch and the gradient slices are allocated once and updated in
+    place by the kernels, so an outer evaluation moves only the globals to the device
+    (plus the per-cell constants when they change, e.g. with a free dispersion) and
+    brings back only reductions: the per-cell values (N,), the gradient sums
+    ((K + 3) x G) and the converged flags (N bytes); an EM step, its statistics
+    ((K + 2) x G and K). Uploading x and eta on every call,
+    as the host-array functions :func:`newton_all` and :func:`laplace_value_grad` must,
+    would move 2 N G values per evaluation, the dominant cost of a large fit.
+
+    Parameters
+    ----------
+    counts : DeviceCounts (its dtype is that of every array here)
+    a, sigma : (N,) eta prior location and scale
+    x : (N, G), eta : (N,) starting modes: host arrays (copied once) or device arrays
+        of the counts' dtype (used in place)
+    """
+
+    def __init__(self, counts, a, sigma, x, eta):
+        self.counts = counts
+        dt = counts.dtype
+        N = counts.shape[0]
+        self.a, self.sigma = _upload(a, dt), _upload(sigma, dt)
+        self.x, self.eta = _upload(x, dt), _upload(eta, dt)
+        self.n_iter = cuda.device_array(N, dtype=np.int64)
+        self.converged = cuda.device_array(N, dtype=np.bool_)
+        self.at_bound = cuda.device_array(N, dtype=np.bool_)
+        self._all = _upload(np.arange(N, dtype=np.int64), np.int64)
+        self._blocks = grid_blocks(N)
+        self._work = {}  # per rank K: scratch and gradient buffers
+        self._kept = None  # (x, eta) device copies for keep/restore
+        self._const = None  # (host, device) per-cell constants of the last value_grad
+        self._held_eta = None  # host copy of eta as last uploaded by hold_eta
+
+    def _buffers(self, K):
+        if K not in self._work:
+            G = self.counts.shape[1]
+            B = self._blocks
+            ws, wk = _scratch(self.counts, B, K, self.counts.dtype)
+            self._work = {K: {"ws": ws, "wk": wk,
+                              "wk_em": cuda.device_array((B, 4, K, K), dtype=np.float64),
+                              "acc_em": cuda.device_array((B, K + 2, G), dtype=np.float64),
+                              "acc_z": cuda.device_array((B, 1, K), dtype=np.float64),
+                              "total_em": cuda.device_array((K + 2, G), dtype=np.float64),
+                              "total_z": cuda.device_array((1, K), dtype=np.float64),
+                              "acc": cuda.device_array((B, K + 3, G), dtype=np.float64),
+                              "total": cuda.device_array((K + 3, G), dtype=np.float64),
+                              "value": cuda.device_array(self.counts.shape[0],
+                                                         dtype=np.float64)}}
+        return self._work[K]
+
+    def _cells(self, cells):
+        """Device index array of host ``cells`` (None: all cells, resident)."""
+        return self._all if cells is None else _upload(np.asarray(cells, np.int64), np.int64)
+
+    def newton(self, mu, W, d, inv_r, Lc, fix_eta, tol, max_iter, cells=None):
+        """Per-cell Newton from the resident modes, updated in place.
+
+        Rule and arguments as :func:`scribe_stan.laplace.cpu.newton_all`; ``Lc`` the
+        lower Cholesky factor of ``I + W' diag(1/d) W``. ``cells`` (host int array):
+        only these cells, with their iterations added to ``n_iter`` (a restart
+        continues the count, as the CPU path's rescue does); default all cells.
+        """
+        dt = self.counts.dtype
+        buf = self._buffers(np.shape(W)[1])
+        idx = self._cells(cells)
+        if not fix_eta:
+            self._held_eta = None  # eta moves: a held eta must be uploaded again
+        B = grid_blocks(idx.shape[0])
+        _newton_kernel[B, THREADS_PER_BLOCK](*_counts_args(self.counts), self.a, self.sigma,
+                                             *_globals(self.counts, mu, W, d, inv_r, Lc),
+                                             self.x, self.eta, idx, cells is not None,
+                                             bool(fix_eta), float(tol), int(max_iter),
+                                             _SLACK[dt.name], buf["ws"], buf["wk"], self.n_iter,
+                                             self.converged, self.at_bound)
+
+    def restart(self, cells, reset_eta):
+        """Data-driven start ``x = log(u + 1/2) + eta`` for the host indices ``cells``
+        (``reset_eta``: eta at ``max(a, 0)`` first), on the device."""
+        idx = self._cells(cells)
+        _restart_kernel[grid_blocks(idx.shape[0]), THREADS_PER_BLOCK](
+            *_counts_args(self.counts), self.a, self.x, self.eta, idx, bool(reset_eta))
+        if reset_eta:
+            self._held_eta = None
+
+    def hold_eta(self, eta):
+        """Set eta to the held values (N,), uploading only when they changed."""
+        if self._held_eta is None or not np.array_equal(self._held_eta, eta):
+            _upload_into(self.eta, eta)
+            self._held_eta = np.array(eta, dtype=np.float64)
+
+    def converged_flags(self):
+        """(N,) bool host copy of the converged flags."""
+        return _download(self.converged)
+
+    def flags(self):
+        """Host copies of n_iter (N,) int64, converged (N,) bool, at_bound (N,) bool."""
+        return _download(self.n_iter), _download(self.converged), _download(self.at_bound)
+
+    def pull(self, x, eta):
+        """Copy the resident modes into the host arrays x (N, G) and eta (N,) (float64)."""
+        x[...] = _download(self.x)
+        eta[...] = _download(self.eta)
+
+    def keep(self):
+        """Remember the current modes (device-to-device copy)."""
+        if self._kept is None:
+            self._kept = (cuda.device_array_like(self.x), cuda.device_array_like(self.eta))
+        self._kept[0].copy_to_device(self.x)
+        self._kept[1].copy_to_device(self.eta)
+
+    def restore(self):
+        """Go back to the modes of the last :meth:`keep` (device-to-device copy)."""
+        self.x.copy_to_device(self._kept[0])
+        self.eta.copy_to_device(self._kept[1])
+        self._held_eta = None
+
+    def value_grad(self, const, mu, W, d, inv_r, Lc, fix_eta, want_grad, want_grad_r=True):
+        """Laplace log marginal per cell at the resident modes and its exact gradient.
+
+        Quantities as :func:`scribe_stan.laplace.cpu.laplace_value_grad` (and the CPU
+        path's :meth:`scribe_stan.laplace.batched.CellChunk.value_grad`); ``const`` (N,)
+        host per-cell constants, uploaded only when they differ from the last call's.
+
+        Returns
+        -------
+        value (N,), g_mu (G,), g_W (G, K), g_d (G,), g_log_r (G,): float64 host arrays;
+        the gradients are zero unless ``want_grad``.
+        """
+        K = np.shape(W)[1]
+        buf = self._buffers(K)
+        if self._const is None or not np.array_equal(self._const[0], const):
+            self._const = (np.array(const, dtype=np.float64), _upload(const, np.float64))
+        acc, total = buf["acc"], buf["total"]
+        _value_grad_kernel[self._blocks, THREADS_PER_BLOCK](
+            *_counts_args(self.counts), self._const[1], self.a, self.sigma,
+            *_globals(self.counts, mu, W, d, inv_r, Lc), self.x, self.eta, bool(fix_eta),
+            bool(want_grad), bool(want_grad_r), buf["ws"], buf["wk"], buf["value"], acc)
+        n = total.shape[0] * total.shape[1]
+        _sum_blocks[(n + 127) // 128, 128](acc, total)
+        t = _download(total)
+        return (_download(buf["value"]), t[K].copy(), np.ascontiguousarray(t[:K].T),
+                t[K + 1].copy(), t[K + 2].copy())
+
+    def em_statistics(self, mu, W, d, inv_r, B, fix_eta):
+        """Laplace-EM sufficient statistics of all cells at the resident modes.
+
+        The quantities of :meth:`scribe_stan.laplace.batched.CellChunk.em_statistics`
+        summed over every cell, with ``B = Sigma^{-1} W`` (G, K) at the globals; per
+        cell the same Woodbury pieces (no G x G matrix), summed per block on the device.
+        Only the ``(K + 2) x G`` and ``K`` sums come back.
+        """
+        K = np.shape(W)[1]
+        buf = self._buffers(K)
+        dt = self.counts.dtype
+        N = self.counts.shape[0]
+        B = np.asarray(B, dtype=np.float64)
+        _em_stats_kernel[self._blocks, THREADS_PER_BLOCK](
+            *_counts_args(self.counts), self.sigma, _upload(mu, dt),
+            _upload(np.asarray(W).T, dt), _upload(d, dt), _upload(inv_r, dt), _upload(B.T, dt),
+            self.x, self.eta, bool(fix_eta), buf["ws"], buf["wk_em"], buf["acc_em"],
+            buf["acc_z"])
+        for part, total in ((buf["acc_em"], buf["total_em"]), (buf["acc_z"], buf["total_z"])):
+            n = total.shape[0] * total.shape[1]
+            _sum_blocks[(n + 127) // 128, 128](part, total)
+        t = _download(buf["total_em"])
+        rz = np.ascontiguousarray(t[:K].T)
+        return {"n": N, "x": t[K], "rr": t[K + 1], "rz": rz, "z": _download(buf["total_z"])[0],
+                "zz": N * (np.eye(K) - B.T @ np.asarray(W)) + B.T @ rz}
+
+
 def newton_all(counts, a, sigma, mu, W, d, inv_r, WW, Lc, x, eta, fix_eta, tol, max_iter,
                n_chunks):
     """Per-cell Newton for all cells on the GPU; x (N, G) and eta (N,) updated in place.
 
     Arguments and returns as :func:`scribe_stan.laplace.cpu.newton_all`, except:
     ``counts`` may be a host array or :class:`DeviceCounts` (whose dtype sets the
-    kernels'), ``x`` and ``eta`` may be device arrays, and ``WW``, ``n_chunks`` are not
-    used (module docstring).
+    kernels'), ``x`` and ``eta`` may be device arrays (updated there; host arrays are
+    copied in and back: a fit keeps them resident in a :class:`DeviceCells` instead),
+    and ``WW``, ``n_chunks`` are not used (module docstring).
 
     Returns
     -------
     n_iter (N,) int64, converged (N,) bool, at_bound (N,) bool (host arrays).
     """
-    counts = _as_counts(counts)
-    dt = counts.dtype
-    N, G = counts.shape
-    K = np.shape(W)[1]
-    d_mu, d_Wt, d_d, d_inv_d, d_inv_r, d_Lc = _globals(counts, mu, W, d, inv_r, Lc)
-    d_x, d_eta = _dev(x, dt), _dev(eta, dt)
-    B = grid_blocks(N)
-    ws, wk = _scratch(counts, B, K, dt)
-    n_iter = cuda.device_array(N, dtype=np.int64)
-    conv = cuda.device_array(N, dtype=np.bool_)
-    bound = cuda.device_array(N, dtype=np.bool_)
-    _newton_kernel[B, THREADS_PER_BLOCK](*_counts_args(counts), _dev(a, dt), _dev(sigma, dt),
-                                         d_mu, d_Wt, d_d, d_inv_d, d_inv_r, d_Lc, d_x, d_eta,
-                                         bool(fix_eta), float(tol), int(max_iter),
-                                         _SLACK[dt.name], ws, wk, n_iter, conv, bound)
-    _back(x, d_x)
-    _back(eta, d_eta)
-    return n_iter.copy_to_host(), conv.copy_to_host(), bound.copy_to_host()
+    cells = DeviceCells(_as_counts(counts), a, sigma, x, eta)
+    cells.newton(mu, W, d, inv_r, Lc, fix_eta, tol, max_iter)
+    _back(x, cells.x)
+    _back(eta, cells.eta)
+    return cells.flags()
 
 
 def laplace_value_grad(counts, const, a, sigma, mu, W, d, inv_r, WW, Lc, x, eta, fix_eta,
@@ -863,26 +1224,8 @@ def laplace_value_grad(counts, const, a, sigma, mu, W, d, inv_r, WW, Lc, x, eta,
     (G,), ``g_W`` (G, K), ``g_d`` (G,), ``g_log_r`` (G,), float64 host arrays; the
     gradients are zero unless ``want_grad``.
     """
-    counts = _as_counts(counts)
-    dt = counts.dtype
-    N, G = counts.shape
-    K = np.shape(W)[1]
-    d_mu, d_Wt, d_d, d_inv_d, d_inv_r, d_Lc = _globals(counts, mu, W, d, inv_r, Lc)
-    B = grid_blocks(N)
-    ws, wk = _scratch(counts, B, K, dt)
-    value = cuda.device_array(N, dtype=np.float64)
-    acc = cuda.device_array((B, K + 3, G), dtype=np.float64)
-    _value_grad_kernel[B, THREADS_PER_BLOCK](*_counts_args(counts), _dev(const, np.float64),
-                                             _dev(a, dt), _dev(sigma, dt), d_mu, d_Wt, d_d,
-                                             d_inv_d, d_inv_r, d_Lc, _dev(x, dt), _dev(eta, dt),
-                                             bool(fix_eta), bool(want_grad), bool(want_grad_r),
-                                             ws, wk, value, acc)
-    total = cuda.device_array((K + 3, G), dtype=np.float64)
-    n = (K + 3) * G
-    _sum_blocks[(n + 127) // 128, 128](acc, total)
-    t = total.copy_to_host()
-    return value.copy_to_host(), t[K].copy(), np.ascontiguousarray(t[:K].T), t[K + 1].copy(), \
-        t[K + 2].copy()
+    return DeviceCells(_as_counts(counts), a, sigma, x, eta).value_grad(
+        const, mu, W, d, inv_r, Lc, fix_eta, want_grad, want_grad_r)
 
 
 def sample_cells(counts, const, lgam, a, sigma, mu, W, d, inv_r, WW, Lc, x, eta, genes, eps_G,
@@ -905,12 +1248,13 @@ def sample_cells(counts, const, lgam, a, sigma, mu, W, d, inv_r, WW, Lc, x, eta,
     outs = [out_x, out_eta, out_loglik, out_lp, out_lp_approx]
     d_outs = [o if _is_device(o) else cuda.device_array(o.shape, dtype=np.float64)
               for o in outs]
-    _sample_kernel[B, THREADS_PER_BLOCK](*_counts_args(counts), _dev(const, np.float64),
-                                         _dev(lgam, np.float64), _dev(a, dt), _dev(sigma, dt),
+    _sample_kernel[B, THREADS_PER_BLOCK](*_counts_args(counts), _upload(const, np.float64),
+                                         _upload(lgam, np.float64), _upload(a, dt),
+                                         _upload(sigma, dt),
                                          d_mu, d_Wt, d_d, d_inv_d, d_inv_r, d_Lc, logdet_sigma,
-                                         _dev(x, dt), _dev(eta, dt),
-                                         _dev(genes, np.int64), _dev(eps_G, dt),
-                                         _dev(eps_K, dt), _dev(eps_eta, dt), ws, wk, *d_outs)
+                                         _upload(x, dt), _upload(eta, dt),
+                                         _upload(genes, np.int64), _upload(eps_G, dt),
+                                         _upload(eps_K, dt), _upload(eps_eta, dt), ws, wk, *d_outs)
     for o, do in zip(outs, d_outs):
         _back(o, do)
 
@@ -929,10 +1273,10 @@ def log_density_cells(counts, a, sigma, mu, W, d, inv_r, Lc, x, eta):
     B = grid_blocks(N)
     ws, _ = _scratch(counts, B, K, dt)
     out = cuda.device_array(N, dtype=np.float64)
-    _log_density_kernel[B, THREADS_PER_BLOCK](*_counts_args(counts), _dev(a, dt),
-                                              _dev(sigma, dt), d_mu, d_Wt, d_inv_d, d_inv_r,
-                                              d_Lc, _dev(x, dt), _dev(eta, dt), ws, out)
-    return out.copy_to_host()
+    _log_density_kernel[B, THREADS_PER_BLOCK](*_counts_args(counts), _upload(a, dt),
+                                              _upload(sigma, dt), d_mu, d_Wt, d_inv_d, d_inv_r,
+                                              d_Lc, _upload(x, dt), _upload(eta, dt), ws, out)
+    return _download(out)
 
 
 def kernel_signatures(dtype=np.float64):
@@ -958,8 +1302,11 @@ def kernel_signatures(dtype=np.float64):
     wk = float64[:, :, :, ::1]
     cnt = (v, iv, iv, boolean)
     return {
-        "newton": (_newton_kernel, cnt + (v, v, v, m, v, v, v, m, m, v, boolean, float64, int64,
-                                          float64, t3, wk, iv, bv, bv)),
+        "newton": (_newton_kernel, cnt + (v, v, v, m, v, v, v, m, m, v, iv, boolean, boolean,
+                                          float64, int64, float64, t3, wk, iv, bv, bv)),
+        "restart": (_restart_kernel, cnt + (v, m, v, iv, boolean)),
+        "em_stats": (_em_stats_kernel, cnt + (v, v, m, v, v, m, m, v, boolean, t3, wk,
+                                              float64[:, :, ::1], float64[:, :, ::1])),
         "value_grad": (_value_grad_kernel, cnt + (dv, v, v, v, m, v, v, v, m, m, v, boolean,
                                                   boolean, boolean, t3, wk, dv, float64[:, :, ::1])),
         "sum_blocks": (_sum_blocks, (float64[:, :, ::1], float64[:, ::1])),

@@ -3,6 +3,10 @@
 :func:`resolve_device` maps ``device="cpu" | "cuda" | "auto"`` to a module exporting
 ``newton_all``, ``laplace_value_grad``, ``sample_cells`` and ``log_density_cells`` with
 identical signatures (:mod:`scribe_stan.laplace.cpu`, :mod:`scribe_stan.laplace.cuda`).
+A fit on the CUDA module keeps its cells on the device in a
+:class:`scribe_stan.laplace.cuda.DeviceCells` (the CPU fits use
+:mod:`scribe_stan.laplace.batched`; :class:`scribe_stan.laplace.solver.LaplaceProblem`
+picks one or the other).
 The CUDA module is imported only when asked for, so the CPU path never needs numba-cuda.
 The CUDA simulator (``NUMBA_ENABLE_CUDASIM=1`` set before numba is imported) counts as
 an available GPU, which is how the CUDA kernels are tested without one.

@@ -18,7 +18,6 @@ import time
 import warnings
 from dataclasses import dataclass, field
 
-import numba
 import numpy as np
 from scipy import sparse, special
 from scipy.sparse.linalg import LinearOperator, eigsh
@@ -36,11 +35,6 @@ MU_BOUND = 50.0
 #: Box on log_r in the outer fit: r from 1e-4 (extreme over-dispersion) to 1e8 (Poisson
 #: to within any count's resolution); keeps trial points where lgamma(u + r) is finite.
 LOG_R_BOUNDS = (float(np.log(1e-4)), float(np.log(1e8)))
-
-
-def _n_chunks():
-    """Work blocks per parallel kernel call: several per thread for load balance."""
-    return 8 * numba.get_num_threads()
 
 
 def pair_products(W):
@@ -85,6 +79,14 @@ class LaplaceProblem:
     Holds the counts, the eta prior and the warm-start modes across calls. Every method
     takes ``log_r`` (G,), the per-gene log dispersions of nbln; ``log_r=None`` is the
     Poisson (pln) likelihood.
+
+    On the CPU, ``x``, ``eta``, ``n_iter``, ``converged`` and ``at_bound`` are the arrays
+    the kernels update. With the CUDA kernels the cells live on the device for the
+    problem's lifetime (:class:`scribe_stan.laplace.cuda.DeviceCells`): an evaluation
+    sends the globals and brings back the values, gradient sums and ``converged``;
+    ``x``, ``eta``, ``n_iter`` and ``at_bound`` are then a host mirror, brought up to
+    date by :meth:`modes` and :meth:`sync_modes` (writing into it does not reach the
+    device).
 
     Parameters
     ----------
@@ -159,6 +161,9 @@ class LaplaceProblem:
         self._chunks = [batched.CellChunk(self.csr[lo:hi], self.a[lo:hi], self.sigma[lo:hi],
                                           self.x[lo:hi], self.eta[lo:hi])
                         for lo, hi in self._bounds]
+        self._device = None if self._batched else self._kernels.DeviceCells(
+            self._dcounts, self.a, self.sigma, self.x, self.eta)
+        self._mirror_stale = False  # CUDA: the device modes moved since the last sync
 
     def _restart(self, cells, reset_eta=True):
         """Data-driven start for ``cells``: ``x = log(u + 1/2) + eta`` (eta at the prior's
@@ -180,15 +185,30 @@ class LaplaceProblem:
 
     def keep_modes(self):
         """Remember the current modes as the warm start to go back to
-        (:mod:`scribe_stan.laplace.driver`)."""
-        if self._kept is None:
+        (:mod:`scribe_stan.laplace.driver`); on the device with CUDA."""
+        if self._device is not None:
+            self._device.keep()
+        elif self._kept is None:
             self._kept = (self.x.copy(), self.eta.copy())
         else:
             self._kept[0][:], self._kept[1][:] = self.x, self.eta
 
     def restore_modes(self):
         """Go back to the modes of the last :meth:`keep_modes` (in place: chunks view them)."""
-        self.x[:], self.eta[:] = self._kept
+        if self._device is not None:
+            self._device.restore()
+            self._mirror_stale = True
+        else:
+            self.x[:], self.eta[:] = self._kept
+
+    def sync_modes(self):
+        """Bring the device's modes and Newton diagnostics into ``x``, ``eta``,
+        ``n_iter``, ``converged`` and ``at_bound`` (CUDA; a no-op on the CPU, and when
+        nothing moved since the last sync)."""
+        if self._device is not None and self._mirror_stale:
+            self._device.pull(self.x, self.eta)
+            self.n_iter, self.converged, self.at_bound = self._device.flags()
+            self._mirror_stale = False
 
     def chunks(self):
         """``[(lo, hi, CellChunk), ...]``: the cells in chunks of the batched path."""
@@ -230,15 +250,6 @@ class LaplaceProblem:
     def _newton(self, mu, W, d, inv_r, fix, cells):
         """Newton from the stored modes for ``cells`` (None: all); (n_iter, ok, at_bound)."""
         N = self.shape[0]
-        if not self._batched:
-            sel = slice(None) if cells is None else cells
-            xb, eb = self.x[sel], self.eta[sel]
-            out = self._kernels.newton_all(
-                self._dcounts if cells is None else self.csr[cells].toarray(), self.a[sel],
-                self.sigma[sel], mu, W, d, inv_r, pair_products(W), shared_factor(W, d), xb,
-                eb, fix, self.newton_tol, self.max_newton, _n_chunks())
-            self.x[sel], self.eta[sel] = xb, eb
-            return out
         gl = batched.Globals.build(mu, W, d, inv_r)
         cells = np.arange(N) if cells is None else cells
         n_iter = np.zeros(cells.size, np.int64)
@@ -256,9 +267,19 @@ class LaplaceProblem:
 
         With ``eta`` (N,) given, eta is held there and only x is optimized.
         """
+        self._solve_modes(mu, W, d, log_r, eta)
+        self.sync_modes()
+        return CellModes(self.x, self.eta, self.n_iter, self.converged, self.at_bound)
+
+    def _solve_modes(self, mu, W, d, log_r, eta):
+        """Newton for every cell from the warm start, with a restart for the cells that
+        fail (:meth:`modes` without the CUDA host sync)."""
         mu, W, d = (np.ascontiguousarray(v, dtype=np.float64) for v in (mu, W, d))
         inv_r = inverse_dispersion(log_r, self.shape[1])
         fix = eta is not None
+        if self._device is not None:
+            self._device_modes(mu, W, d, inv_r, eta)
+            return
         if fix:
             self.eta[:] = eta
         self.n_iter, self.converged, self.at_bound = self._newton(mu, W, d, inv_r, fix, None)
@@ -269,7 +290,23 @@ class LaplaceProblem:
             it, ok, bd = self._newton(mu, W, d, inv_r, fix, bad)
             self.n_iter[bad] += it
             self.converged[bad], self.at_bound[bad] = ok, bd
-        return CellModes(self.x, self.eta, self.n_iter, self.converged, self.at_bound)
+
+    def _device_modes(self, mu, W, d, inv_r, eta):
+        """:meth:`_solve_modes` on the device: the same rule, the modes stay there; only
+        the converged flags come back (for the restart and the driver's check)."""
+        dev = self._device
+        fix = eta is not None
+        if fix:
+            dev.hold_eta(eta)
+        Lc = shared_factor(W, d)
+        dev.newton(mu, W, d, inv_r, Lc, fix, self.newton_tol, self.max_newton)
+        self.converged = dev.converged_flags()
+        if not self.converged.all():
+            bad = np.flatnonzero(~self.converged)
+            dev.restart(bad, reset_eta=not fix)
+            dev.newton(mu, W, d, inv_r, Lc, fix, self.newton_tol, self.max_newton, bad)
+            self.converged = dev.converged_flags()
+        self._mirror_stale = True
 
     def log_marginal(self, mu, W, d, *, log_r=None, eta=None, grad=False, grad_log_r=True):
         """Laplace log marginal per cell at the given globals (modes recomputed).
@@ -295,7 +332,7 @@ class LaplaceProblem:
         ``log_r`` is given, g_log_r (G,).
         """
         mu, W, d = (np.ascontiguousarray(v, dtype=np.float64) for v in (mu, W, d))
-        self.modes(mu, W, d, log_r=log_r, eta=eta)
+        self._solve_modes(mu, W, d, log_r, eta)
         fix = eta is not None
         const = self.lik_constants(log_r)
         if not fix:
@@ -305,11 +342,8 @@ class LaplaceProblem:
             value, g_mu, g_W, g_d, g_log_r = self._value_grad(mu, W, d, inv_r, const, fix,
                                                               grad, grad_log_r)
         else:
-            # the gradient pass costs the same for every cell: one block per thread
-            value, g_mu, g_W, g_d, g_log_r = self._kernels.laplace_value_grad(
-                self._dcounts, const, self.a, self.sigma, mu, W, d, inv_r, pair_products(W),
-                shared_factor(W, d), self.x, self.eta, fix, grad, numba.get_num_threads(),
-                grad_log_r)
+            value, g_mu, g_W, g_d, g_log_r = self._device.value_grad(
+                const, mu, W, d, inv_r, shared_factor(W, d), fix, grad, grad_log_r)
         if not grad:
             return value
         if log_r is None:
@@ -333,7 +367,15 @@ class LaplaceProblem:
 
     def em_statistics(self, mu, W, d, *, log_r=None, eta=None):
         """Modes at the globals, then the summed expected sufficient statistics of the
-        factor model over all chunks (see :mod:`scribe_stan.laplace.em`)."""
+        factor model over all chunks (see :mod:`scribe_stan.laplace.em`).
+
+        With CUDA they are summed on the device, where the modes stay.
+        """
+        if self._device is not None:
+            self._solve_modes(mu, W, d, log_r, eta)
+            inv_r = inverse_dispersion(log_r, self.shape[1])
+            B = batched.Globals.build(mu, W, d, inv_r).sigma_inv_W
+            return self._device.em_statistics(mu, W, d, inv_r, B, eta is not None)
         self.modes(mu, W, d, log_r=log_r, eta=eta)
         gl = batched.Globals.build(mu, W, d, inverse_dispersion(log_r, self.shape[1]))
         return em.reduce_statistics([chunk.em_statistics(gl, eta is not None)
@@ -384,12 +426,14 @@ class LaplaceProblem:
         lik_const = self.lik_constants(log_r)
         inv_r = inverse_dispersion(log_r, G)
         block = max(1, min(draws, block_bytes // (8 * N * G)))
+        # the kernels' cells: host arrays on the CPU, the resident ones with CUDA
+        cells = self if self._device is None else self._device
         for start in range(0, draws, block):
             stop = min(draws, start + block)
             S = stop - start
             self._kernels.sample_cells(
-                self._dcounts, lik_const + self._const_eta, lik_const, self.a, self.sigma, mu,
-                W, d, inv_r, pair_products(W), Lc, self.x, self.eta, genes,
+                self._dcounts, lik_const + self._const_eta, lik_const, cells.a, cells.sigma, mu,
+                W, d, inv_r, pair_products(W), Lc, cells.x, cells.eta, genes,
                 rng.standard_normal((S, N, G)), rng.standard_normal((S, N, K)),
                 rng.standard_normal((S, N)),
                 *(out[k][start:stop] for k in ("x", "eta", "log_lik", "lp", "lp_approx")))
@@ -923,6 +967,7 @@ def fit_laplace(counts, K, *, model="pln", log_M0=np.log(pln.M0_DEFAULT),
     # Final E-step and objective at the returned globals (the optimizer's last
     # evaluation may have been a rejected line-search point).
     final, _ = objective(problem, theta, layout)
+    problem.sync_modes()
     modes = CellModes(problem.x.copy(), problem.eta.copy(), problem.n_iter.copy(),
                       problem.converged.copy(), problem.at_bound.copy())
     if not modes.converged.all():
