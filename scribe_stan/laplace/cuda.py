@@ -141,14 +141,16 @@ def _project(Wt, v, out, part, tid, nt, G, K):
 
 
 @cuda.jit(device=True)
-def _form_m(Wt, wgt, Lm, part, tid, nt, G, K):
-    """Lower triangle of ``Lm = I + Wt diag(wgt) Wt'`` in _TILE x _TILE tiles."""
+def _weighted_products(Wt, Bt, wgt, out, part, tid, nt, G, K, lower):
+    """``out[k, j] = sum_g wgt[g] Wt[k, g] Bt[j, g]`` (K x K) in _TILE x _TILE tiles, the
+    block's threads striding over genes; with ``lower`` only ``j <= k`` (Bt = Wt, a
+    symmetric product)."""
     acc = cuda.local.array(_ROWS, float64)
     wa = cuda.local.array(_TILE, float64)
     wb = cuda.local.array(_TILE, float64)
     nb = (K + _TILE - 1) // _TILE
     for kb in range(nb):
-        for jb in range(kb + 1):
+        for jb in range(kb + 1 if lower else nb):
             for j in range(_ROWS):
                 acc[j] = 0.0
             for g in range(tid, G, nt):
@@ -157,7 +159,7 @@ def _form_m(Wt, wgt, Lm, part, tid, nt, G, K):
                     k = kb * _TILE + i
                     wa[i] = Wt[k, g] * w if k < K else 0.0
                     jj = jb * _TILE + i
-                    wb[i] = Wt[jj, g] if jj < K else 0.0
+                    wb[i] = Bt[jj, g] if jj < K else 0.0
                 for i in range(_TILE):
                     for j in range(_TILE):
                         acc[i * _TILE + j] += wa[i] * wb[j]
@@ -167,9 +169,18 @@ def _form_m(Wt, wgt, Lm, part, tid, nt, G, K):
             for p in range(tid, _ROWS, nt):
                 k = kb * _TILE + p // _TILE
                 j = jb * _TILE + p % _TILE
-                if k < K and j <= k:
-                    Lm[k, j] = part[p, 0] + (1.0 if k == j else 0.0)
+                if k < K and j < K and (j <= k or not lower):
+                    out[k, j] = part[p, 0]
             cuda.syncthreads()
+
+
+@cuda.jit(device=True)
+def _form_m(Wt, wgt, Lm, part, tid, nt, G, K):
+    """Lower triangle of ``Lm = I + Wt diag(wgt) Wt'``."""
+    _weighted_products(Wt, Wt, wgt, Lm, part, tid, nt, G, K, True)
+    for k in range(tid, K, nt):
+        Lm[k, k] += 1.0
+    cuda.syncthreads()
 
 
 @cuda.jit(device=True)
@@ -572,39 +583,6 @@ def _value_grad_kernel(cdata, cind, cptr, is_csr, const, a, sigma, mu, Wt, d, in
         cuda.syncthreads()
 
 
-@cuda.jit(device=True)
-def _cross(Wt, Bt, wgt, out, part, tid, nt, G, K):
-    """``out[k, j] = sum_g wgt[g] Wt[k, g] Bt[j, g]`` (K x K, not symmetric), in
-    _TILE x _TILE tiles as :func:`_form_m`."""
-    acc = cuda.local.array(_ROWS, float64)
-    wa = cuda.local.array(_TILE, float64)
-    wb = cuda.local.array(_TILE, float64)
-    nb = (K + _TILE - 1) // _TILE
-    for kb in range(nb):
-        for jb in range(nb):
-            for j in range(_ROWS):
-                acc[j] = 0.0
-            for g in range(tid, G, nt):
-                w = wgt[g]
-                for i in range(_TILE):
-                    k = kb * _TILE + i
-                    wa[i] = Wt[k, g] * w if k < K else 0.0
-                    jj = jb * _TILE + i
-                    wb[i] = Bt[jj, g] if jj < K else 0.0
-                for i in range(_TILE):
-                    for j in range(_TILE):
-                        acc[i * _TILE + j] += wa[i] * wb[j]
-            for j in range(_ROWS):
-                part[j, tid] = acc[j]
-            _reduce_rows(part, _ROWS, tid, nt)
-            for p in range(tid, _ROWS, nt):
-                k = kb * _TILE + p // _TILE
-                j = jb * _TILE + p % _TILE
-                if k < K and j < K:
-                    out[k, j] = part[p, 0]
-            cuda.syncthreads()
-
-
 @cuda.jit
 def _em_stats_kernel(cdata, cind, cptr, is_csr, sigma, mu, Wt, d, inv_r, Bt, x, eta, fix_eta,
                      ws, wk, acc, acc_z):
@@ -653,7 +631,7 @@ def _em_stats_kernel(cdata, cind, cptr, is_csr, sigma, mu, Wt, d, inv_r, Bt, x, 
         cuda.syncthreads()
         _project(Bt, r, kv[_KA], part, tid, nt, G, K)  # (x - mu)' B: E[z | x]
         _chol_inverse(Lm, Minv, tid, nt, K)
-        _cross(Wt, Bt, h, Z, part, tid, nt, G, K)
+        _weighted_products(Wt, Bt, h, Z, part, tid, nt, G, K, False)
         for p in range(tid, K * K, nt):
             k = p // K
             j = p % K
