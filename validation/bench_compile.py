@@ -72,7 +72,9 @@ def run_once(cells, genes, rank, cache_dir, source=None):
     if source is not None:
         env["PYTHONPATH"] = os.pathsep.join([source, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     out = subprocess.run([sys.executable, "-c", _ONE_RUN, str(cells), str(genes), str(rank)],
-                         check=True, capture_output=True, text=True, env=env)
+                         check=False, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"run failed (source {source or 'installed'}):\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -110,8 +112,10 @@ def main(argv=None):
         for tree, source in trees.items():
             with tempfile.TemporaryDirectory() as cache:
                 for kind in ("cold", "warm"):
-                    runs[tree][kind].append(run_once(args.cells, args.genes, args.rank, cache,
-                                                     source))
+                    run = run_once(args.cells, args.genes, args.rank, cache, source)
+                    runs[tree][kind].append(run)
+                    print(json.dumps({"tree": tree, "kind": kind, **run}), file=sys.stderr,
+                          flush=True)  # progress, and the runs so far if a later one fails
     out = {"benchmark": "pbmc_donor_a-pln-laplace-compile", "cells": args.cells,
            "genes": args.genes, "rank": args.rank, "runs_each": args.runs,
            "cpu_count": os.cpu_count()}

@@ -57,7 +57,7 @@ _FAST = {"reassoc", "contract", "nsz", "arcp"}
 # ---------------------------------------------------------------- small dense helpers
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, inline="always", fastmath=_FAST)
 def _cholesky_inplace(M, K):
     """Lower Cholesky factor of the SPD K x K matrix M, in place. False if not SPD."""
     for j in range(K):
@@ -79,7 +79,7 @@ def _cholesky_inplace(M, K):
     return True
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, inline="always", fastmath=_FAST)
 def _chol_solve(L, b, K, out):
     """Solve (L L') out = b for a K-vector b."""
     for i in range(K):
@@ -94,7 +94,7 @@ def _chol_solve(L, b, K, out):
         out[i] = t / L[i, i]
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, inline="always", fastmath=_FAST)
 def _chol_logdet(L, K):
     s = 0.0
     for k in range(K):
@@ -102,7 +102,7 @@ def _chol_logdet(L, K):
     return s
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, inline="always", fastmath=_FAST)
 def _woodbury_apply(v, Wt, diag, scale, sign, L, G, K, tmpK, tmpK2, out):
     """out = diag * v + sign * scale * (W (L L')^{-1} W' (scale * v)), O(G K + K^2).
 
@@ -126,19 +126,19 @@ def _woodbury_apply(v, Wt, diag, scale, sign, L, G, K, tmpK, tmpK2, out):
         out[g] = diag[g] * v[g] + sign * scale[g] * out[g]
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, inline="always", fastmath=_FAST)
 def _sigma_inv_apply(v, Wt, inv_d, Lc, G, K, tmpK, tmpK2, out):
     """out = Sigma^{-1} v = v/d - (W/d) C^{-1} W'(v/d), C = Lc Lc' shared by all cells."""
     _woodbury_apply(v, Wt, inv_d, inv_d, -1.0, Lc, G, K, tmpK, tmpK2, out)
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, inline="always", fastmath=_FAST)
 def _a_inv_apply(v, Wt, h, invB, Lm, G, K, tmpK, tmpK2, out):
     """out = A^{-1} v = v/B + h * (W M^{-1} W' (h * v)) with M = Lm Lm'."""
     _woodbury_apply(v, Wt, invB, h, 1.0, Lm, G, K, tmpK, tmpK2, out)
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, inline="always", fastmath=_FAST)
 def _obs_loglik(u, v, m, phi):
     """v-dependent part of the NegBinomial2 log pmf at log mean v, ``m = exp(v)``
     (Poisson at phi = 0)."""
@@ -147,7 +147,7 @@ def _obs_loglik(u, v, m, phi):
     return u * v - (u + 1.0 / phi) * math.log1p(phi * m)
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, inline="always", fastmath=_FAST)
 def _obs_score_curv(u, m, phi):
     """(dl/dv, -d2l/dv2) of the NegBinomial2 log pmf at mean ``m = exp(v)`` (phi = 1/r)."""
     if phi == 0.0:
@@ -156,14 +156,14 @@ def _obs_score_curv(u, m, phi):
     return (u - m) / q, m * (1.0 + phi * u) / (q * q)
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, inline="always", fastmath=_FAST)
 def _fill_means(x, eta, G, m):
     """m = exp(x - eta): the means, computed once per point (exp dominates the cost)."""
     for g in range(G):
         m[g] = math.exp(x[g] - eta)
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, inline="always", fastmath=_FAST)
 def _sum_log1p(lam, d, G):
     """``sum_g log(1 + lam_g d_g)`` with one log per four terms (exact unless the product
     of four overflows, where it falls back to one log per term)."""
@@ -182,7 +182,7 @@ def _sum_log1p(lam, d, G):
     return total
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, inline="always", fastmath=_FAST)
 def _cell_terms(u, m, inv_r, d, G, score, lam, h, invB):
     """Fill the score dl/dv, lambda, h = 1/(1 + lambda d) and 1/B = d h at means m."""
     for g in range(G):
@@ -194,7 +194,7 @@ def _cell_terms(u, m, inv_r, d, G, score, lam, h, invB):
         invB[g] = d[g] * hg  # 1 / (lambda + 1/d)
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, inline="always", fastmath=_FAST)
 def _factor_m(Mf, K, Lm):
     """Lm = Cholesky factor of ``I + Mf`` (Mf the K*K entries of ``W' diag(lambda h) W``)."""
     for k in range(K):
@@ -204,7 +204,7 @@ def _factor_m(Mf, K, Lm):
     return _cholesky_inplace(Lm, K)
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, inline="always", fastmath=_FAST)
 def _curvature(u, m, inv_r, W, d, WW, G, K, score, lam, h, invB, Mf, Lm):
     """Fill the score dl/dv, lambda, h, 1/B and the Cholesky factor of M at means m.
 
@@ -222,7 +222,7 @@ def _curvature(u, m, inv_r, W, d, WW, G, K, score, lam, h, invB, Mf, Lm):
     return _factor_m(Mf, K, Lm)
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, inline="always", fastmath=_FAST)
 def _log_density(u, x, eta, m, mu, Wt, inv_d, inv_r, Lc, a, inv_sig2, G, K, r, alpha, tmpK,
                  tmpK2):
     """f(x, eta) without z-independent constants, ``m = exp(x - eta)``; fills
@@ -234,7 +234,7 @@ def _log_density(u, x, eta, m, mu, Wt, inv_d, inv_r, Lc, a, inv_sig2, G, K, r, a
     return lik - 0.5 * q - 0.5 * (eta - a) ** 2 * inv_sig2, q
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, inline="always", fastmath=_FAST)
 def _residual_alpha(x, mu, Wt, inv_d, Lc, G, K, r, alpha, tmpK, tmpK2):
     """Fill r = x - mu and alpha = Sigma^{-1} r; return the quadratic form r' alpha."""
     for g in range(G):
@@ -253,7 +253,7 @@ def _residual_alpha(x, mu, Wt, inv_d, Lc, G, K, r, alpha, tmpK, tmpK2):
 STEP_CONTINUE, STEP_CONVERGED, STEP_STOPPED, STEP_FAILED = 0, 1, 2, 3
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, inline="always", fastmath=_FAST)
 def _newton_iteration(u, a, inv_sig2, mu, Wt, inv_d, inv_r, Lc, x, eta, m, f, fix_eta, tol,
                       ws_G, ws_K, Lm, G, K):
     """One projected damped Newton iteration with Armijo line search; x, m updated in place.
@@ -402,7 +402,7 @@ def newton_all(counts, a, sigma, mu, W, d, inv_r, WW, Lc, x, eta, fix_eta, tol, 
 # ---------------------------------------------------------------- value and gradient
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, inline="always", fastmath=_FAST)
 def _cell_value_grad(u, xc, e, mc, a, inv_sig2, const, mu, Wt, d, inv_d, inv_r, Lc, Lm,
                      logdet_m, qrow, fix_eta, want_grad, want_grad_r, ws_G, ws_K, acc_mu, acc_W,
                      acc_d, acc_r):

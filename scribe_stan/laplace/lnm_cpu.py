@@ -61,7 +61,7 @@ from scribe_stan.laplace.cpu import _chol_solve, _cholesky_inplace, _woodbury_ap
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, inline="always", fastmath=_FAST)
 def _softmax(y, D, p):
     """Fill p_j = exp(y_j - logZ); return (logZ, rho_ref). Stable for any y."""
     m = 0.0
@@ -79,7 +79,7 @@ def _softmax(y, D, p):
     return logz, math.exp(-logz)
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, inline="always", fastmath=_FAST)
 def _composition(u, uT, y, mu, Wt, inv_d, Lc, D, K, p, r, alpha, tmpK, tmpK2):
     """f(y) without constants; fills p, r = y - mu, alpha = Sigma^{-1} r.
 
@@ -97,7 +97,7 @@ def _composition(u, uT, y, mu, Wt, inv_d, Lc, D, K, p, r, alpha, tmpK, tmpK2):
     return lik - 0.5 * q, q, lik, rho_ref
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, inline="always", fastmath=_FAST)
 def _curvature(lam, W, d, WW, D, K, h, invB, Mf, Lm):
     """h, 1/B and the Cholesky factor of M for the given lambda. False if M fails."""
     KK = K * K
@@ -117,7 +117,7 @@ def _curvature(lam, W, d, WW, D, K, h, invB, Mf, Lm):
     return _cholesky_inplace(Lm, K)
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, inline="always", fastmath=_FAST)
 def _sm_factor(p, sig1, rho_ref, Wt, h, invB, Lm, D, K, tmpK, tmpK2, a, psi):
     """a = A^{-1} p and the guarded Sherman-Morrison denominator s (module docstring)."""
     _woodbury_apply(p, Wt, invB, h, 1.0, Lm, D, K, tmpK, tmpK2, a)
@@ -334,7 +334,7 @@ def value_grad_full(u, uT, const, mu, W, d, WW, Lc, sig1, y, want_grad, n_chunks
 # ---------------------------------------------------------------- low-rank (z) mode
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, inline="always", fastmath=_FAST)
 def _lowrank_density(u, uT, z, mu, W, D, K, y, p):
     """f(z) = u'y - u_T logZ(y) - |z|^2 / 2 at y = mu + W z (fills y, p); returns (f, lik)."""
     for j in range(D):
@@ -352,7 +352,7 @@ def _lowrank_density(u, uT, z, mu, W, D, K, y, p):
     return lik - 0.5 * zz, lik
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, inline="always", fastmath=_FAST)
 def _lowrank_hessian(uT, p, W, WW, D, K, wp, Hf, L):
     """Cholesky L of -H_z = W' diag(u_T p) W - u_T (W'p)(W'p)' + I; fills wp = W'p."""
     KK = K * K
