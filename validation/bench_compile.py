@@ -62,7 +62,7 @@ for ts, ev in rec.buffer:
             k = kernels.setdefault(name, {"compile_s": 0.0, "signatures": 0})
             k["compile_s"] += ts - start
             k["signatures"] = len(disp.signatures)
-print(json.dumps({"wall_s": wall, "cpu_s": cpu, "import_s": t_import,
+print(json.dumps({"source": ss.__file__, "wall_s": wall, "cpu_s": cpu, "import_s": t_import,
                   "outer_iterations": fit.n_iter, "objective": fit.objective, "kernels": kernels}))
 """
 
@@ -71,7 +71,8 @@ def run_once(cells, genes, rank, cache_dir, source=None):
     env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir)
     if source is not None:
         env["PYTHONPATH"] = os.pathsep.join([source, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    out = subprocess.run([sys.executable, "-c", _ONE_RUN, str(cells), str(genes), str(rank)],
+    # -P: the working directory stays off sys.path, so PYTHONPATH picks the source tree
+    out = subprocess.run([sys.executable, "-P", "-c", _ONE_RUN, str(cells), str(genes), str(rank)],
                          check=False, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"run failed (source {source or 'installed'}):\n{out.stderr[-4000:]}")
