@@ -55,6 +55,11 @@ def _blocks(m):
 
 
 # ---------------------------------------------------------------- Numba kernels
+#
+# Each parallel kernel is a thin ``prange`` loop over a serial kernel that does one work
+# block's (or cell's) work. Numba's parfor passes (copy propagation over deep copies of
+# the IR) grow much faster than linearly with the size of the loop body; with the inlined
+# Newton and gradient pieces in the body, compiling this module took minutes.
 
 
 @njit(cache=True, inline="always")
@@ -78,6 +83,40 @@ def curvature_weights(indptr, indices, data, E, inv_r, d, cells, out):
             out[i, g] = lg / (1.0 + lg * d[g])
 
 
+@njit(cache=True, fastmath=_FAST)
+def _newton_block(lo, hi, indptr, indices, data, a, sigma, mu, Wt, d, inv_d, inv_r, Lc, X, eta,
+                  cells, E, f, alpha, w, Mf, fix_eta, tol, outcome, at_bound):
+    """Body of :func:`newton_round` for the rows ``lo:hi`` of the round (one work block)."""
+    K, G = Wt.shape
+    ws_G = np.empty((11, G))
+    ws_K = np.empty((2, K))
+    Lm = np.empty((K, K))
+    u = np.empty(G)
+    for i in range(lo, hi):
+        c = cells[i]
+        if not _factor_m(Mf[i], K, Lm):
+            outcome[i] = STEP_FAILED
+            continue
+        _expand_row(indptr, indices, data, c, u)
+        inv_sig2 = 1.0 / (sigma[c] * sigma[c])
+        if np.isnan(f[i]):
+            f[i], _ = _log_density(u, X[c], eta[c], E[i], mu, Wt, inv_d, inv_r, Lc, a[c],
+                                   inv_sig2, G, K, ws_G[4], alpha[i], ws_K[0], ws_K[1])
+        ws_G[5, :] = alpha[i]
+        _cell_terms(u, E[i], inv_r, d, G, ws_G[9], ws_G[0], ws_G[1], ws_G[2])
+        out, e, f[i], bd = _newton_iteration(u, a[c], inv_sig2, mu, Wt, inv_d, inv_r, Lc, X[c],
+                                             eta[c], E[i], f[i], fix_eta, tol, ws_G, ws_K, Lm,
+                                             G, K)
+        eta[c] = e
+        outcome[i] = out
+        at_bound[i] = bd
+        if out == STEP_CONTINUE:  # state of the new point for the next round
+            alpha[i, :] = ws_G[5]
+            for g in range(G):
+                _, lg = _obs_score_curv(u[g], E[i, g], inv_r[g])
+                w[i, g] = lg / (1.0 + lg * d[g])
+
+
 @njit(parallel=True, cache=True, fastmath=_FAST)
 def newton_round(indptr, indices, data, a, sigma, mu, W, d, inv_r, Lc, X, eta, cells, E, f,
                  alpha, w, Mf, fix_eta, tol, outcome, at_bound, n_blocks):
@@ -90,39 +129,35 @@ def newton_round(indptr, indices, data, a, sigma, mu, W, d, inv_r, Lc, X, eta, c
     (``w`` then holds the weights that form the next M). ``outcome[i]`` is one of
     cpu.STEP_* (STEP_FAILED: M not SPD), ``at_bound[i]`` whether eta's bound is active.
     """
-    G, K = W.shape
     Wt = np.ascontiguousarray(W.T)
     inv_d = 1.0 / d
     m = cells.size
     nb = max(1, min(m, n_blocks))
     for b in prange(nb):
-        ws_G = np.empty((11, G))
-        ws_K = np.empty((2, K))
-        Lm = np.empty((K, K))
-        u = np.empty(G)
-        for i in range(b * m // nb, (b + 1) * m // nb):
-            c = cells[i]
-            if not _factor_m(Mf[i], K, Lm):
-                outcome[i] = STEP_FAILED
-                continue
-            _expand_row(indptr, indices, data, c, u)
-            inv_sig2 = 1.0 / (sigma[c] * sigma[c])
-            if np.isnan(f[i]):
-                f[i], _ = _log_density(u, X[c], eta[c], E[i], mu, Wt, inv_d, inv_r, Lc, a[c],
-                                       inv_sig2, G, K, ws_G[4], alpha[i], ws_K[0], ws_K[1])
-            ws_G[5, :] = alpha[i]
-            _cell_terms(u, E[i], inv_r, d, G, ws_G[9], ws_G[0], ws_G[1], ws_G[2])
-            out, e, f[i], bd = _newton_iteration(u, a[c], inv_sig2, mu, Wt, inv_d, inv_r, Lc,
-                                                 X[c], eta[c], E[i], f[i], fix_eta, tol, ws_G,
-                                                 ws_K, Lm, G, K)
-            eta[c] = e
-            outcome[i] = out
-            at_bound[i] = bd
-            if out == STEP_CONTINUE:  # state of the new point for the next round
-                alpha[i, :] = ws_G[5]
-                for g in range(G):
-                    _, lg = _obs_score_curv(u[g], E[i, g], inv_r[g])
-                    w[i, g] = lg / (1.0 + lg * d[g])
+        _newton_block(b * m // nb, (b + 1) * m // nb, indptr, indices, data, a, sigma, mu, Wt,
+                      d, inv_d, inv_r, Lc, X, eta, cells, E, f, alpha, w, Mf, fix_eta, tol,
+                      outcome, at_bound)
+
+
+@njit(cache=True, fastmath=_FAST)
+def _value_grad_block(lo, hi, indptr, indices, data, const, a, sigma, mu, Wt, d, inv_d, inv_r,
+                      Lc, X, eta, E, Mf, Q, fix_eta, want_grad, want_grad_r, value, acc_mu,
+                      acc_W, acc_d, acc_r):
+    """Body of :func:`value_grad_cells` for the cells ``lo:hi`` (one work block, adding
+    into that block's gradient sums)."""
+    K, G = Wt.shape
+    ws_G = np.empty((12, G))
+    ws_K = np.empty((5, K))
+    Lm = np.empty((K, K))
+    u = np.empty(G)
+    for c in range(lo, hi):
+        _expand_row(indptr, indices, data, c, u)
+        _factor_m(Mf[c], K, Lm)
+        _cell_terms(u, E[c], inv_r, d, G, ws_G[0], ws_G[1], ws_G[2], ws_G[3])
+        value[c] = _cell_value_grad(u, X[c], eta[c], E[c], a[c], 1.0 / (sigma[c] * sigma[c]),
+                                    const[c], mu, Wt, d, inv_d, inv_r, Lc, Lm,
+                                    _chol_logdet(Lm, K), Q[c], fix_eta, want_grad, want_grad_r,
+                                    ws_G, ws_K, acc_mu, acc_W, acc_d, acc_r)
 
 
 @njit(parallel=True, cache=True, fastmath=_FAST)
@@ -143,21 +178,36 @@ def value_grad_cells(indptr, indices, data, const, a, sigma, mu, W, d, inv_r, Lc
     nb = max(1, min(n, n_blocks))
     acc_mu, acc_d, acc_r, acc_W = gradient_accumulators(nb, G, K)
     for b in prange(nb):
-        ws_G = np.empty((12, G))
-        ws_K = np.empty((5, K))
-        Lm = np.empty((K, K))
-        u = np.empty(G)
-        for c in range(b * n // nb, (b + 1) * n // nb):
-            _expand_row(indptr, indices, data, c, u)
-            _factor_m(Mf[c], K, Lm)
-            _cell_terms(u, E[c], inv_r, d, G, ws_G[0], ws_G[1], ws_G[2], ws_G[3])
-            value[c] = _cell_value_grad(u, X[c], eta[c], E[c], a[c],
-                                        1.0 / (sigma[c] * sigma[c]), const[c], mu, Wt, d, inv_d,
-                                        inv_r, Lc, Lm, _chol_logdet(Lm, K), Q[c], fix_eta,
-                                        want_grad, want_grad_r, ws_G, ws_K, acc_mu[b],
-                                        acc_W[b], acc_d[b], acc_r[b])
+        _value_grad_block(b * n // nb, (b + 1) * n // nb, indptr, indices, data, const, a, sigma,
+                          mu, Wt, d, inv_d, inv_r, Lc, X, eta, E, Mf, Q, fix_eta, want_grad,
+                          want_grad_r, value, acc_mu[b], acc_W[b], acc_d[b], acc_r[b])
     return (value, acc_mu.sum(axis=0), acc_W.sum(axis=0), acc_d.sum(axis=0),
             acc_r.sum(axis=0))
+
+
+@njit(cache=True, fastmath=_FAST)
+def _posterior_cell(c, indptr, indices, data, E, inv_r, Wt, d, Mf, fix_eta, sigma, H, IB, PHI,
+                    s):
+    """Body of :func:`posterior_terms` for cell c."""
+    K, G = Wt.shape
+    u = np.empty(G)
+    score = np.empty(G)
+    lam = np.empty(G)
+    Lm = np.empty((K, K))
+    tmpK = np.empty(K)
+    tmpK2 = np.empty(K)
+    _expand_row(indptr, indices, data, c, u)
+    _cell_terms(u, E[c], inv_r, d, G, score, lam, H[c], IB[c])
+    _factor_m(Mf[c], K, Lm)
+    if fix_eta:
+        PHI[c] = 0.0
+        s[c] = 1.0
+        return
+    _a_inv_apply(lam, Wt, H[c], IB[c], Lm, G, K, tmpK, tmpK2, PHI[c])
+    sc = 1.0 / (sigma[c] * sigma[c])
+    for g in range(G):
+        sc += lam[g] * (1.0 - PHI[c, g])
+    s[c] = sc
 
 
 @njit(parallel=True, cache=True, fastmath=_FAST)
@@ -168,28 +218,10 @@ def posterior_terms(indptr, indices, data, E, inv_r, W, d, Mf, fix_eta, sigma, H
     fills ``H`` = h, ``IB`` = 1/B, ``PHI`` = phi = ``A^{-1} lambda`` (zero with
     ``fix_eta``: eta is not integrated) and ``s`` = the Schur complement (n,).
     """
-    n, G = E.shape
-    K = W.shape[1]
     Wt = np.ascontiguousarray(W.T)
-    for c in prange(n):
-        u = np.empty(G)
-        score = np.empty(G)
-        lam = np.empty(G)
-        Lm = np.empty((K, K))
-        tmpK = np.empty(K)
-        tmpK2 = np.empty(K)
-        _expand_row(indptr, indices, data, c, u)
-        _cell_terms(u, E[c], inv_r, d, G, score, lam, H[c], IB[c])
-        _factor_m(Mf[c], K, Lm)
-        if fix_eta:
-            PHI[c] = 0.0
-            s[c] = 1.0
-            continue
-        _a_inv_apply(lam, Wt, H[c], IB[c], Lm, G, K, tmpK, tmpK2, PHI[c])
-        sc = 1.0 / (sigma[c] * sigma[c])
-        for g in range(G):
-            sc += lam[g] * (1.0 - PHI[c, g])
-        s[c] = sc
+    for c in prange(E.shape[0]):
+        _posterior_cell(c, indptr, indices, data, E, inv_r, Wt, d, Mf, fix_eta, sigma, H, IB,
+                        PHI, s)
 
 
 # ---------------------------------------------------------------- globals, shared by cells
