@@ -59,7 +59,7 @@ def main(argv=None):
         t_bv = _time(lambda: P._value_grad(mu2, W2, d, inv_r, const, False, True, False))
         x, e = x0.copy(), e0.copy()
         t_pn = _time(lambda: cpu.newton_all(dense, P.a, P.sigma, *glob, x, e, False,
-                                            P.newton_tol, P.max_newton, solver._n_chunks()))
+                                            P.newton_tol, P.max_newton, numba.get_num_threads()))
         t_pv = _time(lambda: cpu.laplace_value_grad(dense, const, P.a, P.sigma, *glob, x, e,
                                                     False, True, numba.get_num_threads(),
                                                     False))
