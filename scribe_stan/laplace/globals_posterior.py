@@ -177,6 +177,14 @@ class GlobalsPosterior:
         out = np.column_stack([self.scale.backward(c) for c in cz.T])
         return out.reshape(np.shape(v))
 
+    def precision_apply(self, v):
+        """``A v`` for v (P,): the approximated negative Hessian of the objective in theta
+        coordinates, ``T' (Pi + U diag(lam - 1) U') T v`` (zero along the rotations)."""
+        z = self.scale.forward(np.asarray(v, dtype=float).copy())
+        pz = self._project(z)
+        az = pz + self.U @ ((self.lam - 1.0) * (self.U.T @ pz))
+        return _transpose_apply(self.scale, az)
+
     def covariance(self):
         """Dense (P, P) covariance in theta coordinates (small problems only)."""
         if self.size > 5000:
@@ -218,6 +226,13 @@ class GlobalsPosterior:
         """``sum log d (+ sum log tau)``: log density of theta's coordinates over the
         prior's (``d``, ``tau``), for draws (n, P) or one (P,)."""
         return np.asarray(theta) @ _jacobian_gradient(self.layout, self.size)
+
+
+def _transpose_apply(scale, z):
+    """``T' z`` of a BlockScale (the adjoint of ``forward``)."""
+    out = z * scale.diag
+    out[scale.index] = np.einsum("bij,bj->bi", scale.chol, z[scale.index])
+    return out
 
 
 def _log_det(scale):
