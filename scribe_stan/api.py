@@ -20,6 +20,7 @@ from scribe_stan.laplace.solver import LaplaceSolution, fit_laplace
 from scribe_stan.models import MODELS, loadings, pln
 
 METHODS = ("laplace", "hmc")
+GLOBALS = ("point", "laplace")  # where draws are made: globals at the MAP or drawn
 DEVICES = ("cpu", "cuda", "auto")
 _CUDA_MODELS = ("pln", "nbln")  # models with CUDA Laplace kernels
 _MAX_TREE_ELEMENTS = 2 * 10**8  # per-cell draw elements in one tree (1.6 GB of float64)
@@ -267,6 +268,7 @@ class LaplaceFit:
     solution: LaplaceSolution = field(repr=False)
     data: _Data = field(repr=False)
     settings: dict
+    _globals_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     mu = property(lambda self: self.solution.mu)
     W = property(lambda self: self.solution.W)
@@ -305,15 +307,62 @@ class LaplaceFit:
         """Latent directions with RMS loading >= 0.05 (:func:`loadings.effective_rank`)."""
         return loadings.effective_rank(self.W)
 
-    def to_datatree(self, draws=500, *, genes=None, seed=None):
+    def globals_posterior(self, *, method="auto", rank=None, step=1e-3):
+        """Gaussian approximation of the globals' posterior at the Laplace MAP (cached).
+
+        The outer step of a nested Laplace approximation, from the Hessian of the exact
+        Laplace objective in the optimizer's coordinates ``(mu, W, log d[, log r])``,
+        with W's rotations projected out; see
+        :mod:`scribe_stan.laplace.globals_posterior` (methods, costs, coordinates).
+
+        Parameters
+        ----------
+        method : {"auto", "dense", "lowrank"}
+            Dense finite-difference Hessian (2 gradients per global) or Lanczos
+            low-rank-plus-block-diagonal; "auto": dense up to 1500 globals.
+        rank : int, optional
+            Lowrank: eigenpairs kept (default 60).
+        step : float
+            Finite-difference step in the whitened coordinates.
+
+        Returns
+        -------
+        scribe_stan.laplace.globals_posterior.GlobalsPosterior
+
+        Raises
+        ------
+        ValueError
+            Unknown ``method`` (the allowed values are named); ``rank < 1``.
+        """
+        from scribe_stan.laplace.globals_posterior import laplace_globals
+
+        key = (method, rank, step)
+        if key not in self._globals_cache:
+            self._globals_cache[key] = laplace_globals(self.solution, method=method,
+                                                       rank=rank, step=step,
+                                                       seed=self.settings["seed"])
+        return self._globals_cache[key]
+
+    def to_datatree(self, draws=500, *, genes=None, seed=None, globals="point"):
         """ArviZ DataTree of the Laplace posterior (one chain of independent draws).
 
         Per-cell latents ``(x, eta)`` are drawn from each cell's Gaussian
-        ``N(z_hat, (-H)^{-1})`` through the Woodbury square root; globals are point
-        estimates repeated over draws. ``sample_stats`` carries ``lp`` (exact log
-        density of the draw given the globals, summed over cells) and ``lp_approx``
-        (the Gaussian's log density), so :func:`arviz_stats.loo_approximate_posterior`
-        applies. ``log_likelihood`` is over all fitted genes.
+        ``N(z_hat, (-H)^{-1})`` through the Woodbury square root. With
+        ``globals="point"`` the globals are the MAP repeated over draws; with
+        ``globals="laplace"`` each draw first draws the globals from their Gaussian
+        approximation (:meth:`globals_posterior`, built once per fit and cached), re-runs
+        every cell's Newton step there (warm-started from the MAP modes) and draws the
+        cells at those globals, so the per-cell draws carry the globals' uncertainty
+        (:mod:`scribe_stan.laplace.nested`). ``sample_stats`` carries ``lp`` (exact log
+        density of the draw: given the globals for "point"; joint with the globals,
+        their prior and the ``log d`` Jacobian for "laplace") and ``lp_approx`` (the
+        Gaussian's log density, of the globals too for "laplace", up to a constant), so
+        :func:`arviz_stats.loo_approximate_posterior` applies. ``log_likelihood`` is
+        over all fitted genes.
+
+        Cost: "laplace" adds the globals' Gaussian once per fit (dense: 2 gradient
+        evaluations per global; lowrank: 2 per Lanczos product) and one per-cell
+        Newton solve per draw (README, "Laplace draws with the globals' uncertainty").
 
         Parameters
         ----------
@@ -323,6 +372,8 @@ class LaplaceFit:
             the ``n`` highest-mean ones, or those names. At genome scale pass a subset:
             ``draws * cells * genes`` above 2e8 raises ``ValueError``.
         seed : int, optional (default: the fit's seed)
+        globals : {"point", "laplace"}
+            Globals at their MAP (default) or drawn from their Laplace Gaussian.
 
         Returns
         -------
@@ -331,37 +382,62 @@ class LaplaceFit:
         Raises
         ------
         TypeError, ValueError
-            ``draws`` not an integer >= 1, invalid or unknown ``genes``, or too many
-            elements (:func:`check_tree_size`).
+            ``draws`` not an integer >= 1, invalid or unknown ``genes``, too many
+            elements (:func:`check_tree_size`), or ``globals`` not one of
+            ``("point", "laplace")``.
         """
+        _validate.check_choice("globals", globals, GLOBALS)
         idx = fitted_gene_index(self, genes)
         draws = check_tree_size(draws, len(self.obs_names), idx.size)
         rng = np.random.default_rng(self.settings["seed"] if seed is None else seed)
         problem = self.solution.problem
-        smp = problem.sample(self.mu, self.W, self.d, draws, rng, genes=idx, log_r=self.log_r)
-        W = self.W[idx]
-        Sigma = W @ W.T + np.diag(self.d[idx])
-        rep = lambda a: np.broadcast_to(a, (1, draws) + a.shape)  # noqa: E731
+        if globals == "point":
+            smp = problem.sample(self.mu, self.W, self.d, draws, rng, genes=idx,
+                                 log_r=self.log_r)
+            rep = lambda a: np.broadcast_to(a, (draws,) + a.shape)  # noqa: E731
+            glob = {"mu": rep(self.mu), "W": rep(self.W), "d": rep(self.d),
+                    "r": None if self.r is None else rep(self.r)}
+            lp, lp_approx = smp["lp"].sum(axis=1), smp["lp_approx"].sum(axis=1)
+        else:
+            from scribe_stan.laplace.nested import nested_draws
+
+            smp = nested_draws(self.solution, self.globals_posterior(), draws, rng,
+                               genes=idx)
+            glob = {"mu": smp["mu"], "W": smp["W"], "d": smp["d"],
+                    "r": None if smp["log_r"] is None else np.exp(smp["log_r"])}
+            lp = smp["lp"].sum(axis=1) + smp["log_prior"]
+            lp_approx = smp["lp_approx"].sum(axis=1) + smp["log_q"]
+        if globals == "point":  # one value, broadcast over draws (no copies)
+            W = self.W[idx]
+            one = {"mu": self.mu[idx], "W": W, "W_perp": self.W_perp[idx], "d": self.d[idx],
+                   "Sigma": W @ W.T + np.diag(self.d[idx])}
+            posterior = {k: np.broadcast_to(v, (1, draws) + v.shape) for k, v in one.items()}
+        else:
+            W, d = glob["W"][:, idx], glob["d"][:, idx]
+            posterior = {"mu": glob["mu"][None, :, idx], "W": W[None],
+                         "W_perp": (glob["W"] - glob["W"].mean(axis=1, keepdims=True))[
+                             None, :, idx],
+                         "d": d[None],
+                         "Sigma": (W @ np.swapaxes(W, 1, 2)
+                                   + d[:, :, None] * np.eye(idx.size))[None]}
+        posterior.update(x=smp["x"][None], eta=smp["eta"][None])
         rate = np.exp(np.minimum(smp["x"] - smp["eta"][..., None], 20.7))
-        posterior = {"mu": rep(self.mu[idx]), "W": rep(W), "W_perp": rep(self.W_perp[idx]),
-                     "d": rep(self.d[idx]),
-                     "Sigma": rep(Sigma), "x": smp["x"][None], "eta": smp["eta"][None]}
-        if self.r is None:
+        if glob["r"] is None:
             replicated = rng.poisson(rate)
         else:  # NegBinomial2(rate, r) as a gamma-Poisson draw; p = r / (r + rate)
-            posterior["r"] = rep(self.r[idx])
-            replicated = rng.negative_binomial(self.r[idx], self.r[idx] / (self.r[idx] + rate))
+            r = glob["r"][:, None, idx]
+            posterior["r"] = glob["r"][None, :, idx]
+            replicated = rng.negative_binomial(r, r / (r + rate))
         return convert.build_datatree(
             posterior=posterior,
-            sample_stats={"lp": smp["lp"].sum(axis=1)[None],
-                          "lp_approx": smp["lp_approx"].sum(axis=1)[None]},
+            sample_stats={"lp": lp[None], "lp_approx": lp_approx[None]},
             log_likelihood={"counts": smp["log_lik"][None]},
             posterior_predictive={"counts": replicated[None]},
             observed_data={"counts": self.data.counts[:, idx]},
             cell_names=self.obs_names, gene_names=self.var_names[idx],
             n_factors=self.W.shape[1],
             attrs={"solver": "laplace", "backend": "numba-cpu", "model": self.model,
-                   "seed": self.settings["seed"], "draws": draws,
+                   "seed": self.settings["seed"], "draws": draws, "globals": globals,
                    "stan_hash": stan.program_hash(self.model),
                    "objective": self.objective, "outer_iterations": self.n_iter,
                    "cells_converged": int(self.converged.sum())})

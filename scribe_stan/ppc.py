@@ -137,8 +137,16 @@ def _fit_kind(fit):
                     f"{type(fit).__name__}")
 
 
-def _globals(fit, solver, family, draws):
-    """Globals with a leading draw axis (1 for Laplace, ``draws`` for HMC)."""
+def _globals(fit, solver, family, draws, globals_="point", rng=None):
+    """Globals with a leading draw axis (1 for Laplace at the MAP, ``draws`` for HMC and
+    for pln/nbln Laplace with ``globals_="laplace"``: nested draws, whose per-cell
+    ``x``/``eta`` are kept under ``"nested"``)."""
+    if solver == "laplace" and globals_ == "laplace":
+        from scribe_stan.laplace.nested import nested_draws
+
+        smp = nested_draws(fit.solution, fit.globals_posterior(), draws, rng)
+        return {"mu": smp["mu"], "W": smp["W"], "d": smp["d"],
+                "r": None if smp["log_r"] is None else np.exp(smp["log_r"]), "nested": smp}
     if solver == "laplace":
         one = lambda v: None if v is None else np.asarray(v, float)[None]  # noqa: E731
         if family == "lognormal":
@@ -225,6 +233,9 @@ def _replicate_lognormal(fit, solver, level, glob, idx, draws, rng):
         eta = np.broadcast_to(fit.eta_hat, (draws, N))
         return _observe(rng, np.broadcast_to((fit.x_hat - fit.eta_hat[:, None])[:, idx],
                                              (draws, N, idx.size)), r), eta
+    if level == "laplace" and "nested" in glob:  # (x, eta) drawn jointly at each global draw
+        x, eta = glob["nested"]["x"][..., idx], glob["nested"]["eta"]
+        return _observe(rng, x - eta[..., None], r), eta
     if level == "laplace":
         eta = np.broadcast_to(fit.eta_hat, (draws, N))
         x = _lognormal_laplace_x(fit, idx, draws, rng)
@@ -317,7 +328,8 @@ def _replicate_lnm(fit, solver, level, glob, idx, draws, rng):
     return out, eta
 
 
-def posterior_predictive(fit, *, level="marginal", draws=100, genes=None, seed=0):
+def posterior_predictive(fit, *, level="marginal", draws=100, genes=None, seed=0,
+                         globals="point"):
     """Replicated counts of a fit at one predictive level, as an ArviZ DataTree.
 
     Parameters
@@ -334,6 +346,12 @@ def posterior_predictive(fit, *, level="marginal", draws=100, genes=None, seed=0
         highest-mean ones, or those names. Totals and captures always involve all
         fitted genes.
     seed : int
+    globals : {"point", "laplace"}
+        pln/nbln Laplace fits: globals at the MAP (default) or drawn from their Laplace
+        Gaussian (:meth:`scribe_stan.api.LaplaceFit.globals_posterior`), one set per
+        replicated data set; at level ``laplace`` each cell's ``(x, eta)`` is then
+        drawn jointly from its Gaussian at those globals (nested draws), and level
+        ``map`` is refused. Other fits take only "point" (HMC draws its globals).
 
     Returns
     -------
@@ -362,8 +380,14 @@ def posterior_predictive(fit, *, level="marginal", draws=100, genes=None, seed=0
     if draws * N * idx.size > _MAX_ELEMENTS:
         raise ValueError(f"draws*cells*genes = {draws}*{N}*{idx.size} exceeds "
                          f"{_MAX_ELEMENTS:.0e}; pass genes=<int or names> or fewer draws.")
+    _validate.check_choice("globals", globals, ("point", "laplace"))
+    if globals == "laplace" and not (solver == "laplace" and family == "lognormal"
+                                     and level != "map"):
+        raise ValueError("globals='laplace' applies to pln/nbln Laplace fits at levels "
+                         f"{LEVELS[1:]}; got a {solver} {fit.model} fit at level {level!r}; "
+                         "allowed here: globals='point'")
     rng = np.random.default_rng(seed)
-    glob = _globals(fit, solver, family, int(draws))
+    glob = _globals(fit, solver, family, int(draws), globals, rng)
     replicate = {"lognormal": _replicate_lognormal, "nbvcp": _replicate_nbvcp,
                  "lnm": _replicate_lnm}[family]
     counts, eta = replicate(fit, solver, level, glob, idx, int(draws), rng)
@@ -373,4 +397,4 @@ def posterior_predictive(fit, *, level="marginal", draws=100, genes=None, seed=0
         observed_data={"counts": fit.data.counts[:, idx]},
         cell_names=fit.obs_names, gene_names=fit.var_names[idx], n_factors=0,
         attrs={"level": level, "model": fit.model, "solver": solver, "seed": int(seed),
-               "draws": int(draws)})
+               "draws": int(draws), "globals": globals})

@@ -701,6 +701,33 @@ def block_scaling(problem, mu, W, d, log_r=None, *, eta=None, free_mu=True,
     return driver.BlockScale(np.sqrt(np.concatenate(parts)), index, np.linalg.cholesky(A))
 
 
+def outer_scaling(problem, theta, layout):
+    """:func:`block_scaling` over the whole optimizer vector of ``layout``.
+
+    Parameters
+    ----------
+    problem : LaplaceProblem (its modes are set at these globals).
+    theta : (P,) optimizer vector (:meth:`OuterLayout.pack`).
+    layout : OuterLayout
+
+    Returns
+    -------
+    driver.BlockScale
+        ``z = T theta`` with ``T' T`` about the objective's negative Hessian: the blocks of
+        :func:`block_scaling`, and ``sqrt(2 (G - 1))`` for each log column scale of a
+        shrinkage loadings prior (its prior curvature near its conditional mode).
+    """
+    mu, W, d, log_r = layout.unpack(theta)
+    log_tau = layout.log_tau(theta)
+    scale = block_scaling(problem, mu, W, d, log_r, eta=layout.eta, free_mu=layout.free_mu,
+                          free_log_r=layout.free_log_r,
+                          w_precision=np.exp(-2 * log_tau) if layout.n_tau else None)
+    return driver.BlockScale(np.concatenate([scale.diag,
+                                             np.full(layout.n_tau,
+                                                     np.sqrt(2.0 * (layout.G - 1)))]),
+                             scale.index, scale.chol)
+
+
 def initial_globals(counts, a, K, *, seed=0):
     """Moment-based starting point for (mu, W, d).
 
@@ -764,6 +791,9 @@ class LaplaceSolution:
     log_r : (G,) log dispersions (nbln: fitted or held), None for pln.
     log_tau : (K,) log loadings column scales of a shrinkage prior, (0,) otherwise.
     loadings_prior : str.
+    layout : OuterLayout of the optimizer vector (what was free, which priors), so that
+        :func:`objective` can be evaluated again at the fitted globals (e.g. by
+        :mod:`scribe_stan.laplace.globals_posterior`).
     """
 
     problem: LaplaceProblem
@@ -783,6 +813,7 @@ class LaplaceSolution:
     log_tau: np.ndarray | None = None
     loadings_prior: str = "normal"
     em_iterations: int = 0
+    layout: OuterLayout | None = None
 
     @property
     def r(self):
@@ -928,15 +959,7 @@ def fit_laplace(counts, K, *, model="pln", log_M0=np.log(pln.M0_DEFAULT),
     def scaling(theta):
         if not precondition:
             return np.ones(theta.size)
-        mu, W, d, log_r = layout.unpack(theta)
-        log_tau = layout.log_tau(theta)
-        scale = block_scaling(problem, mu, W, d, log_r, eta=eta, free_mu=layout.free_mu,
-                              free_log_r=layout.free_log_r,
-                              w_precision=np.exp(-2 * log_tau) if layout.n_tau else None)
-        # log tau_k's prior curvature is about 2 (G - 1) at its conditional mode
-        return driver.BlockScale(np.concatenate([scale.diag,
-                                                 np.full(layout.n_tau, np.sqrt(2.0 * (G - 1)))]),
-                                 scale.index, scale.chol)
+        return outer_scaling(problem, theta, layout)
 
     def value_grad(theta):
         # mu is in the preconditioner's blocks, where no box applies: trial points past
@@ -981,4 +1004,4 @@ def fit_laplace(counts, K, *, model="pln", log_M0=np.log(pln.M0_DEFAULT),
                            wall_time_s=time.perf_counter() - t0, model=model,
                            log_r=None if log_r_hat is None else np.array(log_r_hat),
                            log_tau=layout.log_tau(theta).copy(),
-                           loadings_prior=layout.loadings_prior)
+                           loadings_prior=layout.loadings_prior, layout=layout)

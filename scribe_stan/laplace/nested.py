@@ -1,0 +1,77 @@
+"""Per-cell draws that integrate over the globals' posterior (nested Laplace draws).
+
+For each draw ``theta_s`` of the globals from their Gaussian approximation
+(:mod:`scribe_stan.laplace.globals_posterior`), every cell's Newton step is re-run at
+``theta_s`` (warm-started from its mode at the MAP, the same start for every draw) and
+the cell's latents ``(x_c, eta_c)`` are drawn from its Laplace Gaussian at ``theta_s``:
+one draw of ``p(theta, x, eta | u) ~ q(theta) prod_c q_c(x_c, eta_c | theta)``. The
+point-globals draws of :meth:`~scribe_stan.laplace.solver.LaplaceProblem.sample` are
+the special case ``theta_s = theta_hat``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def nested_draws(solution, post, draws, rng, *, genes=None, values=False):
+    """Joint draws of the globals and of every cell's latents.
+
+    Parameters
+    ----------
+    solution : scribe_stan.laplace.solver.LaplaceSolution (its problem's modes are used
+        as the warm start and put back at the MAP afterwards).
+    post : scribe_stan.laplace.globals_posterior.GlobalsPosterior of that solution.
+    draws : int >= 1;  rng : numpy Generator.
+    genes : (Gs,) int indices of the genes whose x draws are returned (default all).
+    values : bool
+        Also return each cell's Laplace value ``log p_hat(u_c | theta_s)`` (``laplace``).
+
+    Returns
+    -------
+    dict
+        ``mu`` (S, G), ``W`` (S, G, K) (the fit's rotation), ``d`` (S, G), ``log_r``
+        (S, G) or None; ``x`` (S, N, Gs), ``eta``, ``log_lik``, ``lp``, ``lp_approx``
+        (S, N) as in ``LaplaceProblem.sample`` at each ``theta_s``; ``log_prior`` (S,)
+        the globals' log prior plus the ``log d`` Jacobian (density of the optimizer's
+        coordinates); ``log_q`` (S,) their Gaussian's log density; ``converged`` (S,)
+        fraction of cells whose Newton step converged; with ``values`` also
+        ``laplace`` (S, N).
+    """
+    problem, layout = solution.problem, post.layout
+    N, G = problem.shape
+    K = solution.W.shape[1]
+    genes = np.arange(G) if genes is None else np.asarray(genes, dtype=np.int64)
+    thetas, log_q = post.draw(draws, rng)
+    out = {"mu": np.empty((draws, G)), "W": np.empty((draws, G, K)),
+           "d": np.empty((draws, G)),
+           "log_r": None if solution.log_r is None else np.empty((draws, G)),
+           "x": np.empty((draws, N, genes.size)),
+           **{k: np.empty((draws, N)) for k in ("eta", "log_lik", "lp", "lp_approx")},
+           "log_prior": np.empty(draws), "log_q": log_q, "converged": np.empty(draws)}
+    if values:
+        out["laplace"] = np.empty((draws, N))
+    problem.modes(solution.mu, solution.W, solution.d, log_r=solution.log_r, eta=layout.eta)
+    problem.keep_modes()
+    try:
+        for s, theta in enumerate(thetas):
+            problem.restore_modes()
+            mu, W, d, log_r = post.unpack(theta)
+            if values:
+                out["laplace"][s] = problem.log_marginal(mu, W, d, log_r=log_r,
+                                                         eta=layout.eta)
+            else:
+                problem.modes(mu, W, d, log_r=log_r, eta=layout.eta)
+            out["converged"][s] = np.mean(problem.converged)
+            smp = problem.sample(mu, W, d, 1, rng, log_r=log_r, genes=genes)
+            for key in ("x", "eta", "log_lik", "lp", "lp_approx"):
+                out[key][s] = smp[key][0]
+            out["mu"][s], out["W"][s], out["d"][s] = mu, W, d
+            if log_r is not None:
+                out["log_r"][s] = log_r
+            out["log_prior"][s] = (layout.log_prior(mu, W, d, log_r, layout.log_tau(theta))[0]
+                                   + post.log_jacobian(theta))
+    finally:
+        problem.restore_modes()
+        problem.sync_modes()
+    return out
