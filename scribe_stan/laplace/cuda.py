@@ -71,8 +71,9 @@ from numba import config, cuda, float64, int32
 #: True when ``NUMBA_ENABLE_CUDASIM=1`` was set before numba was imported.
 SIMULATOR = bool(config.ENABLE_CUDASIM)
 #: Threads per block (a power of 2). The simulator runs each thread as a Python thread,
-#: so it uses 8: still fewer than the genes of the tests, so every gene-strided loop wraps.
-THREADS_PER_BLOCK = 8 if SIMULATOR else 128
+#: so it uses 4: still fewer than the genes of the tests, so every gene-strided loop wraps,
+#: and a reduction still takes two tree levels.
+THREADS_PER_BLOCK = 4 if SIMULATOR else 128
 MAX_THREADS = 128
 #: Largest latent rank the shared K-vectors hold.
 KMAX = 128
