@@ -159,11 +159,11 @@ def test_renewing_the_scale_at_restarts_reaches_the_same_optimum(monkeypatch):
     sim = lnm.simulate(200, 8, 2, ref=REF, seed=4, total_mean=300.0)
     monkeypatch.setattr(lnm_solver, "RESCALE_FIRST", 10**6)  # one scale throughout
     one_scale = lnm_solver.fit_composition(sim["counts"], REF, 2)
-    monkeypatch.setattr(lnm_solver, "RESCALE_FIRST", 5)  # restarts after 5, 10, 20, ...
+    monkeypatch.setattr(lnm_solver, "RESCALE_FIRST", 3)  # restarts after 3, 9, 21, ...
     renewed = lnm_solver.fit_composition(sim["counts"], REF, 2)
     assert one_scale.success and renewed.success
     assert one_scale.n_iter < 1000 and renewed.n_iter == len(renewed.history)
-    assert renewed.n_iter > 20  # it did restart
+    assert renewed.n_iter > 9  # it did restart (twice)
     assert abs(renewed.objective - one_scale.objective) < 1e-3
     Sigma = [f.W @ f.W.T + np.diag(f.d) for f in (one_scale, renewed)]
     np.testing.assert_allclose(Sigma[1], Sigma[0], atol=2e-2 * np.abs(Sigma[0]).max())

@@ -31,10 +31,12 @@ import numba
 import numpy as np
 from scipy import special, stats
 
-from scribe_stan.laplace import driver, lnm_cpu
+from scribe_stan.laplace import driver, lnm_cpu, solver
 from scribe_stan.models import dispersion, lnm, pln
 
 MODES = ("full", "low_rank")
+#: Preconditioners of the composition block (:func:`composition_scaling`).
+PRECONDITIONERS = ("block", "diagonal")
 #: Outer iterations before the first renewal of the composition scale (doubling after).
 RESCALE_FIRST = 50
 _LOG_2PI = float(np.log(2.0 * np.pi))
@@ -349,20 +351,53 @@ def initial_composition(problem, K, *, seed=0):
     return mu, W, d
 
 
-def composition_scaling(problem, mu, W, d):
-    """Diagonal preconditioner from the per-coordinate Fisher information (as pln's).
+def composition_scaling(problem, mu, W, d, *, precondition="block"):
+    """Preconditioner of the composition block in the optimizer's ``(m, W, log d)``.
 
-    Curvature in mu_j is about ``sum_c lambda_cj / (1 + lambda_cj Sigma_jj)`` with
-    ``lambda = u_T p``; floored at 1 so silent coordinates are never stretched.
+    The multinomial's curvature in y_cj at the mode is about ``lambda_cj = u_T,c p_cj``
+    (its rank-one part ``-u_T p p'`` left out).
+
+    ``"block"``: gene j's ``(m_j, W_j)`` block of the Fisher information given the
+    factors (:func:`scribe_stan.laplace.solver.factor_fisher`, pln's), built in
+    ``(mu_j, W_j)`` as ``A_j`` and carried to the optimizer's coordinates through
+    ``mu_j = m_j - (|W_j|^2 + d_j) / 2``: with ``J_j = d(mu_j, W_j) / d(m_j, W_j) =
+    [[1, -W_j'], [0, I]]`` the block is ``J_j' A_j J_j``. In the low-rank mode
+    (``d=None``) the factor scores are the modes and ``w = lambda``. ``log d_j`` keeps
+    a diagonal scale ``1/2 sum_c (w_cj d_j)^2``, floored at 1. On the 400-gene PBMC
+    subset (K=10) the blocks took L-BFGS from 223 to 177 iterations (low rank: 211 to
+    123) with the diagonal scale below, to objectives 0.5 (0.7) nats higher.
+
+    ``"diagonal"``: curvature in m_j, and in each of W_j's entries, about
+    ``sum_c lambda_cj / (1 + lambda_cj Sigma_jj)``, floored at 1 so silent coordinates
+    are never stretched; log d_j as above with that weight.
+
+    Parameters
+    ----------
+    problem : CompositionProblem (its modes are set at these globals).
+    mu : (D,);  W : (D, K);  d : (D,) > 0 or None (low rank).
+    precondition : {"block", "diagonal"}
+
+    Returns
+    -------
+    driver.BlockScale (``"block"``) or (P,) ndarray of scales (``"diagonal"``).
     """
     problem.modes(mu, W, d)
-    D = problem.shape[1]
+    D, K = W.shape
     lg = lnm.logits(problem.y, D)
     lam = problem.uT[:, None] * np.exp(lg - special.logsumexp(lg, axis=1, keepdims=True))[:, :D]
+    if precondition == "block":
+        modes = problem.y if d is not None else problem.z
+        A, info_d = solver.factor_fisher([(modes, lam)], mu, W, d,
+                                         w_precision=np.full(K, 1.0 / pln.W_SCALE**2))
+        J = np.broadcast_to(np.eye(K + 1), A.shape).copy()
+        J[:, 0, 1:] = -W
+        A = np.einsum("gji,gjk,gkl->gil", J, A, J)
+        tail = np.maximum(info_d, 1.0) if d is not None else np.zeros(0)
+        return solver.gene_block_scale(A, tail)
     sig = np.sum(W**2, axis=1) + (d if d is not None else 0.0)
     w = lam / (1.0 + lam * sig)
     info = np.maximum(w.sum(0), 1.0)
-    parts = [info, np.repeat(info, W.shape[1])]
+    parts = [info, np.repeat(info, K)]
     if d is not None:
         parts.append(np.maximum(0.5 * np.sum((w * d) ** 2, axis=0), 1.0))
     return np.sqrt(np.concatenate(parts))
@@ -390,11 +425,12 @@ class CompositionSolution:
 
 
 def fit_composition(counts, ref, K, *, mode="full", tol=1e-8, max_iter=1000,
-                    newton_tol=1e-10, init=None, seed=0, progress=None, max_unconverged=0.01):
+                    newton_tol=1e-10, init=None, seed=0, progress=None, max_unconverged=0.01,
+                    precondition="block"):
     """Maximize the composition block's Laplace objective over the globals by L-BFGS-B.
 
-    L-BFGS-B runs in ``(m, W, log d)`` (:func:`_unpack`) times a diagonal scale
-    (:func:`composition_scaling`), renewed at restarts after ``RESCALE_FIRST`` outer
+    L-BFGS-B runs in ``(m, W, log d)`` (:func:`_unpack`) in the coordinates of
+    :func:`composition_scaling`, renewed at restarts after ``RESCALE_FIRST`` outer
     iterations and then after twice as many each time.
 
     Parameters
@@ -407,28 +443,47 @@ def fit_composition(counts, ref, K, *, mode="full", tol=1e-8, max_iter=1000,
     progress : tqdm-like, optional.
     max_unconverged : fraction of failed cells above which a line-search trial's modes
         are not kept as warm starts.
+    precondition : {"block", "diagonal"}
+        Per-gene blocks of ``(m_j, W_j)`` (default) or a diagonal scale
+        (:func:`composition_scaling`).
 
     Returns
     -------
     CompositionSolution
+
+    Raises
+    ------
+    ValueError
+        Unknown ``precondition``.
     """
+    if precondition not in PRECONDITIONERS:
+        raise ValueError(f"unknown precondition {precondition!r}; allowed: "
+                         f"{', '.join(PRECONDITIONERS)}")
     problem = CompositionProblem(counts, ref, mode=mode, newton_tol=newton_tol)
     D = problem.shape[1]
     mu0, W0, d0 = init if init is not None else initial_composition(problem, K, seed=seed)
     if mode == "low_rank":
         d0 = None
     n_d = D if mode == "full" else 0
-    lower = np.concatenate([np.full(D, -50.0), np.full(D * K, -np.inf),
-                            np.full(n_d, np.log(1e-6))])
-    upper = np.concatenate([np.full(D, 50.0), np.full(D * K, np.inf), np.full(n_d, np.log(1e2))])
-    # The diagonal scale is renewed at restarts after 50, 100, 200, ... iterations: the
+    # Box on log d only: m is in the preconditioner's blocks, where no box applies.
+    lower = np.concatenate([np.full(D + D * K, -np.inf), np.full(n_d, np.log(1e-6))])
+    upper = np.concatenate([np.full(D + D * K, np.inf), np.full(n_d, np.log(1e2))])
+
+    def value_grad(theta):
+        # trial points past |m| = MU_BOUND (log-ratios whose softmax overflows) are
+        # rejected as infeasible instead.
+        if np.max(np.abs(theta[:D])) > solver.MU_BOUND:
+            return -np.inf, np.zeros_like(theta)
+        return composition_objective(problem, theta, K)
+
+    # The scale is renewed at restarts after 50, 100, 200, ... iterations: the
     # information in log d_j grows with d_j^2, and rare genes' d_j rise by orders of
     # magnitude from the moment start, so a scale fixed there mis-scales their log d
     # coordinates (on PBMC they carried most of the gradient at iteration 300).
-    res = driver.maximize(lambda theta: composition_objective(problem, theta, K),
-                          _pack(mu0, W0, d0), lower, upper, problem=problem,
+    res = driver.maximize(value_grad, _pack(mu0, W0, d0), lower, upper, problem=problem,
                           scaling=lambda theta: composition_scaling(
-                              problem, *_unpack(theta, D, K, mode)),
+                              problem, *_unpack(theta, D, K, mode),
+                              precondition=precondition),
                           tol=tol, max_iter=max_iter, progress=progress,
                           max_unconverged=max_unconverged, rescale_first=RESCALE_FIRST)
     theta = res.theta

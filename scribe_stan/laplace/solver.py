@@ -626,27 +626,99 @@ def objective(problem, theta, layout):
     return total, np.concatenate(parts)
 
 
-def block_scaling(problem, mu, W, d, log_r=None, *, eta=None, free_mu=True,
-                  free_log_r=False, w_precision=None):
-    """Preconditioner of the outer problem: per-gene blocks of the Fisher information
-    given the factors.
+def factor_fisher(chunks, mu, W, d=None, *, w_precision=None):
+    """Per-gene Fisher information of ``(mu_g, W_g)`` given the factors, and of ``log d_g``.
 
     Gene g's latent is ``x_cg = mu_g + W_g z_c + e_cg`` with factors ``z_c ~ N(0, I_K)``
     and ``e_cg ~ N(0, d_g)``. Given ``z_c``, the count carries information
     ``w_cg = lambda_cg / (1 + lambda_cg d_g)`` about the linear predictor
-    ``mu_g + W_g z_c`` (lambda the likelihood curvature in the log mean at the mode), so
-    the curvature in gene g's ``(mu_g, W_g)`` is about
+    ``mu_g + W_g z_c`` (lambda the likelihood curvature at the mode), so the curvature in
+    gene g's ``(mu_g, W_g)`` is about
     ``A_g = sum_c w_cg E[(1, z_c)(1, z_c)'] + prior precision of W_g``, the expectation
     over ``z_c`` given the mode ``x_hat_c``: mean ``P W' D^{-1} (x_hat_c - mu)``,
     covariance ``P = (I + W' D^{-1} W)^{-1}`` (factor analysis; Bishop 2006, Pattern
-    Recognition and Machine Learning, sec. 12.2.4). The block couples ``mu_g`` with the
-    loadings (through the w-weighted mean of the factors) and the loadings with each
-    other, which a diagonal scale cannot express; on a 400-gene PBMC subset (K=10) the
-    blocks took L-BFGS from 177 to 105 iterations to the same tolerance. ``log d_g``
-    keeps a diagonal scale, ``1/2 sum_c (w_cg d_g)^2``, and a free ``log r_g`` the
-    NegBinomial2 information in log r at mean m, about ``1/2 (m / (m + r))^2`` per
-    cell. Diagonal entries are floored at 1: coordinates of nearly silent genes are never
-    stretched, so a unit step never moves them by more than one natural unit.
+    Recognition and Machine Learning, sec. 12.2.4). Without residual (``d=None``,
+    ``x_c = mu + W z_c``) the factors are the modes themselves: ``w = lambda``, ``P = 0``.
+    ``log d_g`` carries ``1/2 sum_c (w_cg d_g)^2`` (a variance's Fisher information).
+    The first diagonal entry (mu_g) is floored at 1: coordinates of nearly silent genes
+    are never stretched, so a unit step never moves them by more than one natural unit.
+    Shared by pln/nbln (:func:`block_scaling`) and the lnm composition block
+    (:func:`scribe_stan.laplace.lnm_solver.composition_scaling`).
+
+    Parameters
+    ----------
+    chunks : iterable of ``(modes, lam)`` per chunk of cells: ``modes`` (n, G), the
+        latent's modes ``x_hat_c`` (with ``d=None``: the factor scores ``z_c``, (n, K));
+        ``lam`` (n, G) >= 0, the likelihood's curvature in the latent at the mode.
+    mu : (G,);  W : (G, K);  d : (G,) > 0 or None.
+    w_precision : (K,) prior precision of each loadings column (default ones: the
+        normal(0, 1) prior).
+
+    Returns
+    -------
+    A : (G, K + 1, K + 1) positive definite, over ``(mu_g, W_g)`` (mu's row and column
+        first).
+    info_d : (G,) information in ``log d_g`` (zeros when ``d`` is None).
+    """
+    G, K = W.shape
+    A = np.zeros((G, K + 1, K + 1))
+    info_d = np.zeros(G)
+    if d is not None:
+        W_over_d = W / d[:, None]
+        P = np.linalg.inv(np.eye(K) + W.T @ W_over_d)
+    for modes, lam in chunks:  # per chunk: no N x G temporaries
+        if d is None:
+            w, z = lam, modes
+        else:
+            w = lam / (1.0 + lam * d)
+            z = (modes - mu) @ W_over_d @ P
+            A[:, 1:, 1:] += w.sum(axis=0)[:, None, None] * P
+            info_d += np.sum((w * d) ** 2, axis=0)
+        z1 = np.hstack([np.ones((len(z), 1)), z])
+        # sum_c w_cg (1, z_c)(1, z_c)' for every gene: one GEMM over the outer products
+        A += (w.T @ (z1[:, :, None] * z1[:, None, :]).reshape(len(z), -1)).reshape(A.shape)
+    A[:, 1:, 1:] += np.diag(np.ones(K) if w_precision is None else w_precision)
+    A[:, 0, 0] = np.maximum(A[:, 0, 0], 1.0)
+    return A, 0.5 * info_d
+
+
+def gene_block_scale(A, tail, *, free_mu=True):
+    """The :class:`driver.BlockScale` of per-gene blocks over ``[mu, W, tail]``.
+
+    Parameters
+    ----------
+    A : (G, K + 1, K + 1) positive definite curvature of gene g's ``(mu_g, W_g)`` in the
+        optimizer's coordinates (mu's row and column first; dropped when mu is not free).
+    tail : (T,) > 0, curvature of the coordinates after W (diagonal scale ``sqrt``).
+    free_mu : bool, the first G coordinates are mu (else the vector starts with W).
+
+    Returns
+    -------
+    driver.BlockScale
+        Over ``[mu (if free), W (row-major), tail]``.
+    """
+    G, K = A.shape[0], A.shape[1] - 1
+    off_W = G if free_mu else 0
+    index = off_W + np.arange(G)[:, None] * K + np.arange(K)[None, :]
+    if free_mu:
+        index = np.hstack([np.arange(G)[:, None], index])
+    else:
+        A = A[:, 1:, 1:]
+    diag = np.sqrt(np.concatenate([np.ones(off_W + G * K), tail]))
+    return driver.BlockScale(diag, index, np.linalg.cholesky(A))
+
+
+def block_scaling(problem, mu, W, d, log_r=None, *, eta=None, free_mu=True,
+                  free_log_r=False, w_precision=None):
+    """Preconditioner of the outer problem: per-gene blocks of the Fisher information
+    given the factors (:func:`factor_fisher`).
+
+    The block of gene g couples ``mu_g`` with the loadings (through the w-weighted mean
+    of the factors) and the loadings with each other, which a diagonal scale cannot
+    express; on a 400-gene PBMC subset (K=10) the blocks took L-BFGS from 177 to 105
+    iterations to the same tolerance. ``log d_g`` keeps a diagonal scale, and a free
+    ``log r_g`` the NegBinomial2 information in log r at mean m, about
+    ``1/2 (m / (m + r))^2`` per cell; both floored at 1.
 
     Parameters
     ----------
@@ -665,40 +737,28 @@ def block_scaling(problem, mu, W, d, log_r=None, *, eta=None, free_mu=True,
         gene g's ``(mu_g, W_g)``, or ``W_g`` alone when mu is not free.
     """
     problem.modes(mu, W, d, log_r=log_r, eta=eta)
-    G, K = W.shape
+    G = W.shape[0]
     phi = None if log_r is None else np.exp(-np.asarray(log_r))
     r = None if log_r is None else np.exp(np.asarray(log_r))
-    W_over_d = W / d[:, None]
-    P = np.linalg.inv(np.eye(K) + W.T @ W_over_d)
-    A = np.zeros((G, K + 1, K + 1))  # over (1, z): the first row and column are mu's
-    info_d, info_r = np.zeros(G), np.zeros(G)
-    for lo, hi, _ in problem.chunks():  # per chunk: no N x G temporaries
-        x = problem.x[lo:hi]
-        m = np.exp(x - problem.eta[lo:hi, None])
-        if log_r is None:
-            lam = m
-        else:
-            u = problem.csr[lo:hi].toarray()
-            lam = m * (1 + phi * u) / (1 + phi * m) ** 2
-            info_r += np.sum((m / (m + r)) ** 2, axis=0)
-        w = lam / (1.0 + lam * d)
-        z1 = np.hstack([np.ones((hi - lo, 1)), (x - mu) @ W_over_d @ P])
-        # sum_c w_cg (1, z_c)(1, z_c)' for every gene: one GEMM over the outer products
-        A += (w.T @ (z1[:, :, None] * z1[:, None, :]).reshape(hi - lo, -1)).reshape(A.shape)
-        A[:, 1:, 1:] += w.sum(axis=0)[:, None, None] * P
-        info_d += np.sum((w * d) ** 2, axis=0)
-    A[:, 1:, 1:] += np.diag(np.ones(K) if w_precision is None else w_precision)
-    A[:, 0, 0] = np.maximum(A[:, 0, 0], 1.0)
-    off_W = G if free_mu else 0
-    index = off_W + np.arange(G)[:, None] * K + np.arange(K)[None, :]
-    if free_mu:
-        index = np.hstack([np.arange(G)[:, None], index])
-    else:
-        A = A[:, 1:, 1:]
-    parts = [np.ones(off_W + G * K), np.maximum(0.5 * info_d, 1.0)]
+    info_r = np.zeros(G)
+
+    def chunks():
+        nonlocal info_r
+        for lo, hi, _ in problem.chunks():
+            x = problem.x[lo:hi]
+            m = np.exp(x - problem.eta[lo:hi, None])
+            if log_r is None:
+                yield x, m
+            else:
+                u = problem.csr[lo:hi].toarray()
+                info_r += np.sum((m / (m + r)) ** 2, axis=0)
+                yield x, m * (1 + phi * u) / (1 + phi * m) ** 2
+
+    A, info_d = factor_fisher(chunks(), mu, W, d, w_precision=w_precision)
+    tail = [np.maximum(info_d, 1.0)]
     if free_log_r:
-        parts.append(np.maximum(0.5 * info_r, 1.0))
-    return driver.BlockScale(np.sqrt(np.concatenate(parts)), index, np.linalg.cholesky(A))
+        tail.append(np.maximum(0.5 * info_r, 1.0))
+    return gene_block_scale(A, np.concatenate(tail), free_mu=free_mu)
 
 
 def outer_scaling(problem, theta, layout):
