@@ -74,7 +74,7 @@ def ensure_peer_venv(venv, python):
     """Create ``venv`` with ``python`` and install pyPLNmodels there (once)."""
     py = os.path.join(venv, "bin", "python")
     probe = [py, "-c", "import pyPLNmodels"]
-    if os.path.exists(py) and subprocess.run(probe, capture_output=True).returncode == 0:
+    if os.path.exists(py) and subprocess.run(probe, check=False, capture_output=True).returncode == 0:
         return py
     subprocess.run([python, "-m", "venv", venv], check=True)
     subprocess.run([py, "-m", "pip", "install", "-q", *PEER_REQUIREMENTS], check=True)
