@@ -379,7 +379,7 @@ def _check_values(X, where: str, obs_names: pd.Index, var_names: pd.Index) -> No
 
 
 def _validate_matrix(
-    X, where: str, obs_names: pd.Index, var_names: pd.Index
+    X, where: str, obs_names: pd.Index, var_names: pd.Index, drop_zero_genes: bool = True
 ) -> CountsInput:
     """Shared checks for counts_from_anndata and counts_from_array."""
     if X.ndim != 2:
@@ -424,7 +424,7 @@ def _validate_matrix(
             "fitting, e.g. adata = adata[np.asarray(adata.X.sum(axis=1)).ravel() > 0]"
         )
 
-    gene_mask = counts.sum(axis=0) > 0
+    gene_mask = (counts.sum(axis=0) > 0) if drop_zero_genes else np.ones(G, bool)
     dropped = var_names[~gene_mask]
     if len(dropped):
         warnings.warn(
@@ -455,7 +455,8 @@ def _layer_names(adata) -> list:
     return [k for k in adata.layers.keys() if k is not None]
 
 
-def counts_from_anndata(adata, *, layer: str | None = None) -> CountsInput:
+def counts_from_anndata(adata, *, layer: str | None = None,
+                        drop_zero_genes: bool = True) -> CountsInput:
     """Validate and copy the counts of an AnnData object.
 
     Parameters
@@ -466,6 +467,9 @@ def counts_from_anndata(adata, *, layer: str | None = None) -> CountsInput:
         Read ``adata.layers[layer]``; by default ``adata.X``. The matrix may be a dense
         ndarray, a scipy sparse matrix or array (CSR, CSC, COO) or an anndata backed
         matrix, of integer dtype or of float dtype holding whole numbers.
+    drop_zero_genes : bool
+        Drop the genes with no count in any cell (default), or keep every gene (e.g.
+        new cells matched to a fit's genes, where a gene may be absent from a batch).
 
     Returns
     -------
@@ -515,7 +519,8 @@ def counts_from_anndata(adata, *, layer: str | None = None) -> CountsInput:
         where = f"adata.layers[{layer!r}]"
         X = adata.layers[layer]
     X = _materialize(X, where)
-    return _validate_matrix(X, where, pd.Index(adata.obs_names), pd.Index(adata.var_names))
+    return _validate_matrix(X, where, pd.Index(adata.obs_names), pd.Index(adata.var_names),
+                            drop_zero_genes)
 
 
 def counts_from_array(counts, obs_names=None, var_names=None) -> CountsInput:

@@ -1,4 +1,5 @@
-"""Command-line interface: ``scribe-stan fit | hmc | validate`` (also ``python -m scribe_stan``).
+"""Command-line interface: ``scribe-stan fit | transform | hmc | validate | grn`` (also
+``python -m scribe_stan``).
 
 Every subcommand reads an ``.h5ad`` file of raw UMI counts (cells x genes, in ``.X`` or a
 ``--layer``), or the literal ``pbmc_donor_a`` for the real data shipped in the package
@@ -7,7 +8,10 @@ Every subcommand reads an ``.h5ad`` file of raw UMI counts (cells x genes, in ``
 * ``fit``: Laplace fit of any model at any scale. Writes ``fit.to_anndata(adata)`` to
   ``--out`` and a DataTree of Laplace draws on a few genes (lnm, lnmvcp: all fitted
   genes) next to it (zarr), and prints a one-line JSON summary with the model's own
-  quantities. Existing outputs are kept unless ``--force``.
+  quantities. Existing outputs are kept unless ``--force``. ``--save-fit`` also saves the
+  fit itself (:meth:`scribe_stan.fits.Fit.save`).
+* ``transform``: a saved Laplace fit applied to new cells (``fit.transform``): their
+  per-cell results in a copy of the new cells' ``.h5ad``.
 * ``hmc``: Stan NUTS (full joint posterior) on the highest-mean genes of (optionally) the
   first cells. Writes ``OUTDIR/hmc.tree.zarr``, ``OUTDIR/diagnostics.json`` and
   ``OUTDIR/stan.log`` (Stan's own output), and prints the diagnostics (R-hat,
@@ -37,18 +41,21 @@ from pathlib import Path
 from typing import NamedTuple
 
 from scribe_stan import __version__, _validate
-from scribe_stan.api import DEFAULT_RANK, check_device, check_tree_size
+from scribe_stan import specs
+from scribe_stan.api import DEFAULT_RANK, check_device
+from scribe_stan.api import fit as _api_fit
 from scribe_stan.cli_io import DATASETS
 from scribe_stan.cli_io import check_writable as _check_writable
 from scribe_stan.cli_io import load_input as _load
-from scribe_stan.api import fit as _api_fit
-from scribe_stan.models import MODELS, loadings
+from scribe_stan.fits.base import check_tree_size
+from scribe_stan.fits.hmc import hmc_diagnostics
+from scribe_stan.models import loadings
 from scribe_stan.stan import BACKENDS, resolve_backend
 
 __all__ = ["main", "build_parser", "hmc_diagnostics"]
 
 PROG = "scribe-stan"
-_MODELS = tuple(MODELS)
+_MODELS = specs.names()
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -124,61 +131,6 @@ def _write_tree(tree, path: Path) -> Path:
     return path
 
 
-def hmc_diagnostics(tree) -> dict:
-    """R-hat, ESS and divergences of an HMC tree (posterior group).
-
-    R-hat and ESS are taken over the identified quantities only. The loadings ``W``,
-    ``W_perp`` and ``W_alr`` are sampled unconstrained and identified only up to rotation
-    (``W -> W R``), so chains may sit at different rotations of the same ``Sigma``:
-    their R-hat and ESS say nothing about convergence and are left out
-    (:data:`scribe_stan.compare.NOT_IDENTIFIED`). ``Sigma``, ``corr``, ``mu``, ``d``,
-    ``r`` and the per-cell latents are kept.
-
-    Parameters
-    ----------
-    tree : xarray.DataTree
-        From :meth:`scribe_stan.HmcFit.to_datatree`.
-
-    Returns
-    -------
-    dict
-        ``max_rhat_Sigma`` (rank-normalized split R-hat, Vehtari et al. 2021, Bayesian
-        Analysis 16:667, doi:10.1214/20-BA1221; max over the entries of ``Sigma``),
-        ``max_rhat`` (over every element of every identified posterior variable),
-        ``min_ess_bulk``, ``min_ess_tail`` (over the same elements), ``divergences``
-        (count over chains and draws), ``chains``, ``draws``. Constant elements (the
-        unit diagonal of ``corr``) have undefined R-hat/ESS and are ignored.
-    """
-    import numpy as np
-    import arviz_stats
-
-    from scribe_stan.compare import NOT_IDENTIFIED
-
-    def extreme(result, fn):
-        ds = result.to_dataset() if hasattr(result, "to_dataset") else result
-        vals = [np.asarray(v.values, dtype=float).ravel() for v in ds.data_vars.values()]
-        vals = np.concatenate(vals) if vals else np.array([np.nan])
-        return float(fn(vals)) if np.isfinite(vals).any() else float("nan")
-
-    post = tree["posterior"]
-    names = [v for v in post.data_vars if v not in NOT_IDENTIFIED]
-    out = {
-        "max_rhat_Sigma": extreme(arviz_stats.rhat(tree, var_names=["Sigma"]), np.nanmax)
-        if "Sigma" in post.data_vars else float("nan"),
-        "max_rhat": extreme(arviz_stats.rhat(tree, var_names=names), np.nanmax),
-        "min_ess_bulk": extreme(arviz_stats.ess(tree, var_names=names, method="bulk"),
-                                np.nanmin),
-        "min_ess_tail": extreme(arviz_stats.ess(tree, var_names=names, method="tail"),
-                                np.nanmin),
-        "divergences": int(tree["sample_stats"]["diverging"].values.sum())
-        if "sample_stats" in tree.children
-        and "diverging" in tree["sample_stats"].data_vars else 0,
-        "chains": int(post.sizes["chain"]),
-        "draws": int(post.sizes["draw"]),
-    }
-    return out
-
-
 def _round(d: dict, digits: int = 4) -> dict:
     """Floats rounded for printing; NaN/inf (undefined diagnostics) become JSON null."""
     def one(v):
@@ -215,26 +167,6 @@ _ALL_GENE_TREES = ("lnm", "lnmvcp")
 _TREE_GENES_DEFAULT = 20
 
 
-def _fit_summary(fit) -> dict:
-    """The model's own quantities for the ``fit`` summary line."""
-    import numpy as np
-
-    out = {"objective": float(fit.objective), "outer_iterations": int(fit.n_iter),
-           "optimizer_success": bool(fit.success),
-           "cells_converged": int(fit.converged.sum()), "cells_total": int(fit.converged.size)}
-    if fit.model in ("pln", "nbln"):
-        out.update(rank=int(fit.W.shape[1]), effective_rank=int(fit.effective_rank))
-    if fit.model in ("lnm", "lnmvcp"):
-        out.update(rank=int(fit.W_alr.shape[1]), mode=fit.mode,
-                   reference_gene=fit.reference_gene, m_T=float(fit.m_T),
-                   r_T=float(fit.r_T))
-    if fit.model in ("nbln", "nbvcp"):
-        out["median_dispersion_r"] = float(np.median(fit.r))
-    if fit.eta_hat is not None:
-        out["median_capture_efficiency"] = float(np.median(np.exp(-fit.eta_hat)))
-    return out
-
-
 def cmd_fit(args) -> int:
     """``scribe-stan fit``: Laplace fit, results to a new .h5ad and a DataTree."""
     import scribe_stan as ss
@@ -256,6 +188,8 @@ def cmd_fit(args) -> int:
     tree_genes = args.tree_genes or _TREE_GENES_DEFAULT  # a number or "all"
     tree_path = Path(args.tree) if args.tree else out.with_suffix(".tree.zarr")
     _check_writable(out, "--out", force=args.force)
+    if args.save_fit:
+        _check_writable(Path(args.save_fit), "--save-fit", force=False)
     if args.draws > 0:
         _check_writable(tree_path, "--tree", force=args.force)
 
@@ -270,14 +204,19 @@ def cmd_fit(args) -> int:
     fit = ss.fit(adata, model=args.model, method="laplace", rank=args.rank, layer=args.layer,
                  genes=args.genes, M0=args.M0, sigma_M=args.sigma_M, seed=args.seed,
                  device=args.device, tol=args.tol, max_iter=args.max_iter,
-                 progress=not args.quiet, loadings_prior=args.loadings_prior)
+                 progress=not args.quiet,
+                 **({} if args.loadings_prior is None else
+                    {"loadings_prior": args.loadings_prior}))
     fit_wall = time.perf_counter() - t_fit
 
     out.parent.mkdir(parents=True, exist_ok=True)
     fit.to_anndata(adata, key_added=args.key_added).write_h5ad(out)
     summary = {"command": "fit", "model": args.model, "input": args.input,
                "cells": len(fit.obs_names), "genes": len(fit.var_names),
-               **_fit_summary(fit), "fit_wall_s": fit_wall, "out": str(out)}
+               **fit.summary(), "fit_wall_s": fit_wall, "out": str(out)}
+    if args.save_fit:
+        fit.save(args.save_fit)
+        summary["fit"] = str(args.save_fit)
     if args.draws > 0:
         if all_genes:
             tree = fit.to_datatree(args.draws)
@@ -287,6 +226,33 @@ def cmd_fit(args) -> int:
         _write_tree(tree, tree_path)
         summary["tree"] = str(tree_path)
     summary["wall_s"] = time.perf_counter() - t0
+    _print_json(summary)
+    return 0
+
+
+def cmd_transform(args) -> int:
+    """``scribe-stan transform``: new cells at a saved Laplace fit's globals."""
+    import scribe_stan as ss
+
+    out = Path(args.out)
+    if args.input not in DATASETS and out.resolve() == Path(args.input).resolve():
+        raise ValueError("OUT must differ from INPUT (the input file is never overwritten)")
+    _check_writable(out, "OUT", force=args.force)
+    t0 = time.perf_counter()
+    fit = ss.load_fit(args.fit)
+    if fit.method != "laplace":
+        raise ValueError(f"{args.fit} holds an HMC fit; transform needs a Laplace fit")
+    adata = _load(args.input)
+    _log(args, f"[transform] {_data_name(args.input)}: {adata.n_obs} cells x "
+               f"{adata.n_vars} genes; {fit.model} fit on {len(fit.var_names)} genes")
+    t_fit = time.perf_counter()
+    new = fit.transform(adata, layer=args.layer)
+    wall = time.perf_counter() - t_fit
+    out.parent.mkdir(parents=True, exist_ok=True)
+    new.to_anndata(adata, key_added=args.key_added).write_h5ad(out)
+    summary = {"command": "transform", "fit": args.fit, "input": args.input,
+               **new.summary(), "transform_wall_s": wall, "out": str(out),
+               "wall_s": time.perf_counter() - t0}
     _print_json(summary)
     return 0
 
@@ -493,6 +459,18 @@ examples:
       --tree fit_tree.zarr --draws 200 --tree-genes 50
 """
 
+_TRANSFORM_EXAMPLES = """\
+Loads a fit saved with --save-fit (or fit.save), matches the fitted genes in INPUT by
+name (all must be present), and solves each new cell's Laplace posterior at the fitted
+globals, with the capture prior from the new cells' library sizes. Writes a copy of INPUT
+with the same per-cell keys a fit writes (obs <key>_eta, <key>_converged, obsm <key>_x,
+...) and prints a one-line JSON summary.
+
+examples:
+  scribe-stan fit pbmc_donor_a --genes 500 --out pbmc.h5ad --save-fit pbmc_fit.zarr
+  scribe-stan transform pbmc_fit.zarr new_cells_out.h5ad new_cells.h5ad
+"""
+
 _HMC_EXAMPLES = """\
 Runs Stan's NUTS on the full joint posterior (globals and per-cell latents) of the N
 highest-mean genes: ground truth for small problems. Writes OUTDIR/hmc.tree.zarr (ArviZ
@@ -549,9 +527,10 @@ def _add_laplace(p):
     p.add_argument("--max-iter", dest="max_iter", type=int, default=_fit_default("max_iter"),
                    help="maximum outer (L-BFGS-B) iterations")
     p.add_argument("--loadings-prior", dest="loadings_prior", choices=loadings.PRIORS,
-                   default=_fit_default("loadings_prior"),
+                   default=None,
                    help="pln/nbln loadings prior: iid normal, or columnwise shrinkage of "
-                        "W_perp for adaptive rank (gaussian ARD, horseshoe, neg)")
+                        "W_perp for adaptive rank (gaussian ARD, horseshoe, neg) "
+                        "(default: normal)")
 
 
 def _add_sampler(p, *, cells=None):
@@ -606,6 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_laplace(p)
     p.add_argument("--key-added", dest="key_added", default=None,
                    help="prefix of the result keys in the output (default: the model name)")
+    p.add_argument("--save-fit", dest="save_fit", default=None, metavar="FIT.zarr",
+                   help="also save the fit itself (ss.load_fit, scribe-stan transform); "
+                        "never overwritten")
     p.add_argument("--tree", default=None, metavar="PATH",
                    help="where to save the DataTree: .zarr, or .nc (needs a netCDF "
                         "backend) (default: OUT with suffix .tree.zarr)")
@@ -616,6 +598,24 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default: {_TREE_GENES_DEFAULT}; lnm and lnmvcp trees hold every "
                         "fitted gene)")
     p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("transform", help="place new cells with a saved Laplace fit",
+                       description="Per-cell Laplace posteriors of new cells at a saved "
+                                   "fit's globals.\n\n" + _TRANSFORM_EXAMPLES,
+                       formatter_class=_Formatter)
+    p.add_argument("fit", metavar="FIT", help="a fit saved by 'scribe-stan fit --save-fit' "
+                                              "or fit.save()")
+    p.add_argument("out", metavar="OUT.h5ad",
+                   help="output .h5ad: a copy of INPUT with the per-cell results added")
+    p.add_argument("input", metavar="INPUT", help=_INPUT_HELP)
+    p.add_argument("--layer", default=None,
+                   help="read counts from adata.layers[LAYER] (default: the fit's layer, "
+                        "else adata.X)")
+    p.add_argument("--key-added", dest="key_added", default=None,
+                   help="prefix of the result keys (default: the model name)")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_transform)
 
     p = sub.add_parser("hmc", help="Stan NUTS on a small gene set (reference posterior)",
                        description="Stan NUTS on the full joint posterior.\n\n"

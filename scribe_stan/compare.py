@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from .convert import SAMPLE_DIMS
+from .convert import NOT_IDENTIFIED, SAMPLE_DIMS
 
 __all__ = ["compare", "plot_comparison", "DEFAULT_VAR_NAMES", "DETAIL_COLUMNS", "SUMMARY_COLUMNS"]
 
@@ -61,18 +61,6 @@ SUMMARY_COLUMNS = [
     "mean_coverage",
     "point_estimate",
 ]
-
-_ROTATION = (
-    "identified only up to rotation (W -> W R for any orthogonal R leaves "
-    "Sigma = W W' + diag(d) unchanged), so element-wise comparison is meaningless; "
-    "compare Sigma or corr instead"
-)
-#: Variables identified only up to rotation, with the reason they are not compared.
-NOT_IDENTIFIED = {
-    "W": f"the loadings W are {_ROTATION}",
-    "W_perp": f"the gauge-invariant loadings W_perp = W - column means are {_ROTATION}",
-    "W_alr": f"the ALR loadings W_alr are {_ROTATION}",
-}
 
 _SAMPLE = "__sample__"
 

@@ -99,6 +99,19 @@ VARIABLE_DIMS: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 
+_ROTATION = (
+    "identified only up to rotation (W -> W R for any orthogonal R leaves "
+    "Sigma = W W' + diag(d) unchanged), so element-wise comparison is meaningless; "
+    "compare Sigma or corr instead"
+)
+#: Variables identified only up to rotation, with the reason they are not compared.
+NOT_IDENTIFIED = {
+    "W": f"the loadings W are {_ROTATION}",
+    "W_perp": f"the gauge-invariant loadings W_perp = W - column means are {_ROTATION}",
+    "W_alr": f"the ALR loadings W_alr are {_ROTATION}",
+}
+
+
 def corr_from_cov(cov):
     """Correlation matrices from covariance matrices.
 

@@ -337,19 +337,21 @@ def latent_source(fit, *, key=None, layer=None):
     """
     import anndata
 
-    from scribe_stan import api
+    from scribe_stan import specs
+    from scribe_stan.fits.base import Fit
 
-    if isinstance(fit, api.LaplaceFit):
+    family = (specs.get(fit.model).family
+              if isinstance(fit, Fit) and fit.method == "laplace" else None)
+    if family == "lognormal":
         prob = fit.solution.problem
         return LatentSource(model=fit.model, genes=pd.Index(fit.var_names),
                             obs_names=pd.Index(fit.obs_names), x=fit.x_hat,
                             counts=fit.data.counts, log_lib=fit.data.log_lib, mu=fit.mu,
                             W=fit.W, d=fit.d, r=fit.r, eta=fit.eta_hat, a=prob.a,
                             sigma=prob.sigma)
-    from scribe_stan import lnm_fit
     from scribe_stan.models import lnm as lnm_model
 
-    if isinstance(fit, lnm_fit.LnmLaplaceFit):
+    if family == "lnm":
         x = lnm_model.clr_mean(fit.y_hat, fit.ref)
         return LatentSource(model=fit.model, genes=pd.Index(fit.var_names),
                             obs_names=pd.Index(fit.obs_names), x=x,

@@ -73,7 +73,7 @@ def lognormal_weights(data, mu, W, d, log_r, draws, rng, *, start=None):
 
     Parameters
     ----------
-    data : scribe_stan.api._Data (counts, log_lib, capture prior).
+    data : scribe_stan.fit_data.FitData (counts, log_lib, capture prior).
     mu (G,), W (G, K), d (G,), log_r (G,) or None.
     draws : int;  rng : numpy Generator.
     start : (x (N, G), eta (N,)), optional warm start of the per-cell Newton.
@@ -114,7 +114,7 @@ def nbvcp_weights(problem, m, log_r, draws, rng):
 
 
 def lnm_weights(fit, draws, rng):
-    """IS pieces of an :class:`~scribe_stan.lnm_fit.LnmLaplaceFit` at its globals.
+    """IS pieces of an :class:`~scribe_stan.fits.LnmLaplaceFit` at its globals.
 
     Composition block: draws of y (or of the factor scores) from each cell's Gaussian;
     total block: exact NB (lnm) or eta from its truncated 1-D Gaussian (lnmvcp).
@@ -135,23 +135,23 @@ def lnm_weights(fit, draws, rng):
 
 def weights_of_fit(fit, draws, rng):
     """:class:`CellWeights` of a Laplace fit (pln, nbln, nbvcp, lnm, lnmvcp)."""
-    from scribe_stan.api import LaplaceFit
-    from scribe_stan.lnm_fit import LnmLaplaceFit
-    from scribe_stan.nbvcp_fit import NbvcpFit
+    from scribe_stan import specs
+    from scribe_stan.fits.base import Fit
 
-    if isinstance(fit, LaplaceFit):
+    if not isinstance(fit, Fit) or fit.method != "laplace":
+        raise TypeError(f"expected a Laplace fit of scribe_stan.fit; got "
+                        f"{type(fit).__name__}")
+    family = specs.get(fit.model).family
+    if family == "lognormal":
         weights, _ = lognormal_weights(fit.data, fit.mu, fit.W, fit.d, fit.log_r, draws, rng,
                                        start=(fit.x_hat, fit.eta_hat))
         return weights
-    if isinstance(fit, NbvcpFit):
+    if family == "nbvcp":
         # a copy of the problem: the fit's warm-start state is left as it was
         from copy import deepcopy
 
         return nbvcp_weights(deepcopy(fit.solution.problem), fit.m, fit.log_r, draws, rng)
-    if isinstance(fit, LnmLaplaceFit):
-        return lnm_weights(fit, draws, rng)
-    raise TypeError(f"expected a Laplace fit (LaplaceFit, NbvcpFit, LnmLaplaceFit); got "
-                    f"{type(fit).__name__}")
+    return lnm_weights(fit, draws, rng)
 
 
 def is_estimate(log_weights):

@@ -56,25 +56,19 @@ import pandas as pd
 import xarray as xr
 from arviz_stats.utils import ELPDDataLOO
 
-from scribe_stan import _validate, log_predictive
+from scribe_stan import _validate, log_predictive, specs
+from scribe_stan.fits.base import Fit
 
 LATENTS = ("integrated", "conditional")
-_INTEGRATED_HMC = ("pln", "nbln", "nbvcp")
+_INTEGRATED_HMC = ("lognormal", "nbvcp")  # model families with integrated HMC LOO
 
 
 def _is_laplace(fit):
-    from scribe_stan.api import LaplaceFit
-    from scribe_stan.lnm_fit import LnmLaplaceFit
-    from scribe_stan.nbvcp_fit import NbvcpFit
-
-    return isinstance(fit, (LaplaceFit, NbvcpFit, LnmLaplaceFit))
+    return isinstance(fit, Fit) and fit.method == "laplace"
 
 
 def _is_hmc(fit):
-    from scribe_stan.api import HmcFit
-    from scribe_stan.lnm_fit import LnmHmcFit
-
-    return isinstance(fit, (HmcFit, LnmHmcFit))
+    return isinstance(fit, Fit) and fit.method == "hmc"
 
 
 def n_globals(fit):
@@ -83,16 +77,11 @@ def n_globals(fit):
     pln ``G (K + 2)``, nbln ``G (K + 3)`` (mu, W, d, log r), nbvcp ``2 G`` (m, log r),
     lnm/lnmvcp ``(G - 1)(K + 2) + 2`` (``K + 1`` per ALR coordinate in ``low_rank``
     mode; plus m_T, r_T), less the ``K (K - 1) / 2`` rotations ``W -> W R`` that leave
-    the likelihood unchanged. Globals held by a cascade were still estimated from the
-    same data and are counted.
+    the likelihood unchanged (each model's spec, :attr:`ModelSpec.n_globals`). Globals
+    held by a cascade were still estimated from the same data and are counted.
     """
-    G = len(fit.var_names)
     K = fit.settings.get("rank") or 0
-    rotations = K * (K - 1) // 2
-    if fit.model in ("lnm", "lnmvcp"):
-        per_coord = K + (1 if fit.settings.get("mode") == "low_rank" else 2)
-        return (G - 1) * per_coord + 2 - rotations
-    return {"pln": G * (K + 2), "nbln": G * (K + 3), "nbvcp": 2 * G}[fit.model] - rotations
+    return specs.get(fit.model).n_globals(len(fit.var_names), K, fit.settings)
 
 
 def _elpd_data(elpd_i, pareto_k, p, draws, cells):
@@ -120,8 +109,10 @@ def _hmc_globals(fit, max_draws):
     post = fit.draws.posterior
     n_draw = post["lp__"].shape[1] if "lp__" in post else next(iter(post.values())).shape[1]
     step = max(1, int(np.ceil(n_draw * next(iter(post.values())).shape[0] / max_draws)))
-    keys = {"pln": ("mu", "W", "d"), "nbln": ("mu", "W", "d", "log_r"),
-            "nbvcp": ("m", "log_r")}[fit.model]
+    if specs.get(fit.model).family == "nbvcp":
+        keys = ("m", "log_r")
+    else:  # log-normal: mu, W, d and, for an NB likelihood, log_r
+        keys = ("mu", "W", "d") + (("log_r",) if "log_r" in post else ())
     return {k: np.asarray(post[k])[:, ::step] for k in keys}
 
 
@@ -133,14 +124,15 @@ def _integrated_log_lik(fit, draws, max_draws, rng):
     out = np.empty((C, S, N))
     start = None
     nb_problem = None
-    if fit.model == "nbvcp":
+    nbvcp = specs.get(fit.model).family == "nbvcp"
+    if nbvcp:
         from scribe_stan.laplace.nbvcp import NbvcpProblem
 
         nb_problem = NbvcpProblem(fit.data.counts, log_M0=fit.data.log_M0,
                                   sigma_M=fit.data.sigma_M, log_lib=fit.data.log_lib)
     for c in range(C):
         for s in range(S):
-            if fit.model == "nbvcp":
+            if nbvcp:
                 w = log_predictive.nbvcp_weights(nb_problem, glob["m"][c, s],
                                                  glob["log_r"][c, s], draws, rng)
             else:
@@ -158,7 +150,7 @@ def loo(fit, *, draws=200, seed=0, latents="integrated", max_draws=200):
 
     Parameters
     ----------
-    fit : LaplaceFit, NbvcpFit, LnmLaplaceFit, HmcFit or LnmHmcFit
+    fit : a fit of :func:`scribe_stan.fit` (Laplace or HMC)
     draws : int >= 10
         Importance-sampling draws per cell (Laplace; per global draw for integrated
         HMC).
@@ -191,9 +183,10 @@ def loo(fit, *, draws=200, seed=0, latents="integrated", max_draws=200):
     tree = fit.to_datatree()
     if latents == "conditional":
         return arviz_stats.loo(tree, pointwise=True, var_name="counts")
-    if fit.model not in _INTEGRATED_HMC or fit.program != fit.model:
+    if specs.get(fit.model).family not in _INTEGRATED_HMC or fit.program != fit.model:
+        integrated = [n for n in specs.names() if specs.get(n).family in _INTEGRATED_HMC]
         raise ValueError(f"latents='integrated' is available for full-joint HMC fits of "
-                         f"{_INTEGRATED_HMC}; got model={fit.model!r}, program="
+                         f"{', '.join(integrated)}; got model={fit.model!r}, program="
                          f"{fit.program!r}. Use latents='conditional'.")
     if not isinstance(draws, (int, np.integer)) or draws < 10:
         raise ValueError(f"draws must be an integer >= 10; got {draws!r}")

@@ -40,7 +40,7 @@ import numpy as np
 from scipy import special, stats
 
 from scribe_stan import _validate, convert
-from scribe_stan.api import fitted_gene_index
+from scribe_stan.fits.base import Fit, fitted_gene_index
 from scribe_stan.models import lnm as lnm_model
 from scribe_stan.models import pln
 
@@ -116,25 +116,16 @@ def _thin(arr, draws):
 
 def _fit_kind(fit):
     """("laplace" | "hmc", family) with family in {"lognormal", "nbvcp", "lnm"}."""
-    from scribe_stan.api import HmcFit, LaplaceFit
-    from scribe_stan.lnm_fit import LnmHmcFit, LnmLaplaceFit
-    from scribe_stan.nbvcp_fit import NbvcpFit
+    from scribe_stan import specs
 
-    if isinstance(fit, LaplaceFit):
-        return "laplace", "lognormal"
-    if isinstance(fit, NbvcpFit):
-        return "laplace", "nbvcp"
-    if isinstance(fit, LnmLaplaceFit):
-        return "laplace", "lnm"
-    if isinstance(fit, (HmcFit, LnmHmcFit)):
-        if fit.program != fit.model:
-            raise ValueError(f"posterior_predictive needs a full-joint HMC fit (globals "
-                             f"sampled); got program {fit.program!r}. Use the Laplace fit "
-                             "it was conditioned on instead.")
-        return "hmc", {"nbvcp": "nbvcp", "lnm": "lnm", "lnmvcp": "lnm"}.get(fit.model,
-                                                                           "lognormal")
-    raise TypeError(f"posterior_predictive takes a fit from scribe_stan.fit; got "
-                    f"{type(fit).__name__}")
+    if not isinstance(fit, Fit):
+        raise TypeError(f"posterior_predictive takes a fit from scribe_stan.fit; got "
+                        f"{type(fit).__name__}")
+    if fit.method == "hmc" and fit.program != fit.model:
+        raise ValueError(f"posterior_predictive needs a full-joint HMC fit (globals "
+                         f"sampled); got program {fit.program!r}. Use the Laplace fit "
+                         "it was conditioned on instead.")
+    return fit.method, specs.get(fit.model).family
 
 
 def _globals(fit, solver, family, draws, globals_="point", rng=None):
@@ -348,7 +339,7 @@ def posterior_predictive(fit, *, level="marginal", draws=100, genes=None, seed=0
     seed : int
     globals : {"point", "laplace"}
         pln/nbln Laplace fits: globals at the MAP (default) or drawn from their Laplace
-        Gaussian (:meth:`scribe_stan.api.LaplaceFit.globals_posterior`), one set per
+        Gaussian (:meth:`scribe_stan.fits.LaplaceFit.globals_posterior`), one set per
         replicated data set; at level ``laplace`` each cell's ``(x, eta)`` is then
         drawn jointly from its Gaussian at those globals (nested draws), and level
         ``map`` is refused. Other fits take only "point" (HMC draws its globals).

@@ -71,7 +71,6 @@ def stan_data(counts, edge_target, edge_regulator, edge_scale, *, log_lib=None,
 
 def jacobian(data, J_edge, log_gamma_free):
     """``J`` (G, G) from the edge values and the free log degradation rates."""
-    G = data["G"]
     lg = np.append(log_gamma_free, -np.sum(log_gamma_free))
     J = np.diag(-np.exp(lg))
     J[np.asarray(data["edge_target"]) - 1, np.asarray(data["edge_regulator"]) - 1] = J_edge

@@ -46,7 +46,7 @@ only up to rotation; compare ``Sigma``, correlations or the singular values of
 from __future__ import annotations
 
 import numpy as np
-from scipy import special, stats
+from scipy import stats
 
 PRIORS = ("normal", "gaussian", "horseshoe", "neg")
 STAN_CODES = {name: i for i, name in enumerate(PRIORS)}  # the `loadings_prior` data item

@@ -1,7 +1,6 @@
 """Fits of the logistic-normal multinomial models ``lnm`` and ``lnmvcp`` and their results.
 
-:func:`fit_lnm` is what :func:`scribe_stan.fit` calls for these models. Results are
-reported in ALR coordinates against the reference gene (``mu_alr``, ``W_alr``,
+Results are reported in ALR coordinates against the reference gene (``mu_alr``, ``W_alr``,
 ``d_alr``, ``Sigma_alr``, per-cell ``y``) and in centred log-ratio (CLR) coordinates
 (``mu_clr``, ``Sigma_clr = F Sigma_alr F'``, ``corr_clr``; see
 :func:`scribe_stan.models.lnm.alr_to_clr_map`). The CLR quantities and ``W_alr W_alr'``
@@ -14,19 +13,21 @@ compare them across fits with the same genes.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import special, stats
 
-from scribe_stan import _validate, convert, stan
-from scribe_stan.api import _Data, _prepare, check_tree_size, result_target
+from scribe_stan import convert
+from scribe_stan.fit_data import FitData
+from scribe_stan.fits.base import LaplaceResult, check_tree_size, result_target, stan_hash
+from scribe_stan.fits.hmc import HmcFit
 from scribe_stan.laplace import lnm_solver
 from scribe_stan.models import dispersion, lnm, pln
 
-__all__ = ["LnmLaplaceFit", "LnmHmcFit", "fit_lnm"]
+__all__ = ["LnmHmcFit", "LnmLaplaceFit"]
 
 
 def _clr_summaries(mu_alr, Sigma_alr, ref):
@@ -36,7 +37,7 @@ def _clr_summaries(mu_alr, Sigma_alr, ref):
 
 
 @dataclass
-class LnmLaplaceFit:
+class LnmLaplaceFit(LaplaceResult):
     """Laplace fit of lnm / lnmvcp.
 
     Attributes
@@ -59,9 +60,13 @@ class LnmLaplaceFit:
     model: str
     composition: lnm_solver.CompositionSolution = field(repr=False)
     totals: lnm_solver.TotalSolution = field(repr=False)
-    data: _Data = field(repr=False)
+    data: FitData = field(repr=False)
     ref: int
     settings: dict
+
+    global_names = ("mu_alr", "W_alr", "d_alr", "m_T", "r_T")
+    _problem_state = {"composition": ("y", "z", "n_iter", "converged"),
+                      "totals": ("eta", "converged", "at_bound", "n_iter")}
 
     mode = property(lambda self: self.composition.problem.mode)
     mu_alr = property(lambda self: self.composition.mu)
@@ -73,8 +78,6 @@ class LnmLaplaceFit:
     objective = property(lambda self: self.composition.objective + self.totals.objective)
     n_iter = property(lambda self: self.composition.n_iter)
     success = property(lambda self: self.composition.success and self.totals.success)
-    obs_names = property(lambda self: self.data.obs_names)
-    var_names = property(lambda self: self.data.var_names)
     reference_gene = property(lambda self: str(self.data.var_names[self.ref]))
 
     @property
@@ -136,7 +139,7 @@ class LnmLaplaceFit:
         ------
         TypeError, ValueError
             ``draws`` not an integer >= 1, or ``draws * cells * genes`` above 2e8 (fit
-            fewer cells or genes, or use fewer draws; :func:`scribe_stan.api.check_tree_size`).
+            fewer cells or genes, or use fewer draws; :func:`scribe_stan.fits.base.check_tree_size`).
         """
         N, G = self.data.counts.shape
         draws = check_tree_size(draws, N, G)
@@ -172,7 +175,7 @@ class LnmLaplaceFit:
             attrs={"solver": "laplace", "backend": "numba-cpu", "model": self.model,
                    "mode": self.mode, "reference_gene": self.reference_gene,
                    "seed": self.settings["seed"], "draws": draws,
-                   "stan_hash": stan.program_hash(self.model), "objective": self.objective,
+                   "stan_hash": stan_hash(self), "objective": self.objective,
                    "cells_converged": int(self.converged.sum())})
 
     def to_anndata(self, adata, *, key_added=None):
@@ -190,7 +193,7 @@ class LnmLaplaceFit:
         ------
         TypeError, ValueError
             ``adata`` is not an AnnData, or does not hold the fitted cells and genes
-            (:func:`scribe_stan.api.result_target`).
+            (:func:`scribe_stan.fits.base.result_target`).
         """
         key = key_added or self.model
         out, pos = result_target(adata, self.obs_names, self.var_names)
@@ -215,20 +218,52 @@ class LnmLaplaceFit:
                         "Sigma_clr": self.Sigma_clr}
         return out
 
+    def _model_summary(self):
+        return {"rank": int(self.W_alr.shape[1]), "mode": self.mode,
+                "reference_gene": self.reference_gene, "m_T": float(self.m_T),
+                "r_T": float(self.r_T)}
+
+    def _problems(self, data, mode):
+        comp = lnm_solver.CompositionProblem(data.counts, self.ref, mode=mode)
+        totals = lnm_solver.TotalProblem(data.counts.sum(axis=1), capture=self.model == "lnmvcp",
+                                         log_lib=data.log_lib, log_M0=data.log_M0,
+                                         sigma_M=data.sigma_M)
+        return comp, totals
+
+    @classmethod
+    def _build_problem(cls, component, data, settings, fields, state):
+        """The solver problems of a saved fit (their modes are set from ``state``)."""
+        if component == "composition":
+            ref = data.var_names.get_loc(settings["reference_gene"])
+            return lnm_solver.CompositionProblem(data.counts, ref, mode=settings["mode"])
+        return lnm_solver.TotalProblem(data.counts.sum(axis=1), capture=settings["model"]
+                                       == "lnmvcp", log_lib=data.log_lib,
+                                       log_M0=data.log_M0, sigma_M=data.sigma_M)
+
+    def _at_globals(self, data):
+        comp_p, tot_p = self._problems(data, self.mode)
+        c = self.composition
+        value = comp_p.log_marginal(c.mu, c.W, c.d)
+        modes = lnm_solver.CompositionModes(comp_p.y.copy(),
+                                            None if comp_p.z is None else comp_p.z.copy(),
+                                            comp_p.n_iter.copy(), comp_p.converged.copy())
+        composition = dataclasses.replace(c, problem=comp_p, modes=modes,
+                                          objective=float(np.sum(value)), n_iter=0,
+                                          n_eval=1, history=[])
+        t = self.totals
+        totals = dataclasses.replace(t, problem=tot_p, objective=float(np.sum(
+            tot_p.log_marginal(t.log_m_T, t.log_r_T))))
+        return LnmLaplaceFit(model=self.model, composition=composition, totals=totals,
+                             data=data, ref=self.ref, settings=self._transform_settings())
+
 
 @dataclass
-class LnmHmcFit:
-    """Stan NUTS fit of lnm / lnmvcp (full joint or conditional program)."""
+class LnmHmcFit(HmcFit):
+    """Stan NUTS fit of lnm / lnmvcp (full joint or conditional program); ``ref`` is the
+    ALR reference gene's column."""
 
-    model: str
-    program: str
-    draws: stan.StanDraws = field(repr=False)
-    data: _Data = field(repr=False)
-    ref: int
-    settings: dict
+    ref: int = 0
 
-    obs_names = property(lambda self: self.data.obs_names)
-    var_names = property(lambda self: self.data.var_names)
     reference_gene = property(lambda self: str(self.data.var_names[self.ref]))
 
     def to_datatree(self):
@@ -251,87 +286,3 @@ class LnmHmcFit:
             attrs={"solver": "hmc", "model": self.model, "program": self.program,
                    "backend": self.draws.backend, "stan_hash": self.draws.stan_hash,
                    "seed": self.draws.seed, "reference_gene": self.reference_gene})
-
-
-def fit_lnm(adata, *, model="lnm", method="laplace", rank=10, layer=None, genes=None,
-            library_size=None, M0=pln.M0_DEFAULT, sigma_M=pln.SIGMA_M_DEFAULT, seed=0,
-            tol=1e-8, max_iter=1000, progress=True, backend="auto", chains=4, draws=1000,
-            warmup=1000, adapt_delta=0.9, conditional_on=None, reference_gene=None,
-            mode="full"):
-    """Fit lnm or lnmvcp (called by :func:`scribe_stan.fit`; same arguments).
-
-    Extra parameters
-    ----------------
-    reference_gene : None, str or int
-        ALR reference: default :func:`scribe_stan.models.lnm.default_reference`.
-    mode : {"full", "low_rank"}
-        Laplace latent: ALR coordinates y_c (default) or factor scores with d = 0.
-
-    Raises
-    ------
-    ValueError
-        Unknown reference gene or mode; rank outside ``1 <= K < G - 1`` (and, for the
-        Laplace method, above the number of cells); invalid data.
-    """
-    _validate.check_choice("mode", mode, lnm_solver.MODES)
-    data = _prepare(adata, layer, genes, M0, sigma_M, library_size)
-    G = data.counts.shape[1]
-    if conditional_on is not None:
-        rank = conditional_on.W_alr.shape[1]
-    if G < 3:
-        raise ValueError(f"{model} needs at least 3 genes (ALR dimension G - 1 >= 2); got {G}")
-    if _validate._is_int(rank) and not 1 <= rank < G - 1:
-        raise ValueError(f"rank K={rank} is out of range for {model} with G={G} genes; "
-                         f"allowed: 1 <= K < G - 1 = {G - 1} (the ALR dimension)")
-    K = _validate.check_rank(rank, G - 1)
-    N = data.counts.shape[0]
-    if method == "laplace" and K > N:  # the solver starts from K principal axes of the cells
-        raise ValueError(f"rank K={K} exceeds the number of cells N={N} for the {model} "
-                         "Laplace fit (its start takes K principal axes of the cells' "
-                         f"log-ratios); allowed: 1 <= K <= {min(N, G - 2)}")
-    ref = lnm.resolve_reference(reference_gene, data.var_names, data.counts)
-    settings = {"model": model, "method": method, "rank": K, "layer": layer, "M0": float(M0),
-                "sigma_M": float(sigma_M), "seed": int(seed),
-                "reference_gene": str(data.var_names[ref])}
-    capture = {"log_M0": data.log_M0, "sigma_M": data.sigma_M, "log_lib": data.log_lib}
-    if method == "laplace":
-        from tqdm.auto import tqdm
-
-        with tqdm(total=max_iter, desc=f"{model} Laplace", unit="it", disable=not progress,
-                  leave=False) as bar:
-            comp, totals, wall = lnm_solver.fit_laplace(
-                data.counts, ref, K, capture=model == "lnmvcp", mode=mode, tol=tol,
-                max_iter=max_iter, seed=seed, progress=bar, **capture)
-        settings.update(device="cpu", tol=tol, max_iter=max_iter, mode=mode, wall_time_s=wall)
-        return LnmLaplaceFit(model=model, composition=comp, totals=totals, data=data, ref=ref,
-                             settings=settings)
-    if conditional_on is not None:
-        if not (conditional_on.var_names.equals(data.var_names)
-                and conditional_on.obs_names.equals(data.obs_names)):
-            raise ValueError("conditional_on was fitted on other cells or genes; pass the "
-                             "same adata/genes to both fits.")
-        if conditional_on.mode != "full":
-            raise ValueError("conditional HMC needs a Laplace fit with mode='full' (the "
-                             "Stan programs have d > 0); got mode='low_rank'")
-        if conditional_on.model != model:
-            raise ValueError(f"conditional_on is a {conditional_on.model} fit; model={model!r}")
-        ref = conditional_on.ref
-        settings["reference_gene"] = conditional_on.reference_gene
-        program = lnm.CONDITIONAL_STAN_FILES[model].removesuffix(".stan")
-        stan_data = lnm.conditional_stan_data(
-            data.counts, ref, conditional_on.mu_alr, conditional_on.W_alr,
-            conditional_on.d_alr, conditional_on.totals.log_m_T,
-            conditional_on.totals.log_r_T, **capture)
-    else:
-        program = model
-        stan_data = lnm.stan_data(data.counts, K, ref, **capture)
-    settings.update(backend=stan.resolve_backend(backend), chains=chains, draws=draws,
-                    warmup=warmup, adapt_delta=adapt_delta, program=program)
-    draws_ = stan.sample(program, stan_data, backend=backend, chains=chains, draws=draws,
-                         warmup=warmup, seed=seed, adapt_delta=adapt_delta, progress=progress)
-    n_div = int(np.sum(draws_.sample_stats["diverging"]))
-    if n_div:
-        warnings.warn(f"{n_div} divergent transitions in {program}; see the tree's "
-                      "sample_stats.diverging.", RuntimeWarning, stacklevel=2)
-    return LnmHmcFit(model=model, program=program, draws=draws_, data=data, ref=ref,
-                     settings=settings)

@@ -1,27 +1,30 @@
-"""Fitting the ``nbvcp`` model from :func:`scribe_stan.fit`: the Laplace result class
-:class:`NbvcpFit`, the HMC run (an :class:`scribe_stan.api.HmcFit`) and
-:func:`posterior_moments`, the Gaussian summaries that seed nbln's informative priors.
+"""Laplace fits of the ``nbvcp`` model (:class:`NbvcpFit`) and
+:func:`posterior_moments`, the Gaussian summaries (of a Laplace or HMC nbvcp fit) that
+seed nbln's informative priors (:mod:`scribe_stan.cascade`).
 """
 
 from __future__ import annotations
 
-import warnings
+import dataclasses
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import stats
 
-from scribe_stan import convert, stan
-from scribe_stan.api import HmcFit, _Data, check_tree_size, fitted_gene_index, result_target
-from scribe_stan.laplace.nbvcp import NbvcpSolution, fit_nbvcp, gamma_tables, gaussian_moments
-from scribe_stan.laplace.nbvcp import log_lik_draws
-from scribe_stan.models import nbvcp, pln
+from scribe_stan import convert
+from scribe_stan.fit_data import FitData
+from scribe_stan.fits.base import (Fit, LaplaceResult, check_tree_size, fitted_gene_index,
+                                   result_target, stan_hash)
+from scribe_stan.laplace.nbvcp import (NbvcpProblem, NbvcpSolution, gamma_tables,
+                                       gaussian_moments, log_lik_draws)
+from scribe_stan.models import pln
 
 __all__ = ["NbvcpFit", "posterior_moments"]
 
 
 @dataclass
-class NbvcpFit:
+class NbvcpFit(LaplaceResult):
     """Laplace fit of the nbvcp model: MAP of the Laplace marginal over ``(m, log_r)``,
     a 1-D Gaussian per cell for the capture loss eta.
 
@@ -41,7 +44,7 @@ class NbvcpFit:
 
     model: str
     solution: NbvcpSolution = field(repr=False)
-    data: _Data = field(repr=False)
+    data: FitData = field(repr=False)
     settings: dict
 
     m = property(lambda self: self.solution.m)
@@ -55,8 +58,8 @@ class NbvcpFit:
     n_iter = property(lambda self: self.solution.n_iter)
     success = property(lambda self: self.solution.success)
     message = property(lambda self: self.solution.message)
-    obs_names = property(lambda self: self.data.obs_names)
-    var_names = property(lambda self: self.data.var_names)
+    global_names = ("m", "r")
+    _problem_state = {"solution": ("eta", "curvature", "n_iter", "converged", "at_bound")}
 
     def posterior_moments(self):
         """Shortcut for :func:`posterior_moments` ``(self)``."""
@@ -91,7 +94,7 @@ class NbvcpFit:
         ------
         TypeError, ValueError
             ``draws`` not an integer >= 1, invalid or unknown ``genes``, or too many
-            elements (:func:`scribe_stan.api.check_tree_size`).
+            elements (:func:`scribe_stan.fits.base.check_tree_size`).
         """
         idx = fitted_gene_index(self, genes)
         N = len(self.obs_names)
@@ -121,7 +124,7 @@ class NbvcpFit:
             cell_names=self.obs_names, gene_names=self.var_names[idx], n_factors=0,
             attrs={"solver": "laplace", "backend": "numba-cpu", "model": self.model,
                    "seed": self.settings["seed"], "draws": draws,
-                   "stan_hash": stan.program_hash(self.model),
+                   "stan_hash": stan_hash(self),
                    "objective": self.objective, "outer_iterations": self.n_iter,
                    "cells_converged": int(self.converged.sum())})
 
@@ -139,7 +142,7 @@ class NbvcpFit:
         ------
         TypeError, ValueError
             ``adata`` is not an AnnData, or does not hold the fitted cells and genes
-            (:func:`scribe_stan.api.result_target`).
+            (:func:`scribe_stan.fits.base.result_target`).
         """
         key = key_added or self.model
         out, pos = result_target(adata, self.obs_names, self.var_names)
@@ -157,53 +160,29 @@ class NbvcpFit:
                         "genes": np.asarray(self.var_names, dtype=str)}
         return out
 
+    def _model_summary(self):
+        return {"median_dispersion_r": float(np.median(self.r))}
 
-def fit(data, *, method, settings, tol=1e-10, max_iter=1000, progress=True, backend="auto",
-        chains=4, draws=1000, warmup=1000, adapt_delta=0.9, seed=0, conditional_on=None):
-    """Fit nbvcp to prepared data; called by :func:`scribe_stan.fit` (see its docs).
+    @staticmethod
+    def _problem(data):
+        return NbvcpProblem(data.counts, log_M0=data.log_M0, sigma_M=data.sigma_M,
+                            log_lib=data.log_lib)
 
-    Parameters
-    ----------
-    data : scribe_stan.api._Data
-        Validated counts, library sizes, names and capture prior.
-    method : {"laplace", "hmc"}
-    settings : dict, the arguments recorded on the result (updated here).
-    tol, max_iter, progress : Laplace outer optimizer.
-    backend, chains, draws, warmup, adapt_delta, seed : NUTS (``stan/nbvcp.stan``).
-    conditional_on : must be None (nbvcp has no conditional program).
+    @classmethod
+    def _build_problem(cls, component, data, settings, fields, state):
+        """The solver problem of a saved fit (its modes are set from ``state``)."""
+        return cls._problem(data)
 
-    Returns
-    -------
-    NbvcpFit or scribe_stan.api.HmcFit
-
-    Raises
-    ------
-    ValueError
-        ``conditional_on`` is given.
-    """
-    if conditional_on is not None:
-        raise ValueError("conditional_on is not available for model='nbvcp' (it has no "
-                         "per-cell latents besides eta); allowed: None")
-    settings = {**settings, "rank": None}
-    capture = {"log_M0": data.log_M0, "sigma_M": data.sigma_M, "log_lib": data.log_lib}
-    if method == "laplace":
-        from tqdm.auto import tqdm
-
-        with tqdm(total=max_iter, desc="nbvcp Laplace", unit="it", disable=not progress,
-                  leave=False) as bar:
-            sol = fit_nbvcp(data.counts, tol=tol, max_iter=max_iter, progress=bar, **capture)
-        settings.update(device="cpu", tol=tol, max_iter=max_iter)
-        return NbvcpFit(model="nbvcp", solution=sol, data=data, settings=settings)
-    settings.update(backend=stan.resolve_backend(backend), chains=chains, draws=draws,
-                    warmup=warmup, adapt_delta=adapt_delta, program="nbvcp")
-    draws_ = stan.sample("nbvcp", nbvcp.stan_data(data.counts, **capture), backend=backend,
-                         chains=chains, draws=draws, warmup=warmup, seed=seed,
-                         adapt_delta=adapt_delta, progress=progress)
-    n_div = int(np.sum(draws_.sample_stats["diverging"]))
-    if n_div:
-        warnings.warn(f"{n_div} divergent transitions in nbvcp; see the tree's "
-                      "sample_stats.diverging.", RuntimeWarning, stacklevel=3)
-    return HmcFit(model="nbvcp", program="nbvcp", draws=draws_, data=data, settings=settings)
+    def _at_globals(self, data):
+        t0 = time.perf_counter()
+        problem = self._problem(data)
+        value = problem.log_marginal(self.m, self.log_r)
+        solution = dataclasses.replace(self.solution, problem=problem,
+                                       modes=problem.cell_modes(),
+                                       objective=float(np.sum(value)), n_iter=0, n_eval=1,
+                                       history=[], wall_time_s=time.perf_counter() - t0)
+        return NbvcpFit(model=self.model, solution=solution, data=data,
+                        settings=self._transform_settings())
 
 
 def _draw_moments(arr):
@@ -216,7 +195,7 @@ def posterior_moments(fit):
 
     Parameters
     ----------
-    fit : NbvcpFit or scribe_stan.api.HmcFit with ``model == "nbvcp"``
+    fit : an nbvcp fit, Laplace (:class:`NbvcpFit`) or HMC
         For the Laplace fit the moments are those of a joint Gaussian approximation at
         the fitted globals and per-cell modes (:func:`scribe_stan.laplace.nbvcp.
         gaussian_moments`): means are ``(m, log_r)`` and ``eta_hat``; sds come from the
@@ -237,24 +216,24 @@ def posterior_moments(fit):
     Raises
     ------
     TypeError
-        ``fit`` is neither an NbvcpFit nor an HmcFit.
+        ``fit`` is not a fit of :func:`scribe_stan.fit`.
     ValueError
-        An HmcFit of another model.
+        A fit of another model.
     """
-    if isinstance(fit, NbvcpFit):
+    if not isinstance(fit, Fit):
+        raise TypeError(f"posterior_moments takes an nbvcp fit of scribe_stan.fit; got "
+                        f"{type(fit).__name__}")
+    if fit.model != "nbvcp":
+        raise ValueError(f"posterior_moments needs an nbvcp fit; got model={fit.model!r}")
+    if fit.method == "laplace":
         mom = gaussian_moments(fit.solution.problem, fit.m, fit.log_r)
         return {"m": (fit.m.copy(), mom["m_sd"]), "log_r": (fit.log_r.copy(), mom["log_r_sd"]),
                 "eta": (fit.eta_hat.copy(), mom["eta_sd"]),
                 "eta_given_globals": (fit.eta_hat.copy(), mom["eta_sd_given_globals"]),
                 "m_log_r_corr": mom["m_log_r_corr"],
                 "var_names": fit.var_names, "obs_names": fit.obs_names}
-    if isinstance(fit, HmcFit):
-        if fit.model != "nbvcp":
-            raise ValueError(f"posterior_moments needs an nbvcp fit; got model={fit.model!r}")
-        post = fit.draws.posterior
-        log_r = post["log_r"] if "log_r" in post else np.log(post["r"])
-        return {"m": _draw_moments(post["m"]), "log_r": _draw_moments(log_r),
-                "eta": _draw_moments(post["eta"]),
-                "var_names": fit.var_names, "obs_names": fit.obs_names}
-    raise TypeError(f"posterior_moments takes an NbvcpFit or an HmcFit of model 'nbvcp'; "
-                    f"got {type(fit).__name__}")
+    post = fit.draws.posterior
+    log_r = post["log_r"] if "log_r" in post else np.log(post["r"])
+    return {"m": _draw_moments(post["m"]), "log_r": _draw_moments(log_r),
+            "eta": _draw_moments(post["eta"]),
+            "var_names": fit.var_names, "obs_names": fit.obs_names}
