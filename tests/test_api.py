@@ -330,14 +330,15 @@ def test_compare_laplace_with_itself(lap):
 ], ids=["backend-laplace", "tol", "max_iter", "max_iter-float", "seed", "genes-str",
         "genes-float", "genes-bool", "genes-empty", "cuda-nbvcp"])
 def test_arguments_checked_before_fitting(sim, kwargs, error, pattern, monkeypatch):
-    import scribe_stan.api as api
+    import scribe_stan.fit_data as fit_data
+    import scribe_stan.specs.lognormal as lognormal
 
     def boom(*args, **kw):
         raise AssertionError("the solver ran although an argument was bad")
 
-    monkeypatch.setattr(api, "fit_laplace", boom)
+    monkeypatch.setattr(lognormal, "fit_laplace", boom)
     if "genes" not in kwargs:  # checked before the counts are even read
-        monkeypatch.setattr(api._validate, "counts_from_anndata", boom)
+        monkeypatch.setattr(fit_data._validate, "counts_from_anndata", boom)
     adata = make_adata(sim["counts"])
     before = snapshot(adata)
     with pytest.raises(error, match=pattern):

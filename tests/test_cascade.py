@@ -107,7 +107,7 @@ def nbvcp_fit(nb_data):
 
 def test_cascade_holds_frozen_values(nb_data, nbvcp_fit):
     import scribe_stan as ss
-    from scribe_stan.nbvcp_fit import posterior_moments
+    from scribe_stan.fits.nbvcp import posterior_moments
 
     mom = posterior_moments(nbvcp_fit)
     fit = ss.fit(nb_data[1], model="nbln", rank=1, progress=False,

@@ -84,7 +84,7 @@ def test_log_predictive_matches_prior_monte_carlo(model):
 
 def test_laplace_loo_is_a_proper_pmf_over_counts():
     """pln, two genes: exp(log p(u | theta)) summed over a grid of count vectors is ~1."""
-    from scribe_stan.api import _Data
+    from scribe_stan.fit_data import FitData as _Data
     from scribe_stan.log_predictive import is_estimate, lognormal_weights
 
     mu, W, d = np.array([1.0, 0.3]), np.array([[0.4], [0.3]]), np.array([0.2, 0.2])

@@ -12,7 +12,7 @@ import scipy.sparse as sp
 from scipy import integrate
 
 import scribe_stan as ss
-from scribe_stan import nbvcp_fit
+from scribe_stan.fits import nbvcp as nbvcp_fit
 from scribe_stan.laplace import nbvcp as lap
 from scribe_stan.models import nbvcp, pln
 
@@ -293,7 +293,7 @@ def test_bad_inputs(tiny):
     bad.X[0, 0] = -1
     with pytest.raises(ValueError, match="negative"):
         ss.fit(bad, model="nbvcp", progress=False)
-    with pytest.raises(TypeError, match="NbvcpFit"):
+    with pytest.raises(TypeError, match="nbvcp fit of scribe_stan.fit"):
         nbvcp_fit.posterior_moments(object())
     pln_like = ss.HmcFit(model="pln", program="pln", draws=None, data=fit.data, settings={})
     with pytest.raises(ValueError, match="model='pln'"):

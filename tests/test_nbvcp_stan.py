@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import scribe_stan as ss
-from scribe_stan import nbvcp_fit
+from scribe_stan.fits import nbvcp as nbvcp_fit
 from scribe_stan import stan as sst
 from scribe_stan.models import nbvcp, pln
 

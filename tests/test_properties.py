@@ -28,8 +28,8 @@ from scribe_stan.models import MODELS
 
 PACKAGE = Path(ss.__file__).parent
 # Where a bad-input error may come from: the checks at the boundary of the public API.
-BOUNDARY = {PACKAGE / name for name in ("_validate.py", "api.py", "lnm_fit.py", "nbvcp_fit.py",
-                                        "models/lnm.py")}
+BOUNDARY = {PACKAGE / name for name in ("_validate.py", "api.py", "fit_data.py", "specs/lnm.py",
+                                        "specs/registry.py", "models/lnm.py")}
 DTYPES = {"int32": 2**31 - 1, "int64": 2**63 - 1, "uint16": 2**16 - 1, "float32": 2**24,
           "float64": 2**53}  # largest count each holds exactly
 DEFECTS = {"negative": "negative", "nan": "NaN", "inf": "infinite",

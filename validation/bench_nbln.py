@@ -69,7 +69,7 @@ def _fit(model, rank, cells_file, out_file, freeze="r,eta"):
 
 
 def _heldout_log_marginal(adata_test, globals_file):
-    from scribe_stan.api import _prepare
+    from scribe_stan.fit_data import prepare as _prepare
     from scribe_stan.laplace.solver import LaplaceProblem
     from scribe_stan.models import pln
 

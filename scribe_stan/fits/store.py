@@ -32,6 +32,7 @@ import pandas as pd
 from scipy import sparse
 
 from scribe_stan.fit_data import FitData
+from scribe_stan.fits.base import stan_hash
 
 FORMAT = "scribe-stan-fit"
 FORMAT_VERSION = 1
@@ -179,8 +180,6 @@ def _dims(name, arr):
 def _to_dataset(fit):
     import xarray as xr
 
-    from scribe_stan import stan
-
     enc = _Encoder(fit)
     tree = enc.dataclass("", fit, None)
     tree["fields"].pop("settings")
@@ -195,16 +194,11 @@ def _to_dataset(fit):
     for path, arr in enc.arrays.items():
         arrays[path] = arr.astype(np.int8) if arr.dtype == bool else arr
     bools = sorted(p for p, a in enc.arrays.items() if a.dtype == bool)
-    program = fit.settings.get("program", fit.model)
-    try:
-        stan_hash = stan.program_hash(program)
-    except (FileNotFoundError, ValueError):
-        stan_hash = None
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "class": _class_path(fit),
             "model": fit.model, "method": fit.method, "settings": fit.settings,
             "data": {"shape": list(data.counts.shape), "log_M0": data.log_M0,
                      "sigma_M": data.sigma_M},
-            "state": tree, "bool_arrays": bools, "stan_hash": stan_hash,
+            "state": tree, "bool_arrays": bools, "stan_hash": stan_hash(fit),
             "versions": _versions()}
     ds = xr.Dataset({k: (_dims(k, v), v) for k, v in arrays.items()})
     ds.attrs["scribe_stan_fit"] = json.dumps(meta, default=_json_default)

@@ -165,11 +165,10 @@ def get(name):
     ValueError
         Unknown model (the registered ones are listed).
     """
-    try:
-        return _REGISTRY[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown model {name!r}; allowed: "
-                         f"{', '.join(repr(n) for n in _REGISTRY)}") from None
+    from scribe_stan._validate import check_choice
+
+    check_choice("model", name, tuple(_REGISTRY))
+    return _REGISTRY[name]
 
 
 def names():
