@@ -150,7 +150,7 @@ def test_cascade_bad_inputs(nb_data, nbvcp_fit):
     import scribe_stan as ss
 
     adata = nb_data[1]
-    with pytest.raises(ValueError, match="applies to model='nbln'"):
+    with pytest.raises(ValueError, match="does not apply to model='pln'; it applies to: nbln"):
         ss.fit(adata, model="pln", rank=1, progress=False, informative_priors_from=nbvcp_fit)
     with pytest.raises(ValueError, match="must be an nbvcp fit"):
         ss.fit(adata, model="nbln", rank=1, progress=False, informative_priors_from="x")
