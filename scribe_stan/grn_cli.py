@@ -12,8 +12,9 @@ EXAMPLES = """examples:
   scribe-stan grn pbmc_pln.h5ad --prior a.csv b.csv --support soft --method ridge \\
       --out grn.csv --h5ad-out pbmc_grn.h5ad --figure grn.png
 
-INPUT is the .h5ad written by 'scribe-stan fit --out' (or fit.to_anndata): fits are not
-saved as objects yet, the h5ad carries the modes, globals and counts the inference needs.
+INPUT is the .h5ad written by 'scribe-stan fit --out' (or fit.to_anndata), which carries
+the modes, globals and counts the inference needs, or a fit saved by
+'scribe-stan fit --save-fit' (or fit.save): a directory, read with ss.load_fit.
 --prior takes CSV edge tables (columns regulator/tf, target, optional confidence or
 weight in (0, 1] or letters A-E, optional sign/mor); several are combined (noisy-or).
 Prior genes not among the fitted genes are counted in the JSON line.
@@ -27,7 +28,8 @@ def add_parser(sub, formatter):
     p = sub.add_parser("grn", help="GRN inference from a fitted .h5ad with prior edges",
                        description="Infer a regulator -> target network from a fit's "
                                    "latents.\n\n" + EXAMPLES, formatter_class=formatter)
-    p.add_argument("input", metavar="INPUT.h5ad", help="output of scribe-stan fit --out")
+    p.add_argument("input", metavar="INPUT", help="output of scribe-stan fit --out (.h5ad), "
+                                                  "or a fit saved with --save-fit")
     p.add_argument("--prior", nargs="+", default=None, metavar="EDGES.csv",
                    help="prior edge tables (CSV, .csv.gz)")
     p.add_argument("--levels", default=None,
@@ -71,10 +73,22 @@ def cmd_grn(args) -> int:
     if args.prior:
         srcs = [grn_prior.read_prior(p, levels=args.levels) for p in args.prior]
         prior = grn_prior.combine_priors(*srcs)
-    adata = cli_io.load_input(args.input)
+    source = adata = None
+    if Path(args.input).is_dir():  # a saved fit (zarr directory)
+        import anndata
+        import pandas as pd
+
+        from scribe_stan.fits import load_fit
+
+        source = load_fit(args.input)
+        adata = anndata.AnnData(source.data.counts.astype(float),
+                                obs=pd.DataFrame(index=source.obs_names.astype(str)),
+                                var=pd.DataFrame(index=source.var_names.astype(str)))
+    else:
+        source = adata = cli_io.load_input(args.input)
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
-        res = grn_infer.infer_grn(adata, prior=prior, method=args.method, genes=args.genes,
+        res = grn_infer.infer_grn(source, prior=prior, method=args.method, genes=args.genes,
                                   support=args.support, input=args.input_kind,
                                   alpha=args.alpha, key=args.key)
     written = res.to_csv(args.out)

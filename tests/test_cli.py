@@ -38,7 +38,7 @@ def last_json(out):
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", [None, "fit", "hmc", "validate"])
+@pytest.mark.parametrize("command", [None, "fit", "transform", "hmc", "validate"])
 def test_help(command, capsys):
     argv = ["--help"] if command is None else [command, "--help"]
     with pytest.raises(SystemExit) as exc:
@@ -48,7 +48,7 @@ def test_help(command, capsys):
     assert out.startswith("usage: scribe-stan" + ("" if command is None else f" {command}"))
     assert "examples:" in out
     assert "pbmc_donor_a" in out
-    if command is not None:
+    if command not in (None, "transform"):  # transform takes the model from the fit
         assert "--model" in out and "--seed" in out
         assert "(default: 0)" in out  # defaults shown
 
@@ -263,6 +263,39 @@ def test_fit_every_model(model, slice_h5ad, tmp_path, capsys):
     # per-gene models store the --tree-genes highest-mean genes (default 20 > 6: all six);
     # lnm and lnmvcp every fitted gene
     assert tree["posterior"].sizes["gene"] == 6
+
+
+def test_fit_save_fit_then_transform_and_grn(slice_h5ad, tmp_path, capsys):
+    """--save-fit writes a fit that `transform` applies to cells (here the training cells,
+    whose modes it must reproduce) and that `grn` reads as its input."""
+    out, saved = tmp_path / "fit.h5ad", tmp_path / "fit.zarr"
+    rc, stdout, err = run(["fit", slice_h5ad, "--genes", 6, "--rank", 2, "--max-iter", 40,
+                           "--draws", 0, "--out", out, "--save-fit", saved, "--quiet"], capsys)
+    assert rc == 0, err
+    assert only_json(stdout)["fit"] == str(saved) and saved.is_dir()
+    rc, _, err = run(["fit", slice_h5ad, "--genes", 6, "--rank", 2, "--draws", 0, "--out",
+                      tmp_path / "again.h5ad", "--save-fit", saved, "--quiet"], capsys)
+    assert rc == 2 and "--save-fit" in err and "exists" in err
+    new = tmp_path / "new.h5ad"
+    before = sha256(slice_h5ad)
+    rc, stdout, err = run(["transform", saved, new, slice_h5ad, "--quiet"], capsys)
+    assert rc == 0, err
+    summary = only_json(stdout)
+    assert summary["command"] == "transform" and summary["cells"] == SLICE_CELLS
+    assert summary["cells_converged"] == SLICE_CELLS
+    fitted, placed = ad.read_h5ad(out), ad.read_h5ad(new)
+    np.testing.assert_allclose(placed.obsm["pln_x"], fitted.obsm["pln_x"], atol=1e-8)
+    np.testing.assert_allclose(placed.obs["pln_eta"], fitted.obs["pln_eta"], atol=1e-8)
+    assert sha256(slice_h5ad) == before
+    rc, _, err = run(["transform", saved, new, slice_h5ad], capsys)
+    assert rc == 2 and "exists" in err
+    rc, _, err = run(["transform", tmp_path / "none.zarr", tmp_path / "x.h5ad", slice_h5ad],
+                     capsys)
+    assert rc == 2 and "no saved fit" in err
+    rc, stdout, err = run(["grn", saved, "--method", "correlation", "--out",
+                           tmp_path / "grn.csv"], capsys)
+    assert rc == 0, err
+    assert last_json(stdout)["genes"] == 6
 
 
 def _no_fit(monkeypatch):
