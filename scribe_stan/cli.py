@@ -38,7 +38,6 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple
 
 from scribe_stan import __version__, _validate
 from scribe_stan import specs
@@ -94,10 +93,10 @@ def _check_choices(args) -> None:
             check_device(args.device, args.model)
     except RuntimeError as exc:  # CmdStan or a GPU missing: bad input for this machine
         raise ValueError(str(exc)) from exc
-    if args.model == "nbvcp":
+    if not specs.get(args.model).latent_rank:
         if args.rank is not None:
-            raise ValueError("--rank does not apply to --model nbvcp (genes are independent "
-                             "given the capture: no latent factors); leave it out")
+            raise ValueError(f"--rank does not apply to --model {args.model} (no latent "
+                             "factors); leave it out")
     elif args.rank is None:
         args.rank = args.default_rank
 
@@ -162,8 +161,6 @@ def _parse_tree_genes(value: str):
     return n
 
 
-#: Models whose trees hold every fitted gene (the composition couples them all).
-_ALL_GENE_TREES = ("lnm", "lnmvcp")
 _TREE_GENES_DEFAULT = 20
 
 
@@ -180,7 +177,7 @@ def cmd_fit(args) -> int:
         _validate.check_positive_int("--genes", args.genes, 2)
     if args.draws < 0:
         raise ValueError(f"--draws must be >= 0 (0: no tree); got {args.draws}")
-    all_genes = args.model in _ALL_GENE_TREES
+    all_genes = specs.get(args.model).tree_all_genes
     if all_genes and args.tree_genes is not None:
         raise ValueError(f"--tree-genes does not apply to --model {args.model}: its tree holds "
                          "every fitted gene (the composition couples them); use --genes to "
@@ -315,24 +312,6 @@ def cmd_hmc(args) -> int:
     return 0
 
 
-class _Quantities(NamedTuple):
-    conditional: tuple | None  # per-cell latents vs conditional NUTS; None: no such program
-    full: tuple  # vs full-joint NUTS
-    plot: tuple
-
-
-# What ``validate`` compares per model: rotation-invariant globals against the full joint,
-# per-cell latents against the conditional program at the Laplace globals (nbvcp has no
-# conditional program: its per-cell eta is compared with the full joint's).
-_VALIDATE_QUANTITIES = {
-    "pln": _Quantities(("x", "eta"), ("Sigma", "corr"), ("eta", "x")),
-    "nbln": _Quantities(("x", "eta"), ("Sigma", "corr", "r"), ("eta", "x")),
-    "nbvcp": _Quantities(None, ("m", "r", "eta"), ("eta", "m")),
-    "lnm": _Quantities(("y",), ("Sigma_alr", "corr_clr"), ("y",)),
-    "lnmvcp": _Quantities(("y", "eta"), ("Sigma_alr", "corr_clr"), ("eta", "y")),
-}
-
-
 def cmd_validate(args) -> int:
     """``scribe-stan validate``: Laplace vs full-joint and conditional NUTS on a subset."""
     import matplotlib
@@ -355,7 +334,7 @@ def cmd_validate(args) -> int:
     _log(args, f"[validate] {_data_name(args.input)}: {adata.n_obs} cells, {args.genes} "
                f"highest-mean genes, K={args.rank}")
     times, diags = {}, {}
-    quantities = _VALIDATE_QUANTITIES[args.model]
+    quantities = specs.get(args.model)  # what to compare: compare_full, compare_conditional
     steps = ["Laplace fit", "full-joint NUTS", "conditional NUTS", "compare + plot"]
     with tqdm(total=len(steps), desc="validate", unit="step", disable=args.quiet,
               file=sys.stderr) as bar:
@@ -379,7 +358,7 @@ def cmd_validate(args) -> int:
         bar.update()
 
         t = step(2)
-        if quantities.conditional is not None:
+        if quantities.compare_conditional is not None:
             cond = _hmc_fit(adata, args, genes=args.genes, conditional_on=lap)
             cond_tree = cond.to_datatree()
             diags["conditional"] = hmc_diagnostics(cond_tree)
@@ -387,29 +366,29 @@ def cmd_validate(args) -> int:
         bar.update()
 
         t = step(3)
-        pairs = {"full": (full_tree, quantities.full)}
-        if quantities.conditional is not None:
-            pairs["conditional"] = (cond_tree, quantities.conditional)
+        pairs = {"full": (full_tree, quantities.compare_full)}
+        if quantities.compare_conditional is not None:
+            pairs["conditional"] = (cond_tree, quantities.compare_conditional)
         tables = {key: ss.compare(lap_tree, ref, var_names=list(names))
                   for key, (ref, names) in pairs.items()}
         details = {key: ss.compare(lap_tree, ref, var_names=list(names), detail=True)
                    for key, (ref, names) in pairs.items()}
-        plot_ref = cond_tree if quantities.conditional is not None else full_tree
+        plot_ref = cond_tree if quantities.compare_conditional is not None else full_tree
         outdir.mkdir(parents=True, exist_ok=True)
         _write_stan_log(outdir / "stan_full.log", full)
-        if quantities.conditional is not None:
+        if quantities.compare_conditional is not None:
             _write_stan_log(outdir / "stan_conditional.log", cond)
         for key in tables:
             tables[key].to_csv(outdir / f"compare_{key}.csv")
             details[key].to_csv(outdir / f"compare_{key}_detail.csv")
         # panel titles carry cell barcodes and gene names: 3 wide panels per row
-        fig = ss.plot_comparison(lap_tree, plot_ref, var_names=quantities.plot, col_wrap=3,
+        fig = ss.plot_comparison(lap_tree, plot_ref, var_names=quantities.compare_plot, col_wrap=3,
                                  figsize=(18, 15))
         fig.savefig(outdir / "comparison.png", dpi=120, bbox_inches="tight")
         plt.close(fig)
         if args.save_trees:
             trees = {"laplace": lap_tree, "hmc": full_tree}
-            if quantities.conditional is not None:
+            if quantities.compare_conditional is not None:
                 trees["hmc_conditional"] = cond_tree
             for name, tr in trees.items():
                 _write_tree(tr, outdir / f"{name}.tree.zarr")
@@ -422,7 +401,7 @@ def cmd_validate(args) -> int:
             _log(args, "Laplace vs conditional NUTS (per-cell latents at the Laplace globals):\n"
                  + tables["conditional"].to_string() + "\n")
         _log(args, "Laplace vs full-joint NUTS (globals as point estimates"
-             + (", per-cell latents" if quantities.conditional is None else "") + "):\n"
+             + (", per-cell latents" if quantities.compare_conditional is None else "") + "):\n"
              + tables["full"].to_string() + "\n")
     summary = {
         "command": "validate", "model": args.model, "input": args.input,

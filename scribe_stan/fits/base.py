@@ -239,15 +239,3 @@ def result_target(adata, obs_names, var_names):
 
 
 
-
-def stan_hash(fit):
-    """SHA-256 of the Stan program of a fit's model (None for a model without one)."""
-    from scribe_stan import stan
-
-    program = fit.settings.get("program", fit.model)
-    if program is None:
-        return None
-    try:
-        return stan.program_hash(program)
-    except (FileNotFoundError, ValueError):
-        return None

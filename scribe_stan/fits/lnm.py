@@ -22,8 +22,9 @@ from scipy import special, stats
 
 from scribe_stan import convert
 from scribe_stan.fit_data import FitData
-from scribe_stan.fits.base import LaplaceResult, check_tree_size, result_target, stan_hash
+from scribe_stan.fits.base import LaplaceResult, check_tree_size, result_target
 from scribe_stan.fits.hmc import HmcFit
+from scribe_stan.fits.store import stan_hash
 from scribe_stan.laplace import lnm_solver
 from scribe_stan.models import dispersion, lnm, pln
 

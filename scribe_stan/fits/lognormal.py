@@ -17,7 +17,8 @@ import numpy as np
 from scribe_stan import _validate, convert
 from scribe_stan.fit_data import FitData
 from scribe_stan.fits.base import (LaplaceResult, check_tree_size, fitted_gene_index,
-                                   result_target, stan_hash)
+                                   result_target)
+from scribe_stan.fits.store import stan_hash
 from scribe_stan.laplace.solver import CellModes, LaplaceProblem, LaplaceSolution
 from scribe_stan.models import loadings, pln
 

@@ -15,7 +15,8 @@ from scipy import stats
 from scribe_stan import convert
 from scribe_stan.fit_data import FitData
 from scribe_stan.fits.base import (Fit, LaplaceResult, check_tree_size, fitted_gene_index,
-                                   result_target, stan_hash)
+                                   result_target)
+from scribe_stan.fits.store import stan_hash
 from scribe_stan.laplace.nbvcp import (NbvcpProblem, NbvcpSolution, gamma_tables,
                                        gaussian_moments, log_lik_draws)
 from scribe_stan.models import pln

@@ -32,7 +32,6 @@ import pandas as pd
 from scipy import sparse
 
 from scribe_stan.fit_data import FitData
-from scribe_stan.fits.base import stan_hash
 
 FORMAT = "scribe-stan-fit"
 FORMAT_VERSION = 1
@@ -62,6 +61,19 @@ def _import_class(path):
     for part in name.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def stan_hash(fit):
+    """SHA-256 of the Stan program of a fit's model (None for a model without one)."""
+    from scribe_stan import stan
+
+    program = fit.settings.get("program", fit.model)
+    if program is None:
+        return None
+    try:
+        return stan.program_hash(program)
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 class _Encoder:

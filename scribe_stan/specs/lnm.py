@@ -99,7 +99,9 @@ LNM = register(ModelSpec(
     description="logistic-normal multinomial: ALR composition y ~ N(mu, W W' + diag(d)), "
                 "NB total",
     conditional_program="lnm_conditional", options=_OPTIONS, globals=_GLOBALS,
-    per_cell={"y": ("cell", "alr")}, anndata_keys=_KEYS, n_globals=_n_globals))
+    per_cell={"y": ("cell", "alr")}, anndata_keys=_KEYS, n_globals=_n_globals,
+    compare_full=("Sigma_alr", "corr_clr"), compare_conditional=("y",), compare_plot=("y",),
+    tree_all_genes=True))
 
 LNMVCP = register(ModelSpec(
     name="lnmvcp", family="lnm", fit=_lnmvcp, stan_program="lnmvcp",
@@ -107,4 +109,5 @@ LNMVCP = register(ModelSpec(
     conditional_program="lnmvcp_conditional", options=_OPTIONS, globals=_GLOBALS,
     per_cell={"y": ("cell", "alr"), "eta": ("cell",)},
     anndata_keys=_KEYS + ("obs/{key}_eta", "obs/{key}_capture_efficiency"),
-    n_globals=_n_globals))
+    n_globals=_n_globals, compare_full=("Sigma_alr", "corr_clr"),
+    compare_conditional=("y", "eta"), compare_plot=("eta", "y"), tree_all_genes=True))

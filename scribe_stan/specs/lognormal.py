@@ -90,7 +90,8 @@ PLN = register(ModelSpec(
                 "x ~ N(mu, W W' + diag(d))",
     conditional_program="pln_conditional", devices=("cuda",),
     options={"loadings_prior": _LOADINGS}, globals=_GLOBALS, per_cell=_PER_CELL,
-    anndata_keys=_KEYS,
+    anndata_keys=_KEYS, compare_full=("Sigma", "corr"), compare_conditional=("x", "eta"),
+    compare_plot=("eta", "x"),
     n_globals=lambda G, K, settings: G * (K + 2) - K * (K - 1) // 2))
 
 NBLN = register(ModelSpec(
@@ -106,5 +107,6 @@ NBLN = register(ModelSpec(
              "freeze": Option(default=cascade.DEFAULT_FREEZE, methods=("laplace",),
                               doc="cascade parameters held at the nbvcp posterior means")},
     globals={**_GLOBALS, "r": ("gene",)}, per_cell=_PER_CELL,
-    anndata_keys=_KEYS + ("var/{key}_r",),
+    anndata_keys=_KEYS + ("var/{key}_r",), compare_full=("Sigma", "corr", "r"),
+    compare_conditional=("x", "eta"), compare_plot=("eta", "x"),
     n_globals=lambda G, K, settings: G * (K + 3) - K * (K - 1) // 2))

@@ -38,4 +38,5 @@ NBVCP = register(ModelSpec(
     per_cell={"eta": ("cell",)},
     anndata_keys=("obs/{key}_eta", "obs/{key}_capture_efficiency", "obs/{key}_converged",
                   "var/{key}_m", "var/{key}_r", "uns/{key}"),
+    compare_full=("m", "r", "eta"), compare_plot=("eta", "m"),
     n_globals=lambda G, K, settings: 2 * G))

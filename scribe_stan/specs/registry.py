@@ -78,6 +78,12 @@ class ModelSpec:
     anndata_keys : keys its Laplace ``to_anndata`` writes (``{key}`` is the prefix).
     n_globals : callable ``(G, K, settings) -> int``, identified global parameters
         (the plug-in LOO correction, :func:`scribe_stan.loo`).
+    compare_full, compare_conditional, compare_plot : what ``scribe-stan validate``
+        compares: rotation-invariant quantities against the full-joint NUTS, per-cell
+        latents against NUTS conditional on the Laplace globals (None: no conditional
+        program), and the quantities it plots.
+    tree_all_genes : its trees hold every fitted gene (the composition couples them),
+        so a tree cannot be restricted to a gene subset.
     """
 
     name: str
@@ -94,6 +100,10 @@ class ModelSpec:
     globals: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     per_cell: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     anndata_keys: tuple[str, ...] = ()
+    compare_full: tuple[str, ...] = ()
+    compare_conditional: tuple[str, ...] | None = None
+    compare_plot: tuple[str, ...] = ()
+    tree_all_genes: bool = False
 
     def check_options(self, given, method):
         """The model's options with defaults filled in, after checking ``given``.
