@@ -93,6 +93,15 @@ def test_save_load_round_trip(fits, model, tmp_path):
         fit.save(path)
 
 
+@pytest.mark.parametrize("model", ["pln", "lnmvcp"])
+def test_save_load_netcdf(fits, model, tmp_path):
+    fit = fits[model]
+    fit.save(tmp_path / "f.nc")
+    back = ss.load_fit(tmp_path / "f.nc")
+    kw = {} if model == "lnmvcp" else {"genes": 3}
+    assert_same_tree(fit.to_datatree(10, seed=1, **kw), back.to_datatree(10, seed=1, **kw))
+
+
 def test_save_load_nbln_laplace_globals_draws(fits, tmp_path):
     """The nested-Laplace draws need the fit's objective layout: it survives a round trip."""
     fit = fits["nbln"]
@@ -201,7 +210,7 @@ def test_load_fit_errors(tmp_path, adata):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["pln", "nbvcp", "lnm"])
+@pytest.mark.parametrize("model", ["pln", "nbln", "nbvcp", "lnm", "lnmvcp"])
 def test_hmc_save_load_round_trip(adata, model, tmp_path):
     small = adata[:30, :5].copy()
     with warnings.catch_warnings():
