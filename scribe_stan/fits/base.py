@@ -125,6 +125,15 @@ class LaplaceResult(Fit):
                                library_size=library_size)
         return self._at_globals(data)
 
+    def _uns(self, **extra):
+        """What ``to_anndata`` stores in ``uns[key]``: settings, objective, iterations,
+        convergence, fitted gene names, and the model's ``extra`` entries."""
+        return {**{k: v for k, v in self.settings.items() if v is not None},
+                "objective": self.objective, "outer_iterations": self.n_iter,
+                "optimizer_success": self.success,
+                "cells_converged": int(np.sum(self.converged)),
+                "genes": np.asarray(self.var_names, dtype=str), **extra}
+
     def _transform_settings(self):
         return {**self.settings, "transform_of": {"cells": len(self.obs_names),
                                                   "objective": float(self.objective)}}

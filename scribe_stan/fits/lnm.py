@@ -210,13 +210,8 @@ class LnmLaplaceFit(LaplaceResult):
         out.obs[f"{key}_converged"] = self.converged
         out.var[f"{key}_mu_clr"] = mu
         out.varm[f"{key}_W_clr"] = W
-        out.uns[key] = {**{k: v for k, v in self.settings.items() if v is not None},
-                        "reference_gene": self.reference_gene, "m_T": self.m_T,
-                        "r_T": self.r_T, "objective": self.objective,
-                        "optimizer_success": self.success,
-                        "cells_converged": int(self.converged.sum()),
-                        "genes": np.asarray(self.var_names, dtype=str),
-                        "Sigma_clr": self.Sigma_clr}
+        out.uns[key] = self._uns(reference_gene=self.reference_gene, m_T=self.m_T,
+                                 r_T=self.r_T, Sigma_clr=self.Sigma_clr)
         return out
 
     def _model_summary(self):

@@ -266,13 +266,8 @@ class LaplaceFit(LaplaceResult):
         W_perp = np.full((G, K), np.nan)
         W_perp[pos] = self.W_perp
         out.varm[f"{key}_W_perp"] = W_perp
-        out.uns[key] = {**{k: v for k, v in self.settings.items() if v is not None},
-                        "objective": self.objective, "outer_iterations": self.n_iter,
-                        "optimizer_success": self.success,
-                        "cells_converged": int(self.converged.sum()),
-                        "effective_rank": self.effective_rank,
-                        "gauge_ratio": self.gauge["ratio"],
-                        "genes": np.asarray(self.var_names, dtype=str)}
+        out.uns[key] = self._uns(effective_rank=self.effective_rank,
+                                 gauge_ratio=self.gauge["ratio"])
         return out
 
     def _model_summary(self):

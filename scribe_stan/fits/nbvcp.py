@@ -154,11 +154,7 @@ class NbvcpFit(LaplaceResult):
         out.obs[f"{key}_capture_efficiency"] = np.exp(-self.eta_hat)
         out.obs[f"{key}_converged"] = self.converged
         out.var[f"{key}_m"], out.var[f"{key}_r"] = m, r
-        out.uns[key] = {**{k: v for k, v in self.settings.items() if v is not None},
-                        "objective": self.objective, "outer_iterations": self.n_iter,
-                        "optimizer_success": self.success,
-                        "cells_converged": int(self.converged.sum()),
-                        "genes": np.asarray(self.var_names, dtype=str)}
+        out.uns[key] = self._uns()
         return out
 
     def _model_summary(self):
