@@ -145,7 +145,7 @@ def _integrated_log_lik(fit, draws, max_draws, rng):
     return out
 
 
-def loo(fit, *, draws=200, seed=0, latents="integrated", max_draws=200):
+def loo(fit, *, draws=200, seed=0, latents="integrated", max_draws=200, globals="point"):
     """PSIS-LOO of a fit, one observation per cell (its whole count vector).
 
     Parameters
@@ -158,7 +158,17 @@ def loo(fit, *, draws=200, seed=0, latents="integrated", max_draws=200):
     latents : {"integrated", "conditional"}
         HMC only (see the module docs); integrated is available for pln, nbln, nbvcp.
     max_draws : int
-        Integrated HMC: posterior draws of the globals used (thinned evenly).
+        Integrated HMC: posterior draws of the globals used (thinned evenly); Laplace
+        with ``globals="laplace"``: draws of the globals from their Gaussian.
+    globals : {"point", "laplace"}
+        Laplace fits: the globals at their MAP with the plug-in correction ``p``
+        (default), or drawn from their Laplace Gaussian
+        (:meth:`scribe_stan.fits.LaplaceFit.globals_posterior`; pln and nbln): each
+        cell's integrated likelihood at every draw as for HMC, and PSIS-LOO over the
+        draws with the Gaussian's correction to the Laplace posterior of the globals
+        (:func:`arviz_stats.loo_approximate_posterior`; log target ``sum_c log p(u_c
+        | theta_s)`` plus the globals' prior). Costs ``max_draws`` integrated
+        evaluations.
 
     Returns
     -------
@@ -170,11 +180,16 @@ def loo(fit, *, draws=200, seed=0, latents="integrated", max_draws=200):
     Raises
     ------
     ValueError
-        Unknown ``latents``; integrated HMC LOO for lnm/lnmvcp; ``draws < 10``.
+        Unknown ``latents`` or ``globals``; integrated HMC LOO for lnm/lnmvcp;
+        ``draws < 10``; ``globals="laplace"`` for a model without the globals' Gaussian
+        (nbvcp, lnm, lnmvcp), for an HMC fit, or for a fit holding eta (a cascade).
     TypeError
         Not a fit object.
     """
     _validate.check_choice("latents", latents, LATENTS)
+    _validate.check_choice("globals", globals, ("point", "laplace"))
+    if globals == "laplace":
+        return _nested_laplace_loo(fit, draws, seed, max_draws)
     if _is_laplace(fit):
         return _laplace_loo(fit, draws, seed)[0]
     if not _is_hmc(fit):
@@ -197,6 +212,43 @@ def loo(fit, *, draws=200, seed=0, latents="integrated", max_draws=200):
         "log_likelihood": xr.Dataset({"counts": (("chain", "draw", "cell"), ll)},
                                      coords={"cell": cells})})
     return arviz_stats.loo(ll_tree, pointwise=True, var_name="counts")
+
+
+def _nested_laplace_loo(fit, draws, seed, n_globals_draws):
+    """PSIS-LOO of a pln/nbln Laplace fit over draws of its globals' Gaussian."""
+    if not (_is_laplace(fit) and specs.get(fit.model).family == "lognormal"):
+        raise ValueError("globals='laplace' applies to Laplace fits of the log-normal "
+                         "models (pln, nbln); got "
+                         f"{getattr(fit, 'method', type(fit).__name__)} fit of "
+                         f"{getattr(fit, 'model', None)!r}")
+    if not isinstance(draws, (int, np.integer)) or draws < 10:
+        raise ValueError(f"draws must be an integer >= 10; got {draws!r}")
+    post = fit.globals_posterior()
+    layout = post.layout
+    if layout.eta is not None:
+        raise ValueError("globals='laplace' LOO needs eta marginalized; this fit holds "
+                         "each cell's capture loss (a cascade with freeze including eta)")
+    rng = np.random.default_rng(seed)
+    thetas, log_q = post.draw(int(n_globals_draws), rng)
+    ll = np.empty((len(thetas), len(fit.obs_names)))
+    log_p = np.empty(len(thetas))
+    start = (fit.x_hat, fit.eta_hat)  # every draw starts from the MAP modes
+    for s, theta in enumerate(thetas):
+        mu, W, d, log_r = post.unpack(theta)
+        w, _ = log_predictive.lognormal_weights(fit.data, mu, W, d, log_r, int(draws), rng,
+                                                start=start)
+        ll[s] = log_predictive.is_estimate(w.log_weights)[0]
+        log_p[s] = (ll[s].sum() + layout.log_prior(mu, W, d, log_r, layout.log_tau(theta))[0]
+                    + post.log_jacobian(theta))
+    cells = np.asarray(fit.obs_names, dtype=str)
+    tree = xr.DataTree.from_dict({
+        "posterior": xr.Dataset({"lp": (("chain", "draw"), log_p[None])}),
+        "log_likelihood": xr.Dataset({"counts": (("chain", "draw", "cell"), ll[None])},
+                                     coords={"cell": cells})})
+    return arviz_stats.loo_approximate_posterior(
+        tree, xr.DataArray(log_p[None], dims=("chain", "draw")),
+        xr.DataArray(log_q[None], dims=("chain", "draw")), pointwise=True,
+        var_name="counts")
 
 
 def _names(obj):

@@ -169,6 +169,13 @@ def test_laplace_loo_agrees_with_nuts_integrated_loo(pln_laplace_and_nuts):
     assert abs(l_lap.elpd - l_nuts.elpd) < min(l_lap.se, l_nuts.se)
     # the plug-in correction p (12 globals) is close to NUTS's effective number p_loo
     assert l_lap.p == 12 and 0 < l_nuts.p < 2 * l_lap.p
+    # the globals drawn from their Laplace Gaussian instead of plugged in: the same
+    # number as NUTS's, with an effective number of parameters of its own
+    l_nested = ss.loo(laplace, draws=100, globals="laplace", max_draws=100)
+    assert abs(l_nested.elpd - l_nuts.elpd) < min(l_nested.se, l_nuts.se)
+    assert 0 < l_nested.p < 2 * l_lap.p
+    with pytest.raises(ValueError, match="applies to Laplace fits of the log-normal"):
+        ss.loo(nuts, globals="laplace")
     assert np.mean(l_nuts.pareto_k.values > 0.7) <= 0.1
     # the conditional log_lik LOO targets the same numbers through a harmonic mean and
     # is far less reliable: more cells with large k-hat than the integrated LOO
