@@ -15,7 +15,6 @@ from scribe_stan.fit_data import prepare
 from scribe_stan.laplace.device import resolve_device
 from scribe_stan.models import pln
 
-METHODS = ("laplace", "hmc")
 DEVICES = ("cpu", "cuda", "auto")
 DEFAULT_RANK = 10  # latent rank K when ``rank`` is not given (pln, nbln, lnm, lnmvcp)
 

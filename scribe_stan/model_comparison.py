@@ -58,6 +58,7 @@ from arviz_stats.utils import ELPDDataLOO
 
 from scribe_stan import _validate, log_predictive, specs
 from scribe_stan.fits.base import Fit
+from scribe_stan.fits.lognormal import GLOBALS
 
 LATENTS = ("integrated", "conditional")
 _INTEGRATED_HMC = ("lognormal", "nbvcp")  # model families with integrated HMC LOO
@@ -187,7 +188,7 @@ def loo(fit, *, draws=200, seed=0, latents="integrated", max_draws=200, globals=
         Not a fit object.
     """
     _validate.check_choice("latents", latents, LATENTS)
-    _validate.check_choice("globals", globals, ("point", "laplace"))
+    _validate.check_choice("globals", globals, GLOBALS)
     if globals == "laplace":
         return _nested_laplace_loo(fit, draws, seed, max_draws)
     if _is_laplace(fit):
