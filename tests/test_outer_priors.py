@@ -107,7 +107,7 @@ def test_fit_rejects_unknown_or_misapplied_loadings_prior():
     adata = ad.AnnData(X=sim["counts"].astype(float))
     with pytest.raises(ValueError, match="allowed: normal, gaussian, horseshoe, neg"):
         ss.fit(adata, model="pln", rank=1, loadings_prior="lasso", progress=False)
-    with pytest.raises(ValueError, match="applies to the pln and nbln"):
+    with pytest.raises(ValueError, match="does not apply to model=.nbvcp.; it applies to: pln, nbln"):
         ss.fit(adata, model="nbvcp", loadings_prior="horseshoe", progress=False)
 
 
