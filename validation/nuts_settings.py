@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -32,7 +33,12 @@ def run(adata, fit_args, *, chains=4, draws=1000, warmup=1000, seed=1, adapt_del
         sampler["metric"] = metric
     if max_depth != 10:
         sampler["max_depth"] = max_depth
+    cpu0 = os.times()
     hmc, extra = references.hmc_fit(adata, fit_args, sampler)
+    cpu1 = os.times()
+    extra["chains_cpu_s"] = (cpu1.children_user + cpu1.children_system
+                             - cpu0.children_user - cpu0.children_system)
+    extra["load_average_1min"] = os.getloadavg()[0]
     draws_ = hmc.draws
     tree = hmc.to_datatree()
     st = draws_.sample_stats
