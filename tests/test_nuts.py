@@ -100,3 +100,36 @@ def test_dense_metric_needs_cmdstan():
         stan.sample("pln", data, backend="pystan", metric="dense_e")
     with pytest.raises(ValueError, match="unknown metric"):
         stan.sample("pln", data, backend="pystan", metric="unit")
+
+
+@pytest.mark.slow
+def test_laplace_inits_are_accepted_by_stan_at_the_laplace_draw(small, backend):
+    # the program's log density at the init equals the NumPy joint density of the
+    # Laplace draw it came from, plus the coordinates' log offset
+    fit = ss.fit(small, model="pln", rank=1, progress=False)
+    init = nuts.laplace_inits(fit, 1, seed=2)[0]
+    draw = fit.to_datatree(draws=1, seed=2)["posterior"]
+    x, eta = draw["x"].values[0, 0], draw["eta"].values[0, 0]
+    data = pln.stan_data(fit.data.counts, 1, log_M0=fit.data.log_M0,
+                         sigma_M=fit.data.sigma_M, log_lib=fit.data.log_lib)
+    a = pln.capture_prior_mean(fit.data.log_lib, fit.data.log_M0)
+    offset = pln.observed_capture_coordinates(x, eta, fit.mu, fit.W, fit.d, a,
+                                              fit.data.sigma_M)["log_offset"]
+    ref = pln.log_joint(fit.data.counts, fit.mu, fit.W, fit.d, x, eta,
+                        log_M0=fit.data.log_M0, sigma_M=fit.data.sigma_M)
+    lp = stan.log_prob("pln", data, init, backend=backend)
+    assert lp == pytest.approx(ref + offset, rel=1e-9)
+
+
+@pytest.mark.slow
+@pytest.mark.cmdstan
+def test_dense_metric_runs_on_cmdstan(cmdstan_dir, monkeypatch):
+    monkeypatch.setenv("CMDSTAN", cmdstan_dir)
+    sim = pln.simulate(6, 3, 1, seed=9, lib_target=80.0, sigma_M=0.5)
+    data = pln.stan_data(sim["counts"], 1, log_M0=sim["log_M0"], sigma_M=sim["sigma_M"])
+    run = {m: stan.sample("pln", data, backend="cmdstanpy", chains=1, draws=20, warmup=60,
+                          seed=3, metric=m) for m in stan.METRICS}
+    assert run["dense_e"].config["metric"] == "dense_e"
+    assert np.isfinite(run["dense_e"].posterior["mu"]).all()
+    # same seed and starts, another metric: another trajectory
+    assert not np.array_equal(run["dense_e"].posterior["mu"], run["diag_e"].posterior["mu"])
