@@ -911,6 +911,10 @@ class StanDraws:
         return int(next(iter(self.sample_stats.values())).shape[1])
 
 
+#: Euclidean metrics :func:`sample` accepts ("dense_e": CmdStan only).
+METRICS = ("diag_e", "dense_e")
+
+
 def sample(
     name: str,
     data: Mapping[str, Any],
@@ -924,8 +928,9 @@ def sample(
     max_depth: int = 10,
     progress: bool = False,
     inits: Mapping[str, Any] | list[Mapping[str, Any]] | None = None,
+    metric: str = "diag_e",
 ) -> StanDraws:
-    """Run Stan's NUTS sampler (diagonal metric, adapted) on a program.
+    """Run Stan's NUTS sampler (adapted Euclidean metric) on a program.
 
     Parameters
     ----------
@@ -956,6 +961,10 @@ def sample(
     inits : mapping or list of mappings, optional
         Initial (constrained) parameter values, one mapping for all chains or one
         per chain. Stan's default is uniform(-2, 2) on the unconstrained scale.
+    metric : {"diag_e", "dense_e"}
+        Euclidean metric adapted in warmup: diagonal (both backends) or dense (CmdStan
+        only: httpstan 4.17, pystan's server, runs ``hmc_nuts_diag_e_adapt`` and no
+        dense variant).
 
     Returns
     -------
@@ -977,6 +986,11 @@ def sample(
         raise ValueError(f"adapt_delta must lie in (0, 1), got {adapt_delta}")
     if seed < 0:
         raise ValueError(f"seed must be non-negative, got {seed}")
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; allowed: {', '.join(METRICS)}")
+    if metric != "diag_e" and backend == "pystan":
+        raise ValueError(f"metric={metric!r} needs backend='cmdstanpy': pystan (httpstan) "
+                         "offers only the diagonal metric 'diag_e'")
     _check_data(name, data)
     code = program_code(name)
     int_names = _int_outputs(code)
@@ -1024,6 +1038,7 @@ def sample(
                 adapt_engaged=warmup > 0,
                 adapt_delta=float(adapt_delta) if warmup > 0 else None,
                 max_treedepth=int(max_depth),
+                metric=metric,
                 inits=init_list,
                 show_progress=bool(progress),
                 sig_figs=_SIG_FIGS,
@@ -1043,7 +1058,7 @@ def sample(
         wall_time_s=wall,
         config=dict(chains=int(chains), draws=int(draws), warmup=int(warmup),
                     adapt_delta=float(adapt_delta), max_depth=int(max_depth),
-                    build_time_s=build_time),
+                    metric=metric, build_time_s=build_time),
         messages=messages.getvalue(),
     )
 

@@ -40,7 +40,7 @@ import pandas as pd  # noqa: E402
 
 import references  # noqa: E402
 import scribe_stan as ss  # noqa: E402
-from scribe_stan import stan  # noqa: E402
+from scribe_stan import nuts, stan  # noqa: E402
 from scribe_stan.models import nbln, pln  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -266,6 +266,21 @@ def chain_disagreement(ref, name):
     return label, means.sel(sel).values
 
 
+def chain_split_sds(res):
+    """Largest distance of a chain mean from the median chain mean, in within-chain sds
+    (:func:`scribe_stan.nuts.chain_split`): from the record, or for a reference stored
+    before that check, from its stored thinned draws."""
+    split = res["record"]["diagnostics"].get("chain_split")
+    if split is None:
+        import xarray as xr
+
+        split = nuts.chain_split(xr.DataTree.from_dict({"posterior": res["ref"]}))
+    sds = split["max_split_sds"]
+    if split.get("lp_split_sds"):
+        sds = max(sds, max(split["lp_split_sds"]))
+    return sds
+
+
 def write_report(results, out_dir, *, reduced, missing=()):
     """Write ``REPORT.md`` and ``figures/<pair>.png`` under ``out_dir``.
 
@@ -282,7 +297,10 @@ def write_report(results, out_dir, *, reduced, missing=()):
                           "failed checks": ", ".join(failed) or "-",
                           "max R-hat": d["max_rhat"], "worst R-hat": d["worst_rhat"],
                           "min bulk ESS": d["min_ess_bulk"], "min tail ESS": d["min_ess_tail"],
-                          "divergences": d["divergences"], "min E-BFMI": d["min_ebfmi"]})
+                          "divergences": d["divergences"], "min E-BFMI": d["min_ebfmi"],
+                          "chain split (sds)": chain_split_sds(res),
+                          "starts": rec["sampler"].get("init", "random"),
+                          "metric": rec["sampler"].get("metric", "diag_e")})
         for q, row in summarize(res["latent"]).iterrows():
             lat_rows.append({"pair": res["pair"], "quantity": q, **row.to_dict()})
         time_rows.append({"pair": res["pair"], "NUTS sampling (s)": rec["sampling_wall_s"],
@@ -323,7 +341,12 @@ def write_report(results, out_dir, *, reduced, missing=()):
         "## NUTS reference diagnostics", "",
         "Checks: R-hat < 1.01, bulk and tail ESS >= 100 per chain, no divergences, "
         "E-BFMI > 0.2 (over all stored quantities; loadings W are excluded as they are "
-        "identified only up to rotation).", "",
+        "identified only up to rotation), and no chain split: no chain's mean of `lp` or "
+        "of an identified quantity (mu, d, r, Sigma, x, eta, ...) lies more than "
+        f"{nuts.LP_SPLIT_SDS:g} within-chain sds from the median chain mean "
+        "(`scribe_stan.nuts.chain_split`; for references stored before that check, "
+        "computed from the stored thinned draws, without `lp`). `starts`: Stan's random "
+        "inits or the Laplace fit (`scribe_stan.nuts.laplace_inits`).", "",
         _fmt(pd.DataFrame(diag_rows).set_index("pair")), "",
         *([f"Not generated yet (no stored reference): {', '.join(missing)}.", ""]
           if missing else []),

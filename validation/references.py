@@ -80,7 +80,8 @@ import pandas as pd
 import xarray as xr
 
 import scribe_stan as ss
-from scribe_stan import grn, stan
+from scribe_stan import api, grn, nuts, stan
+from scribe_stan.models import MODELS as MODEL_SPECS
 
 ROOT = Path(__file__).resolve().parent / "references"
 DATA = ("grn", "pbmc20")
@@ -92,8 +93,11 @@ PBMC_RECIPE = {"cells": 100, "genes": 20}
 RANK = {"grn": 1, "pbmc20": 2}
 SAMPLER = {"chains": 4, "draws": 3000, "warmup": 1000, "adapt_delta": 0.95, "seed": 1}
 #: Per-model changes to :data:`SAMPLER`. nbvcp mixes well (bulk ESS > 1000 per 1000 draws
-#: on every quantity), so 1000 draws pass every check.
-SAMPLER_BY_MODEL = {"nbvcp": {"draws": 1000}}
+#: on every quantity), so 1000 draws pass every check. pln and nbln start every chain
+#: from the Laplace fit (:func:`hmc_fit`): with Stan's random starts one pbmc20-pln chain
+#: of a 4 x (1000 + 7000) run stayed in a second mode for all its draws.
+SAMPLER_BY_MODEL = {"nbvcp": {"draws": 1000}, "pln": {"init": "laplace"},
+                    "nbln": {"init": "laplace"}}
 #: Per-pair changes, applied after :data:`SAMPLER_BY_MODEL` (none at present; see the
 #: module docstring for the longer pbmc20-pln run that was tried).
 SAMPLER_BY_PAIR = {}
@@ -103,6 +107,13 @@ STORED = ("mu", "d", "r", "m", "Sigma", "corr", "x", "eta", "mu_clr", "Sigma_clr
           "corr_clr", "y", "m_T", "r_T")
 CHECKS = {"max_rhat": 1.01, "min_ess_bulk_per_chain": 100, "min_ess_tail_per_chain": 100,
           "divergences": 0, "min_ebfmi": 0.2}
+
+
+def sampler_settings(pair):
+    """:data:`SAMPLER` with the changes of :data:`SAMPLER_BY_MODEL` and
+    :data:`SAMPLER_BY_PAIR` for ``pair``."""
+    _, model = check_pair(pair)
+    return SAMPLER | SAMPLER_BY_MODEL.get(model, {}) | SAMPLER_BY_PAIR.get(pair, {})
 
 
 def check_pair(pair):
@@ -180,8 +191,50 @@ def diagnostics(tree):
         "ess_tail_ge_100_per_chain": out["min_ess_tail"] >= CHECKS["min_ess_tail_per_chain"] * chains,
         "no_divergences": out["divergences"] == CHECKS["divergences"],
         "ebfmi_gt_0.2": out["min_ebfmi"] > CHECKS["min_ebfmi"]}
+    split = nuts.chain_split(tree)
+    out["chain_split"] = split
+    out["checks"]["no_chain_split"] = not split["split"]
     out["passed"] = all(out["checks"].values())
     return out
+
+
+def hmc_fit(adata, fit_args, sampler):
+    """NUTS on the full-joint program of a pair, with the starts ``sampler`` asks for.
+
+    ``sampler`` holds :func:`scribe_stan.stan.sample` settings (``chains``, ``draws``,
+    ``warmup``, ``adapt_delta``, ``seed``; optionally ``backend``, ``metric``,
+    ``max_depth``) and ``init``: ``"random"`` (Stan's uniform(-2, 2) on the
+    unconstrained scale, through :func:`scribe_stan.fit`) or ``"laplace"`` (pln, nbln:
+    each chain starts at the Laplace MAP of the globals and its own draw of every
+    cell's Laplace Gaussian, :func:`scribe_stan.nuts.laplace_inits`).
+
+    Returns
+    -------
+    fit : scribe_stan.api.HmcFit
+    extra : dict
+        ``laplace_wall_s`` (the Laplace fit that made the starts) when ``init`` is
+        ``"laplace"``.
+    """
+    sampler = dict(sampler)
+    init = sampler.pop("init", "random")
+    if init == "random":
+        return ss.fit(adata, method="hmc", progress=False, **fit_args, **sampler), {}
+    if init != "laplace":
+        raise ValueError(f"unknown init {init!r}; allowed: random, laplace")
+    model, rank = fit_args["model"], fit_args["rank"]
+    t0 = time.perf_counter()
+    lap = ss.fit(adata, method="laplace", progress=False, **fit_args)
+    inits = nuts.laplace_inits(lap, sampler["chains"], seed=sampler["seed"])
+    extra = {"laplace_wall_s": time.perf_counter() - t0}
+    data = lap.data
+    capture = {"log_M0": data.log_M0, "sigma_M": data.sigma_M, "log_lib": data.log_lib}
+    stan_data = MODEL_SPECS[model].stan_data(data.counts, rank, loadings_prior="normal",
+                                             **capture)
+    draws = stan.sample(model, stan_data, inits=inits, progress=False, **sampler)
+    settings = {"model": model, "method": "hmc", "rank": rank, "init": "laplace",
+                "program": model, "backend": draws.backend, **sampler}
+    return api.HmcFit(model=model, program=model, draws=draws, data=data,
+                      settings=settings), extra
 
 
 def summary_table(tree, names):
@@ -208,9 +261,8 @@ def run(pair, root=ROOT):
     """
     adata, fit_args, recipe, _ = load_data(pair)
     t0 = time.perf_counter()
-    sampler = (SAMPLER | SAMPLER_BY_MODEL.get(fit_args["model"], {})
-               | SAMPLER_BY_PAIR.get(pair, {}))
-    fit = ss.fit(adata, method="hmc", progress=False, **fit_args, **sampler)
+    sampler = sampler_settings(pair)
+    fit, extra = hmc_fit(adata, fit_args, sampler)
     total = time.perf_counter() - t0
     tree = fit.to_datatree()
     diag = diagnostics(tree)
@@ -231,8 +283,10 @@ def run(pair, root=ROOT):
            else "all genes of the cell"},
         "program": draws.program, "stan_hash": draws.stan_hash,
         "stan_hash_current": stan.program_hash(draws.program), "backend": draws.backend,
-        "sampler": {**draws.config, "seed": draws.seed}, "versions": draws.versions,
-        "sampling_wall_s": draws.wall_time_s, "total_wall_s": total,
+        "sampler": {**draws.config, "seed": draws.seed,
+                    "init": sampler.get("init", "random")},
+        "versions": draws.versions,
+        "sampling_wall_s": draws.wall_time_s, "total_wall_s": total, **extra,
         "stored": {"summary": "summary.csv (all draws)",
                    "draws": f"draws.nc ({thin.sizes['draw']} draws per chain, float32)",
                    "quantities": names},
@@ -273,11 +327,13 @@ def load(pair, root=ROOT):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Run and store NUTS reference posteriors.")
     parser.add_argument("pairs", nargs="*", default=list(PAIRS), help=f"any of {PAIRS}")
+    parser.add_argument("--root", default=str(ROOT),
+                        help="where to store the references (default validation/references)")
     args = parser.parse_args(argv)
     for pair in args.pairs:
         check_pair(pair)
     for pair in args.pairs:
-        rec = run(pair)
+        rec = run(pair, root=Path(args.root))
         d = rec["diagnostics"]
         print(f"{pair}: {'PASS' if d['passed'] else 'FAIL'} rhat {d['max_rhat']:.3f} "
               f"({d['worst_rhat']}) ess {d['min_ess_bulk']:.0f}/{d['min_ess_tail']:.0f} "

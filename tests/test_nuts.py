@@ -1,0 +1,136 @@
+"""NUTS starts from a Laplace fit, the chain-split check and the metric argument."""
+
+import anndata as ad
+import arviz_base as azb
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import linalg, stats
+
+import scribe_stan as ss
+from scribe_stan import nuts, stan
+from scribe_stan.models import pln
+
+
+@pytest.fixture(scope="module")
+def small():
+    sim = pln.simulate(15, 4, 1, seed=3, lib_target=200.0, sigma_M=0.5)
+    adata = ad.AnnData(X=sim["counts"].astype(np.float32),
+                       obs=pd.DataFrame(index=[f"c{i}" for i in range(15)]),
+                       var=pd.DataFrame(index=[f"g{g}" for g in range(4)]))
+    return adata
+
+
+def _forward(init, a, sigma_M):
+    """x and eta from pln.stan's sampled coordinates, written from the program's text
+    (capture_observed_latent, capture_conditional_*, capture_from_quantile)."""
+    mu, W, d = init["mu"], init["W"], init["d"]
+    G = mu.size
+    Sigma = W @ W.T + np.diag(d)
+    L = np.linalg.cholesky(Sigma + sigma_M**2)
+    u = linalg.solve_triangular(L, np.ones(G), lower=True)
+    k = 1.0 / np.sqrt(u @ u)
+    u = u * k
+    zeta = init["zeta"]
+    x_obs = (mu - mu.mean())[None] + (init["obs_level"] - k * (zeta @ u))[:, None] + zeta @ L.T
+    w = np.linalg.solve(Sigma, np.ones(G))
+    s = 1.0 / np.sqrt(1.0 / sigma_M**2 + w.sum())
+    m = s**2 * (a / sigma_M**2 + mu @ w - x_obs @ w)
+    eta = stats.truncnorm(-m / s, np.inf, loc=m, scale=s).ppf(init["eta_q"])
+    return x_obs + eta[:, None], eta
+
+
+@pytest.mark.parametrize("model", ["pln", "nbln"])
+def test_laplace_inits_start_each_chain_at_a_laplace_draw(small, model):
+    fit = ss.fit(small, model=model, rank=1, progress=False)
+    inits = nuts.laplace_inits(fit, 3, seed=4)
+    tree = fit.to_datatree(draws=3, seed=4)
+    a = pln.capture_prior_mean(fit.data.log_lib, fit.data.log_M0)
+    names = set(stan._declarations(stan._block(stan.program_code(model), "parameters")))
+    names.discard("tau")  # zero-size with the default loadings prior
+    assert len(inits) == 3
+    for c, init in enumerate(inits):
+        assert set(init) == names
+        assert init["zeta"].shape == (15, 4) and init["obs_level"].shape == (15,)
+        assert np.all((init["eta_q"] > 0) & (init["eta_q"] < 1))
+        x, eta = _forward(init, a, fit.data.sigma_M)
+        np.testing.assert_allclose(x, tree["posterior"]["x"].values[0, c], atol=1e-6)
+        np.testing.assert_allclose(eta, tree["posterior"]["eta"].values[0, c], atol=1e-6)
+        np.testing.assert_array_equal(init["mu"], fit.mu)
+        if model == "nbln":
+            np.testing.assert_allclose(init["log_r"], fit.log_r)
+    # chains start at different cell draws
+    assert not np.allclose(inits[0]["zeta"], inits[1]["zeta"])
+
+
+def test_laplace_inits_refuses_other_models(small):
+    fit = ss.fit(small, model="nbvcp", progress=False)
+    with pytest.raises(ValueError, match="pln and nbln"):
+        nuts.laplace_inits(fit, 2)
+
+
+def _hmc_tree(shift=0.0, sigma_shift=0.0):
+    rng = np.random.default_rng(0)
+    lp = rng.standard_normal((4, 400)) * 5.0 - 100.0
+    lp[1] += shift
+    Sigma = rng.standard_normal((4, 400, 2, 2))
+    Sigma[2] += sigma_shift
+    W = rng.standard_normal((4, 400, 2, 1))
+    W[3] *= -1.0  # a sign flip of the loadings: not identified, never judged
+    W[3] += 50.0
+    return azb.from_dict({"posterior": {"Sigma": Sigma, "W": W},
+                          "sample_stats": {"lp": lp}},
+                         dims={"Sigma": ["gene", "gene_2"], "W": ["gene", "factor"]})
+
+
+def test_chain_split_flags_a_chain_apart_on_lp_or_sigma_not_on_w():
+    ok = nuts.chain_split(_hmc_tree())
+    assert not ok["split"] and ok["stuck_chains"] == [] and ok["max_split_sds"] < 0.5
+    lp = nuts.chain_split(_hmc_tree(shift=-40.0))  # 8 within-chain sds lower
+    assert lp["split"] and lp["stuck_chains"] == [1]
+    assert lp["lp_split_sds"][1] == pytest.approx(8.0, rel=0.1)
+    sig = nuts.chain_split(_hmc_tree(sigma_shift=5.0))
+    assert sig["split"] and sig["stuck_chains"] == [] and sig["worst_split"] == "Sigma"
+    assert sig["max_split_sds"] == pytest.approx(5.0, rel=0.1)
+
+
+def test_dense_metric_needs_cmdstan():
+    data = pln.stan_data(np.ones((3, 2), int), 1)
+    with pytest.raises(ValueError, match="diag_e"):
+        stan.sample("pln", data, backend="pystan", metric="dense_e")
+    with pytest.raises(ValueError, match="unknown metric"):
+        stan.sample("pln", data, backend="pystan", metric="unit")
+
+
+@pytest.mark.slow
+def test_laplace_inits_are_accepted_by_stan_at_the_laplace_draw(small, backend):
+    # the program's log density at the init equals the NumPy joint density of the
+    # Laplace draw it came from, plus the coordinates' log offset
+    fit = ss.fit(small, model="pln", rank=1, progress=False)
+    init = nuts.laplace_inits(fit, 1, seed=2)[0]
+    draw = fit.to_datatree(draws=1, seed=2)["posterior"]
+    x, eta = draw["x"].values[0, 0], draw["eta"].values[0, 0]
+    data = pln.stan_data(fit.data.counts, 1, log_M0=fit.data.log_M0,
+                         sigma_M=fit.data.sigma_M, log_lib=fit.data.log_lib)
+    a = pln.capture_prior_mean(fit.data.log_lib, fit.data.log_M0)
+    offset = pln.observed_capture_coordinates(x, eta, fit.mu, fit.W, fit.d, a,
+                                              fit.data.sigma_M)["log_offset"]
+    ref = pln.log_joint(fit.data.counts, fit.mu, fit.W, fit.d, x, eta,
+                        log_M0=fit.data.log_M0, sigma_M=fit.data.sigma_M)
+    lp = stan.log_prob("pln", data, init, backend=backend)
+    assert lp == pytest.approx(ref + offset, rel=1e-9)
+
+
+@pytest.mark.slow
+@pytest.mark.cmdstan
+def test_dense_metric_runs_on_cmdstan(cmdstan_dir, monkeypatch):
+    monkeypatch.setenv("CMDSTAN", cmdstan_dir)
+    sim = pln.simulate(6, 3, 1, seed=9, lib_target=80.0, sigma_M=0.5)
+    data = pln.stan_data(sim["counts"], 1, log_M0=sim["log_M0"], sigma_M=sim["sigma_M"])
+    # warmup >= 150: with fewer iterations CmdStan adapts no metric (unit either way)
+    run = {m: stan.sample("pln", data, backend="cmdstanpy", chains=1, draws=20,
+                          warmup=150, seed=3, metric=m) for m in stan.METRICS}
+    assert run["dense_e"].config["metric"] == "dense_e"
+    assert np.isfinite(run["dense_e"].posterior["mu"]).all()
+    # same seed and starts, another adapted metric: another trajectory
+    assert not np.array_equal(run["dense_e"].posterior["mu"], run["diag_e"].posterior["mu"])
