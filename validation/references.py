@@ -80,7 +80,8 @@ import pandas as pd
 import xarray as xr
 
 import scribe_stan as ss
-from scribe_stan import api, grn, nuts, stan
+from scribe_stan import grn, nuts, stan
+from scribe_stan.fits import HmcFit
 from scribe_stan.models import MODELS as MODEL_SPECS
 
 ROOT = Path(__file__).resolve().parent / "references"
@@ -210,7 +211,7 @@ def hmc_fit(adata, fit_args, sampler):
 
     Returns
     -------
-    fit : scribe_stan.api.HmcFit
+    fit : scribe_stan.fits.HmcFit
     extra : dict
         ``laplace_wall_s`` (the Laplace fit that made the starts) when ``init`` is
         ``"laplace"``.
@@ -233,7 +234,7 @@ def hmc_fit(adata, fit_args, sampler):
     draws = stan.sample(model, stan_data, inits=inits, progress=False, **sampler)
     settings = {"model": model, "method": "hmc", "rank": rank, "init": "laplace",
                 "program": model, "backend": draws.backend, **sampler}
-    return api.HmcFit(model=model, program=model, draws=draws, data=data,
+    return HmcFit(model=model, program=model, draws=draws, data=data,
                       settings=settings), extra
 
 
