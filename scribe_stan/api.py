@@ -52,7 +52,7 @@ def check_device(device, model, method="laplace"):
 def fit(adata, *, model="pln", method="laplace", rank=None, layer=None, genes=None,
         library_size=None, M0=pln.M0_DEFAULT, sigma_M=pln.SIGMA_M_DEFAULT, seed=0,
         device="cpu", tol=1e-8, max_iter=1000, progress=True, backend="auto", chains=4, draws=1000, warmup=1000,
-        adapt_delta=0.9, conditional_on=None, **options):
+        adapt_delta=0.9, metric="diag_e", conditional_on=None, **options):
     """Fit a count model to an AnnData with the Laplace solver or Stan HMC.
 
     Parameters
@@ -92,6 +92,9 @@ def fit(adata, *, model="pln", method="laplace", rank=None, layer=None, genes=No
     backend : {"auto", "cmdstanpy", "pystan"}
         Stan interface (HMC only: another value with ``method="laplace"`` is an error).
     chains, draws, warmup, adapt_delta : NUTS settings (HMC).
+    metric : {"diag_e", "dense_e"}
+        HMC: the Euclidean metric adapted in warmup (``"dense_e"`` needs
+        ``backend="cmdstanpy"``; :func:`scribe_stan.stan.sample`).
     conditional_on : Laplace fit, optional
         HMC only: sample the per-cell latents with the globals fixed at this fit's
         values (``stan/pln_conditional.stan`` etc.; models whose spec has a conditional
@@ -109,6 +112,10 @@ def fit(adata, *, model="pln", method="laplace", rank=None, layer=None, genes=No
     mode : {"full", "low_rank"}
         lnm/lnmvcp Laplace only: per-cell latent y in ALR coordinates (default) or
         factor scores with d = 0 (:mod:`scribe_stan.laplace.lnm_solver`).
+    init_from : Laplace fit, optional
+        pln/nbln HMC only: start each chain at this fit's MAP globals and its own draw
+        of every cell's Laplace Gaussian (:func:`scribe_stan.nuts.laplace_inits`);
+        same cells, genes, model and rank. Default: Stan's random starts.
     loadings_prior : {"normal", "gaussian", "horseshoe", "neg"}
         pln/nbln prior on the loadings: iid normal (default) or a columnwise shrinkage
         prior on the gauge-invariant loadings for adaptive rank (fit with a generous
@@ -156,6 +163,10 @@ def fit(adata, *, model="pln", method="laplace", rank=None, layer=None, genes=No
     _validate.check_positive_int("seed", seed, 0)
     if method == "hmc":
         stan.resolve_backend(backend)
+        _validate.check_choice("metric", metric, stan.METRICS)
+        if metric != "diag_e" and stan.resolve_backend(backend) != "cmdstanpy":
+            raise ValueError(f"metric={metric!r} needs backend='cmdstanpy' (pystan adapts "
+                             "a diagonal metric only); allowed with pystan: 'diag_e'")
     else:
         if backend != "auto":
             raise ValueError(f"backend={backend!r} applies to method='hmc' (the Stan "
@@ -180,7 +191,7 @@ def fit(adata, *, model="pln", method="laplace", rank=None, layer=None, genes=No
     common = specs.Common(rank=rank, seed=int(seed), device=device, tol=tol,
                           max_iter=max_iter, progress=progress, backend=backend,
                           chains=chains, draws=draws, warmup=warmup, adapt_delta=adapt_delta,
-                          conditional_on=conditional_on)
+                          conditional_on=conditional_on, metric=metric)
     settings = {"model": model, "method": method, "layer": layer, "M0": float(M0),
                 "sigma_M": float(sigma_M), "seed": int(seed)}
     return spec.fit(data, method, common, options, settings)

@@ -164,6 +164,15 @@ def test_model_options_are_checked_by_the_spec(adata):
         ss.fit(adata, model="pln", colour="blue", progress=False)
     with pytest.raises(ValueError, match=r"conditional_on applies to method='hmc'"):
         ss.fit(adata, model="pln", conditional_on=object(), progress=False)
+    with pytest.raises(ValueError, match=r"init_from= applies to method='hmc'"):
+        ss.fit(adata, model="pln", init_from=object(), progress=False)
+    with pytest.raises(ValueError, match=r"init_from= does not apply to model='lnm'; it "
+                                          r"applies to: pln, nbln"):
+        ss.fit(adata, model="lnm", method="hmc", init_from=object(), progress=False)
+    with pytest.raises(ValueError, match=r"init_from must be a pln or nbln Laplace fit"):
+        ss.fit(adata, model="pln", method="hmc", init_from=object(), progress=False)
+    with pytest.raises(ValueError, match=r"Unknown metric 'unit_e'"):
+        ss.fit(adata, model="pln", method="hmc", metric="unit_e", progress=False)
 
 
 def test_a_model_added_as_a_spec_alone(adata, tmp_path):
@@ -207,6 +216,19 @@ def test_load_fit_errors(tmp_path, adata):
     xr.Dataset({"a": ("x", np.arange(3))}).to_zarr(tmp_path / "plain.zarr")
     with pytest.raises(ValueError, match="holds no scribe-stan fit"):
         ss.load_fit(tmp_path / "plain.zarr")
+
+
+@pytest.mark.slow
+def test_hmc_started_from_a_laplace_fit(fits, adata):
+    small = adata[:30, :5].copy()
+    lap = _fit(small, "pln")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hmc = ss.fit(small, model="pln", method="hmc", rank=2, init_from=lap, chains=2,
+                     draws=20, warmup=20, seed=1, progress=False)
+    assert hmc.settings["init"] == "laplace" and hmc.settings["metric"] == "diag_e"
+    with pytest.raises(ValueError, match="rank 2; this fit is pln of rank 1"):
+        ss.fit(small, model="pln", method="hmc", rank=1, init_from=lap, progress=False)
 
 
 @pytest.mark.slow

@@ -81,8 +81,6 @@ import xarray as xr
 
 import scribe_stan as ss
 from scribe_stan import grn, nuts, stan
-from scribe_stan.fits import HmcFit
-from scribe_stan.models import MODELS as MODEL_SPECS
 
 ROOT = Path(__file__).resolve().parent / "references"
 DATA = ("grn", "pbmc20")
@@ -203,15 +201,15 @@ def hmc_fit(adata, fit_args, sampler):
     """NUTS on the full-joint program of a pair, with the starts ``sampler`` asks for.
 
     ``sampler`` holds :func:`scribe_stan.stan.sample` settings (``chains``, ``draws``,
-    ``warmup``, ``adapt_delta``, ``seed``; optionally ``backend``, ``metric``,
-    ``max_depth``) and ``init``: ``"random"`` (Stan's uniform(-2, 2) on the
+    ``warmup``, ``adapt_delta``, ``seed``; optionally ``backend``, ``metric``) and
+    ``init``: ``"random"`` (Stan's uniform(-2, 2) on the
     unconstrained scale, through :func:`scribe_stan.fit`) or ``"laplace"`` (pln, nbln:
     each chain starts at the Laplace MAP of the globals and its own draw of every
     cell's Laplace Gaussian, :func:`scribe_stan.nuts.laplace_inits`).
 
     Returns
     -------
-    fit : scribe_stan.fits.HmcFit
+    fit : scribe_stan.fits.HmcFit (``settings["init"]`` records Laplace starts)
     extra : dict
         ``laplace_wall_s`` (the Laplace fit that made the starts) when ``init`` is
         ``"laplace"``.
@@ -222,20 +220,11 @@ def hmc_fit(adata, fit_args, sampler):
         return ss.fit(adata, method="hmc", progress=False, **fit_args, **sampler), {}
     if init != "laplace":
         raise ValueError(f"unknown init {init!r}; allowed: random, laplace")
-    model, rank = fit_args["model"], fit_args["rank"]
     t0 = time.perf_counter()
     lap = ss.fit(adata, method="laplace", progress=False, **fit_args)
-    inits = nuts.laplace_inits(lap, sampler["chains"], seed=sampler["seed"])
     extra = {"laplace_wall_s": time.perf_counter() - t0}
-    data = lap.data
-    capture = {"log_M0": data.log_M0, "sigma_M": data.sigma_M, "log_lib": data.log_lib}
-    stan_data = MODEL_SPECS[model].stan_data(data.counts, rank, loadings_prior="normal",
-                                             **capture)
-    draws = stan.sample(model, stan_data, inits=inits, progress=False, **sampler)
-    settings = {"model": model, "method": "hmc", "rank": rank, "init": "laplace",
-                "program": model, "backend": draws.backend, **sampler}
-    return HmcFit(model=model, program=model, draws=draws, data=data,
-                      settings=settings), extra
+    return ss.fit(adata, method="hmc", progress=False, init_from=lap, **fit_args,
+                  **sampler), extra
 
 
 def summary_table(tree, names):

@@ -9,7 +9,7 @@ for nbln's Laplace fit, the nbvcp -> nbln cascade (``informative_priors_from``,
 
 from __future__ import annotations
 
-from scribe_stan import _validate, cascade
+from scribe_stan import _validate, cascade, nuts
 from scribe_stan.fits import HmcFit, LaplaceFit
 from scribe_stan.fits.nbvcp import posterior_moments
 from scribe_stan.laplace.solver import fit_laplace
@@ -25,6 +25,15 @@ def _check_source(source):
                          "model='nbvcp'), Laplace or HMC); got "
                          f"{type(source).__name__} of model {getattr(source, 'model', None)!r}")
     return source
+
+
+def _check_init_source(fit):
+    if not (getattr(fit, "method", None) == "laplace"
+            and getattr(fit, "model", None) in ("pln", "nbln")):
+        raise ValueError("init_from must be a pln or nbln Laplace fit of the same cells and "
+                         f"genes; got {type(fit).__name__} of model "
+                         f"{getattr(fit, 'model', None)!r}")
+    return fit
 
 
 def _check_tau(tau):
@@ -63,7 +72,18 @@ def _fit(data, method, common, options, settings, *, model):
     else:
         program = model
         stan_data = MODELS[model].stan_data(data.counts, K, loadings_prior=prior, **capture)
-    draws, settings = sample_nuts(program, stan_data, common, settings)
+    inits = None
+    start = options.get("init_from")
+    if start is not None:
+        if cond is not None:
+            raise ValueError("init_from starts the full-joint program; not with conditional_on")
+        check_same_cells(start, data)
+        if start.model != model or start.W.shape[1] != K:
+            raise ValueError(f"init_from is a {start.model} fit of rank {start.W.shape[1]}; "
+                             f"this fit is {model} of rank {K}")
+        inits = nuts.laplace_inits(start, common.chains, seed=common.seed)
+        settings["init"] = "laplace"
+    draws, settings = sample_nuts(program, stan_data, common, settings, inits=inits)
     return HmcFit(model=model, program=program, draws=draws, data=data, settings=settings)
 
 
@@ -77,6 +97,9 @@ def _nbln(data, method, common, options, settings):
 
 _LOADINGS = Option(default="normal", check=loadings.check_prior,
                    doc="prior on the loadings: iid normal or a columnwise shrinkage prior")
+_INIT_FROM = Option(check=_check_init_source, methods=("hmc",),
+                    doc="a Laplace fit whose MAP and per-cell draws start the NUTS chains "
+                        "(scribe_stan.nuts.laplace_inits)")
 _GLOBALS = {"mu": ("gene",), "W": ("gene", "factor"), "d": ("gene",),
             "Sigma": ("gene", "gene2")}
 _PER_CELL = {"x": ("cell", "gene"), "eta": ("cell",)}
@@ -89,7 +112,8 @@ PLN = register(ModelSpec(
     description="Poisson log-normal with capture: u ~ Poisson(exp(x - eta)), "
                 "x ~ N(mu, W W' + diag(d))",
     conditional_program="pln_conditional", devices=("cuda",),
-    options={"loadings_prior": _LOADINGS}, globals=_GLOBALS, per_cell=_PER_CELL,
+    options={"loadings_prior": _LOADINGS, "init_from": _INIT_FROM}, globals=_GLOBALS,
+    per_cell=_PER_CELL,
     anndata_keys=_KEYS, compare_full=("Sigma", "corr"), compare_conditional=("x", "eta"),
     compare_plot=("eta", "x"),
     n_globals=lambda G, K, settings: G * (K + 2) - K * (K - 1) // 2))
@@ -98,7 +122,7 @@ NBLN = register(ModelSpec(
     name="nbln", family="lognormal", fit=_nbln, stan_program="nbln",
     description="negative-binomial log-normal: pln with a per-gene NB dispersion r",
     conditional_program="nbln_conditional", devices=("cuda",),
-    options={"loadings_prior": _LOADINGS,
+    options={"loadings_prior": _LOADINGS, "init_from": _INIT_FROM,
              "informative_priors_from": Option(check=_check_source, methods=("laplace",),
                                                doc="an nbvcp fit whose posterior becomes "
                                                    "priors (the cascade)"),

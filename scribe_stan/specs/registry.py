@@ -50,6 +50,7 @@ class Common:
     warmup: int
     adapt_delta: float
     conditional_on: Any
+    metric: str = "diag_e"
 
 
 @dataclass(frozen=True)

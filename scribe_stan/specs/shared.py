@@ -24,17 +24,20 @@ def laplace_settings(settings, common, device="cpu", **extra):
             **extra}
 
 
-def sample_nuts(program, stan_data, common, settings):
+def sample_nuts(program, stan_data, common, settings, inits=None):
     """NUTS on ``program``: (draws, settings with the sampler's arguments).
 
+    ``inits``: optional per-chain initial values (:func:`scribe_stan.stan.sample`).
     Warns (RuntimeWarning) when there are divergent transitions.
     """
     settings = {**settings, "backend": stan.resolve_backend(common.backend),
                 "chains": common.chains, "draws": common.draws, "warmup": common.warmup,
-                "adapt_delta": common.adapt_delta, "program": program}
+                "adapt_delta": common.adapt_delta, "metric": common.metric,
+                "program": program}
     draws = stan.sample(program, stan_data, backend=common.backend, chains=common.chains,
                         draws=common.draws, warmup=common.warmup, seed=common.seed,
-                        adapt_delta=common.adapt_delta, progress=common.progress)
+                        adapt_delta=common.adapt_delta, progress=common.progress,
+                        metric=common.metric, inits=inits)
     n_div = int(np.sum(draws.sample_stats["diverging"]))
     if n_div:
         warnings.warn(f"{n_div} divergent transitions in {program}; see the tree's "
