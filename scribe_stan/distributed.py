@@ -426,6 +426,17 @@ def _create_outputs(out, group, N, G, chunk_cells, x_dtype, modes):
     return g
 
 
+def _write_globals(out, group, mu, W, d, log_r, attrs):
+    """The fitted globals (small) and the fit's summary (attributes) into the group."""
+    import zarr
+
+    g = zarr.open_group(out, mode="a", use_consolidated=False)[group]
+    for name, value in (("mu", mu), ("W", W), ("d", d)) + (
+            (("log_r", log_r),) if log_r is not None else ()):
+        g.create_array(name, data=np.asarray(value, dtype=np.float64), overwrite=True)
+    g.attrs.update(attrs)
+
+
 # ---------------------------------------------------------------- checkpoints
 
 
@@ -662,6 +673,12 @@ def fit_distributed(store, *, client=None, model="pln", rank=10, key="X", out=No
     finally:
         executor.close()
     n_conv = N - problem.n_unconverged
+    _write_globals(out_path, group, mu, W, d, log_r, {
+        "model": model, "rank": K, "objective": float(final),
+        "n_iter": int(done_before + res.n_iter), "success": bool(res.success),
+        "n_cells": int(N), "n_converged": int(n_conv), "store": store, "key": key,
+        "log_M0": float(log_M0), "sigma_M": float(sigma_M),
+        "loadings_prior": loadings_prior})
     if n_conv < N:
         warnings.warn(f"{N - n_conv} of {N} cells did not converge in the per-cell Newton "
                       "step; see the store's 'converged'.", RuntimeWarning, stacklevel=2)

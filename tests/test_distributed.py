@@ -146,3 +146,25 @@ def test_worker_killed_mid_fit_recovers(sim, reference, tmp_path):
     assert _rel(fit.objective, reference.objective) < 1e-7
     np.testing.assert_allclose(fit.mu, reference.mu, atol=2e-3)
     assert fit.read("converged").all()
+
+
+def test_cli_fits_a_store_and_writes_outputs(sim, reference, tmp_path, capsys):
+    import json
+
+    import zarr
+
+    from scribe_stan import dask_cli
+
+    store = _store(tmp_path, sim, dense=False)
+    ckpt = str(tmp_path / "cli.ckpt.npz")
+    assert dask_cli.main(["fit", store, "--rank", str(K), "--chunk-cells", str(CHUNK),
+                          "--modes", "float32", "--checkpoint", ckpt, "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["cells_converged"] == N and summary["success"]
+    assert _rel(summary["objective"], reference.objective) < 1e-8
+    group = zarr.open_group(store, mode="r", use_consolidated=False)["scribe_stan/pln"]
+    np.testing.assert_allclose(group["mu"][:], reference.mu, atol=1e-5)
+    assert group.attrs["n_converged"] == N and os.path.exists(ckpt)
+    with pytest.raises(ValueError, match="local:N"):
+        dask_cli.connect("local:zero")
+    assert dask_cli.main(["fit", store, "--rank", "0", "--quiet"]) == 2
