@@ -168,3 +168,26 @@ def test_cli_fits_a_store_and_writes_outputs(sim, reference, tmp_path, capsys):
     with pytest.raises(ValueError, match="local:N"):
         dask_cli.connect("local:zero")
     assert dask_cli.main(["fit", store, "--rank", "0", "--quiet"]) == 2
+
+
+def test_backed_h5ad_store_in_process(sim, reference, tmp_path):
+    import anndata as ad
+
+    path = str(tmp_path / "cells.h5ad")
+    ad.AnnData(sparse.csr_matrix(sim["counts"].astype(np.float32))).write_h5ad(path)
+    fit = fit_distributed(path, rank=K, chunk_cells=CHUNK)
+    assert fit.stats["executor"] == "in-process"
+    assert fit.out == str(tmp_path / "cells.scribe_stan.zarr")
+    assert _rel(fit.objective, reference.objective) < 1e-8
+    np.testing.assert_allclose(fit.read("eta"), reference.modes.eta, atol=1e-6)
+
+
+def test_nbln_chunked_matches_fit_laplace(sim, tmp_path):
+    # a few outer iterations from the same start: the same path up to summation order
+    store = _store(tmp_path, sim, dense=False)
+    ref = fit_laplace(sim["counts"], K, model="nbln", max_iter=12)
+    fit = fit_distributed(store, model="nbln", rank=K, chunk_cells=CHUNK, max_iter=12)
+    assert fit.n_iter == ref.n_iter
+    assert _rel(fit.objective, ref.objective) < 1e-8
+    np.testing.assert_allclose(fit.log_r, ref.log_r, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(fit.W, ref.W, rtol=1e-6, atol=1e-6)
