@@ -16,8 +16,9 @@ printing one JSON object (also saved under ``validation/out/``):
   (memory float64, float32, zarr, zarr32): Newton iterations and wall per evaluation.
 - ``compare``: the same fit (``--max-iter``, ``--em-iterations``) by the local executor
   (``fit_laplace`` on the counts in memory, ``NUMBA_NUM_THREADS=--workers`` threads) and
-  through the cluster: wall of each, the ratio, and the objectives (to convergence with
-  the default ``--max-iter 1000``).
+  through the cluster: wall and CPU seconds of each (the cluster's: client plus
+  workers), their ratios, and the objectives (to convergence with the default
+  ``--max-iter 1000``). On a shared machine the CPU ratio is the fairer overhead.
 
 The local executor and the cluster use the same number of cores (threads vs
 single-threaded workers). The machine may be shared: state the load with the figures.
@@ -108,6 +109,18 @@ def _cluster(workers):
     return cluster, Client(cluster)
 
 
+def _cpu_seconds():
+    """User + system CPU seconds of this process."""
+    import resource
+
+    return sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
+
+
+def _workers_cpu(client):
+    """{worker: CPU seconds} of the cluster's worker processes."""
+    return client.run(_cpu_seconds)
+
+
 def _load():
     return os.getloadavg()
 
@@ -194,7 +207,8 @@ print(json.dumps({"objective": sol.objective, "n_iter": sol.n_iter, "n_eval": so
                   "success": sol.success, "wall_s": time.perf_counter() - t0,
                   "cells_converged": int(sol.modes.converged.sum()),
                   "mu": sol.mu.tolist(), "d": sol.d.tolist(),
-                  "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}))
+                  "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+                  "cpu_s": sum(resource.getrusage(resource.RUSAGE_SELF)[:2])}))
 """
 
 
@@ -215,21 +229,27 @@ def cmd_compare(args):
     local = json.loads(proc.stdout.strip().splitlines()[-1])
     cluster, client = _cluster(args.workers)
     try:
+        cpu0, wcpu0 = _cpu_seconds(), _workers_cpu(client)
         t0 = time.perf_counter()
         fit = fit_distributed(store, client=client, rank=args.rank, modes=args.modes,
                               max_iter=args.max_iter, em_iterations=args.em_iterations,
                               chunk_cells=args.chunk_cells, out=args.out)
         wall = time.perf_counter() - t0
+        wcpu = _workers_cpu(client)
+        dask_cpu = {"client_cpu_s": _cpu_seconds() - cpu0,
+                    "workers_cpu_s": [wcpu[w] - wcpu0.get(w, 0.0) for w in wcpu]}
     finally:
         client.close()
         cluster.close()
-    dask = _summary(fit)
+    dask = {**_summary(fit), **dask_cpu}
+    dask_cpu_total = dask_cpu["client_cpu_s"] + sum(dask_cpu["workers_cpu_s"])
     mu_l, d_l = np.array(local.pop("mu")), np.array(local.pop("d"))
     return {"bench": "compare", "store": store, "simulated": made, "workers": args.workers,
             "rank": args.rank, "max_iter": args.max_iter, "em_iterations": args.em_iterations,
             "load_before": load0, "load_after": _load(), "local": local, "dask": dask,
             "dask_wall_with_setup_s": wall,
             "wall_ratio_dask_over_local": dask["wall_s"] / local["wall_s"],
+            "cpu_ratio_dask_over_local": dask_cpu_total / local["cpu_s"],
             "objective_rel_diff": abs(fit.objective - local["objective"])
             / abs(local["objective"]),
             "max_abs_diff_mu": float(np.max(np.abs(fit.mu - mu_l))),
