@@ -36,23 +36,43 @@ only the globals and the convergence counts come back to the client
 
 Plan for 10 million cells on 50 workers
 ---------------------------------------
-Measured per-chunk costs (``validation/bench_dask.py``; see ``validation/out/``):
-on this 2-core machine, one worker (one thread) evaluates the exact Laplace value and
-gradient of 2000-gene PBMC-like cells (K = 16) at about 0.35-0.45 ms per cell when
-every cell needs 2-3 warm-started Newton steps (about 70 s for 100,000 cells on two
-threads); the globals broadcast is G (K + 2) x 8 B = 288 kB per worker and the
-reduction the same, so an outer iteration moves about 2 x 50 x 0.3 MB = 30 MB through
-the scheduler-less actor channel, negligible against the compute. With 10M cells on 50
-single-threaded workers (200,000 cells per worker): about 70-90 s of Newton and
-gradient per evaluation per worker, i.e. about 80 s per outer iteration (an
-iteration is 1.05-1.1 evaluations); the counts (about 540 stored values per cell at
-16 bytes) take 1.7 GB per worker, the modes 3.2 GB per worker in float64 memory, 1.6 GB
-in float32, or one chunk's working set (about 30-60 MB) out of core, where each
-evaluation reads and writes 3.2 GB per worker of float64 modes (1.6 GB float32):
-a few seconds at local-disk speeds, 3-10 % of the evaluation. Peak memory per worker is
-then about 2.5 GB out of core or 5.5 GB with float64 modes in memory. A fit of 230 outer
-iterations (PBMC-like data) is then about 5 hours; the modes out of core on local disk,
-or float32 warm starts in memory, are both within a 8 GB worker.
+Measured per-chunk costs (``validation/bench_dask.py``, PBMC-like simulated cells, 2000
+genes, K = 16, about 600 stored counts per cell; JSON in ``validation/out/``):
+
+- compute: one evaluation (Newton from the warm start, then the exact value and
+  gradient) costs about 1.4 ms of one core per cell when cells take 2-3 Newton steps
+  (100,000 cells in about 70 s on 2 cores, ``bench_estep``/``bench_scale``; 0.9-1.8 ms
+  per cell measured here in single-threaded chunk groups on a machine loaded 3-5x
+  over its 2 cores). An outer iteration is 1.05-2 evaluations (about 2 in the first
+  iterations, 1.04 over a whole PBMC fit), plus one solve and a Fisher pass at each
+  (re)start of L-BFGS. Warm starts cost 1-3 Newton steps per cell and evaluation,
+  a cold start about 6 (cells of a re-created chunk pay that once).
+- modes kept as float32 (``"float32"``, ``"zarr32"``) change the objective by about
+  2e-15 relative and cost +0.02-0.06 Newton steps per cell only in the re-solves at
+  unchanged globals; out of core (``"zarr"``) each evaluation reads and writes the
+  chunk's modes (n x G x 8 bytes each way), which did not show in the wall time at
+  20,000 cells (noise of a loaded machine larger than the I/O).
+- traffic: per call each group receives the globals, G (K + 2) x 8 bytes = 288 kB,
+  and returns the same (the Fisher pass: G (K + 1)^2 x 8 = 4.6 MB, at restarts
+  only); keep / restore ride on the next call.
+- memory per worker: the counts at 8 bytes per stored count (float32 values, int32
+  genes): about 4.8 kB per cell; the modes 32 kB per cell in float64, doubled by the
+  warm-start double buffer in memory (64 kB; float32: 32 kB); out of core only one
+  chunk's working set (about 10 n x G float64 temporaries: 0.3 GB at 2000 cells).
+
+10M cells on 50 single-threaded workers (200,000 cells each): about 200 s of compute
+per evaluation per worker (1.4 ms x 200,000 / 1 core, all workers in parallel), so
+3.5-7 minutes per outer iteration, and about 18 hours for a fit of 230 iterations and
+10 Laplace-EM steps (4-thread workers, or 200 workers, divide this by 4). Traffic per
+iteration: 50 x 2 x 288 kB = 29 MB, under a second on a 1 Gbit/s network; the client's
+L-BFGS (20 correction pairs of 36,000 globals) takes milliseconds. Memory per worker:
+counts 1.0 GB; modes out of core ("zarr": 3.2 GB per worker on its local disk, read and
+written each evaluation: 6.4 GB of I/O, about 10-15 s at 500 MB/s, 5 % of the
+evaluation; "zarr32" half) with a peak RSS of about 2 GB per worker; float32 modes in
+memory 6.4 GB (double-buffered), float64 in memory 12.8 GB (too much for an 8 GB
+worker). Recommended: ``modes="zarr32"`` on worker-local disk (or "float32" on 16 GB
+workers), ``chunk_cells`` 2000, checkpoints every 10 iterations (a restart from a
+checkpoint costs one cold solve, about 6 Newton steps per cell instead of 2-3).
 
 Usage::
 
