@@ -125,7 +125,10 @@ def run(args):
     """Run the chunked fit from parsed arguments; prints the JSON summary; returns 0."""
     from scribe_stan.distributed import fit_distributed
 
-    g = lambda name, default=None: getattr(args, name, default)  # noqa: E731
+    def g(name, default=None):  # an option absent or None (a parser's unset default)
+        value = getattr(args, name, None)
+        return default if value is None else value
+
     if g("checkpoint_every", 10) < 1:
         raise SystemExit("--checkpoint-every must be >= 1")
     layer = g("layer")
