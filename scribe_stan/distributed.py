@@ -84,8 +84,8 @@ Usage::
                           checkpoint="cells.ckpt.npz")
     fit.mu, fit.W, fit.d, fit.n_converged, fit.out      # per-cell outputs in fit.out
 
-or from the shell: ``scribe-stan-dask fit cells.zarr --scheduler local:2 --rank 16``
-(:func:`main`; :func:`add_arguments` / :func:`run` for the main CLI).
+or from the shell: ``python -m scribe_stan.dask_cli fit cells.zarr --scheduler local:2
+--rank 16`` (:mod:`scribe_stan.dask_cli`).
 """
 
 from __future__ import annotations
