@@ -59,6 +59,10 @@ genes, K = 16, about 600 stored counts per cell; JSON in ``validation/out/``):
   genes): about 4.8 kB per cell; the modes 32 kB per cell in float64, doubled by the
   warm-start double buffer in memory (64 kB; float32: 32 kB); out of core only one
   chunk's working set (about 10 n x G float64 temporaries: 0.3 GB at 2000 cells).
+  Measured out of core ("zarr", 2 workers, 20,000 cells): peak RSS 0.69 GB per worker,
+  of which about 0.05 GB counts, the rest the interpreter, Numba, Dask and one chunk's
+  temporaries; so about 0.65 GB + 4.8 kB per cell: 3.1 GB per worker for 1M cells on
+  2 workers (an estimate: the 1M store was not fitted here).
 
 10M cells on 50 single-threaded workers (200,000 cells each): about 200 s of compute
 per evaluation per worker (1.4 ms x 200,000 / 1 core, all workers in parallel), so
@@ -68,7 +72,7 @@ iteration: 50 x 2 x 288 kB = 29 MB, under a second on a 1 Gbit/s network; the cl
 L-BFGS (20 correction pairs of 36,000 globals) takes milliseconds. Memory per worker:
 counts 1.0 GB; modes out of core ("zarr": 3.2 GB per worker on its local disk, read and
 written each evaluation: 6.4 GB of I/O, about 10-15 s at 500 MB/s, 5 % of the
-evaluation; "zarr32" half) with a peak RSS of about 2 GB per worker; float32 modes in
+evaluation; "zarr32" half) with a peak RSS of about 1.7 GB per worker; float32 modes in
 memory 6.4 GB (double-buffered), float64 in memory 12.8 GB (too much for an 8 GB
 worker). Recommended: ``modes="zarr32"`` on worker-local disk (or "float32" on 16 GB
 workers), ``chunk_cells`` 2000, checkpoints every 10 iterations (a restart from a
