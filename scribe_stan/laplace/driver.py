@@ -16,8 +16,10 @@ composition and total blocks:
   good ones;
 - history, progress and the counts of iterations and evaluations.
 
-Warm-start protocol of a problem: ``converged`` (N,) bool after each evaluation,
-``keep_modes()`` (remember the current modes) and ``restore_modes()`` (go back to them).
+Warm-start protocol of a problem: ``converged`` (N,) bool after each evaluation (or,
+for a problem whose cells live elsewhere, e.g. on a Dask cluster, a method
+``unconverged_fraction()`` in its place), ``keep_modes()`` (remember the current modes)
+and ``restore_modes()`` (go back to them).
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ class OuterResult:
 
 def maximize(value_grad, theta0, lower, upper, *, problem=None, scaling=None, tol=1e-8,
              gtol=1e-6, max_iter=1000, progress=None, max_unconverged=0.01,
-             rescale_first=None, memory=None):
+             rescale_first=None, memory=None, callback=None):
     """Maximize ``value_grad`` by L-BFGS-B within the box ``[lower, upper]``.
 
     Parameters
@@ -124,6 +126,9 @@ def maximize(value_grad, theta0, lower, upper, *, problem=None, scaling=None, to
         as many each time (default: never).
     memory : int, optional
         Correction pairs L-BFGS keeps (``maxcor``); default :data:`MEMORY`.
+    callback : callable ``(theta, value, n_iter) -> None``, optional
+        Called after each iteration with the iterate in natural coordinates (P,), its
+        objective value and the number of iterations done so far (e.g. to checkpoint).
 
     Returns
     -------
@@ -142,7 +147,7 @@ def maximize(value_grad, theta0, lower, upper, *, problem=None, scaling=None, to
         n_eval += 1
         value, grad = value_grad(scale.backward(z))
         if problem is not None:
-            if not np.isfinite(value) or np.mean(~problem.converged) > max_unconverged:
+            if not np.isfinite(value) or _unconverged(problem) > max_unconverged:
                 problem.restore_modes()
             else:
                 problem.keep_modes()
@@ -150,11 +155,14 @@ def maximize(value_grad, theta0, lower, upper, *, problem=None, scaling=None, to
             return np.inf, np.zeros_like(z)
         return -value, -scale.gradient(grad)
 
-    def callback(intermediate_result):
+    def on_iteration(intermediate_result):
         history.append(-float(intermediate_result.fun))
         if progress is not None:
             progress.update(1)
             progress.set_postfix(objective=f"{history[-1]:.6g}")
+        if callback is not None:
+            callback(scale.backward(intermediate_result.x), history[-1], n_iter + len(history)
+                     - n_hist0)
 
     n_iter, segment = 0, rescale_first or max_iter
     while True:
@@ -163,9 +171,10 @@ def maximize(value_grad, theta0, lower, upper, *, problem=None, scaling=None, to
         if problem is not None:
             problem.keep_modes()
         budget = max(1, min(segment, max_iter - n_iter))
+        n_hist0 = len(history)
         res = optimize.minimize(fun, scale.forward(theta), jac=True, method="L-BFGS-B",
                                 bounds=list(zip(lower * scale.diag, upper * scale.diag)),
-                                callback=callback,
+                                callback=on_iteration,
                                 options={"maxiter": budget, "ftol": tol, "gtol": gtol,
                                          "maxcor": memory, "maxls": 40})
         theta = scale.backward(res.x)
@@ -175,6 +184,13 @@ def maximize(value_grad, theta0, lower, upper, *, problem=None, scaling=None, to
         segment *= 2
     return OuterResult(theta=theta, n_iter=n_iter, n_eval=n_eval, success=bool(res.success),
                        message=str(res.message), history=history)
+
+
+def _unconverged(problem):
+    """Fraction of the problem's cells whose last Newton solve failed."""
+    if hasattr(problem, "unconverged_fraction"):
+        return problem.unconverged_fraction()
+    return np.mean(~problem.converged)
 
 
 def _block_scale(scale, lower, upper):

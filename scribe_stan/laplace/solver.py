@@ -393,6 +393,13 @@ class LaplaceProblem:
         return em.reduce_statistics([chunk.em_statistics(gl, eta is not None)
                                      for _, _, chunk in self.chunks()])
 
+    def fisher_sums(self, mu, W, d, log_r=None):
+        """Sums over the cells, at the stored modes, of :func:`block_scaling`'s Fisher
+        information: ``A`` (G, K + 1, K + 1) and ``info_d`` (G,) of :func:`fisher_sums`,
+        and ``info_r`` (G,), ``sum_c (m_cg / (m_cg + r_g))^2`` (zeros for pln)."""
+        return chunk_fisher_sums(((self.x[lo:hi], self.eta[lo:hi], self.csr[lo:hi])
+                                  for lo, hi, _ in self.chunks()), mu, W, d, log_r)
+
     def log_joint(self, mu, W, d, x, eta, *, log_r=None):
         """Exact ``log p(u_c, x_c, eta_c | mu, W, d[, log_r])`` per cell (all constants), (N,).
 
@@ -672,9 +679,26 @@ def factor_fisher(chunks, mu, W, d=None, *, w_precision=None):
         first).
     info_d : (G,) information in ``log d_g`` (zeros when ``d`` is None).
     """
+    A, info_d = fisher_sums(chunks, mu, W, d)
+    return fisher_finish(A, info_d, w_precision=w_precision)
+
+
+def fisher_sums(chunks, mu, W, d=None, *, A=None, info_d=None):
+    """The sums over cells of :func:`factor_fisher`, before the prior and the floor.
+
+    The part of the preconditioner a chunk (or a worker holding several chunks)
+    computes; :func:`fisher_finish` turns the summed parts into :func:`factor_fisher`'s
+    result. Arguments as :func:`factor_fisher`; ``A`` (G, K + 1, K + 1) and ``info_d``
+    (G,) are accumulated into when given (default: zeros).
+
+    Returns
+    -------
+    A : (G, K + 1, K + 1), ``sum_c w_cg E[(1, z_c)(1, z_c)']`` per gene.
+    info_d : (G,), ``sum_c (w_cg d_g)^2`` (zeros when ``d`` is None).
+    """
     G, K = W.shape
-    A = np.zeros((G, K + 1, K + 1))
-    info_d = np.zeros(G)
+    A = np.zeros((G, K + 1, K + 1)) if A is None else A
+    info_d = np.zeros(G) if info_d is None else info_d
     if d is not None:
         W_over_d = W / d[:, None]
         P = np.linalg.inv(np.eye(K) + W.T @ W_over_d)
@@ -689,9 +713,49 @@ def factor_fisher(chunks, mu, W, d=None, *, w_precision=None):
         z1 = np.hstack([np.ones((len(z), 1)), z])
         # sum_c w_cg (1, z_c)(1, z_c)' for every gene: one GEMM over the outer products
         A += (w.T @ (z1[:, :, None] * z1[:, None, :]).reshape(len(z), -1)).reshape(A.shape)
+    return A, info_d
+
+
+def fisher_finish(A, info_d, *, w_precision=None):
+    """:func:`factor_fisher` from the summed :func:`fisher_sums` (modified in place):
+    adds the loadings prior precision, floors mu's entry at 1, halves ``info_d``."""
+    K = A.shape[1] - 1
     A[:, 1:, 1:] += np.diag(np.ones(K) if w_precision is None else w_precision)
     A[:, 0, 0] = np.maximum(A[:, 0, 0], 1.0)
     return A, 0.5 * info_d
+
+
+def chunk_fisher_sums(chunks, mu, W, d, log_r=None):
+    """:func:`fisher_sums` of pln / nbln chunks, with the NB information in log r.
+
+    Parameters
+    ----------
+    chunks : iterable of ``(x, eta, csr)`` per chunk of cells: modes (n, G) and (n,),
+        counts (n, G) CSR (read for nbln only).
+    mu, W, d : globals;  log_r : (G,) or None (pln).
+
+    Returns
+    -------
+    A (G, K + 1, K + 1), info_d (G,), info_r (G,) (zeros for pln).
+    """
+    G = W.shape[0]
+    phi = None if log_r is None else np.exp(-np.asarray(log_r))
+    r = None if log_r is None else np.exp(np.asarray(log_r))
+    info_r = np.zeros(G)
+
+    def pairs():
+        nonlocal info_r
+        for x, eta, csr in chunks:
+            m = np.exp(x - eta[:, None])
+            if log_r is None:
+                yield x, m
+            else:
+                u = csr.toarray()
+                info_r += np.sum((m / (m + r)) ** 2, axis=0)
+                yield x, m * (1 + phi * u) / (1 + phi * m) ** 2
+
+    A, info_d = fisher_sums(pairs(), mu, W, d)
+    return A, info_d, info_r
 
 
 def gene_block_scale(A, tail, *, free_mu=True):
@@ -749,24 +813,8 @@ def block_scaling(problem, mu, W, d, log_r=None, *, eta=None, free_mu=True,
         gene g's ``(mu_g, W_g)``, or ``W_g`` alone when mu is not free.
     """
     problem.modes(mu, W, d, log_r=log_r, eta=eta)
-    G = W.shape[0]
-    phi = None if log_r is None else np.exp(-np.asarray(log_r))
-    r = None if log_r is None else np.exp(np.asarray(log_r))
-    info_r = np.zeros(G)
-
-    def chunks():
-        nonlocal info_r
-        for lo, hi, _ in problem.chunks():
-            x = problem.x[lo:hi]
-            m = np.exp(x - problem.eta[lo:hi, None])
-            if log_r is None:
-                yield x, m
-            else:
-                u = problem.csr[lo:hi].toarray()
-                info_r += np.sum((m / (m + r)) ** 2, axis=0)
-                yield x, m * (1 + phi * u) / (1 + phi * m) ** 2
-
-    A, info_d = factor_fisher(chunks(), mu, W, d, w_precision=w_precision)
+    A, info_d, info_r = problem.fisher_sums(mu, W, d, log_r)
+    A, info_d = fisher_finish(A, info_d, w_precision=w_precision)
     tail = [np.maximum(info_d, 1.0)]
     if free_log_r:
         tail.append(np.maximum(0.5 * info_r, 1.0))
@@ -842,6 +890,96 @@ def initial_globals(counts, a, K, *, seed=0):
     W = W * shrink[:, None]
     d = np.maximum(sigma_diag - np.sum(W**2, axis=1), 0.05)
     return mu, W, d
+
+
+def optimize_problem(problem, layout, init, *, tol=1e-8, max_iter=1000, progress=None,
+                     precondition=True, max_unconverged=0.01, em_iterations=None,
+                     rescale_first=None, theta0=None, callback=None, em_callback=None):
+    """Laplace-EM start, then the outer L-BFGS (:func:`driver.maximize`) of a problem.
+
+    The part of :func:`fit_laplace` after the problem is built, shared by every problem
+    that sums over its chunks of cells: :class:`LaplaceProblem` (in process) and
+    :class:`scribe_stan.distributed.ChunkedProblem` (chunks on Dask workers). A problem
+    supplies ``log_marginal`` (used by :func:`objective`), ``em_statistics``, ``modes``
+    and ``fisher_sums`` (used by :func:`block_scaling`) and the warm-start protocol of
+    :mod:`scribe_stan.laplace.driver`.
+
+    Parameters
+    ----------
+    problem : the problem (see above).
+    layout : OuterLayout.
+    init : tuple (mu, W, d) or (mu, W, d, log_r) of start values (see
+        :func:`fit_laplace`).
+    tol, max_iter, progress, precondition, max_unconverged, em_iterations,
+    rescale_first : as :func:`fit_laplace`.
+    theta0 : (P,) optimizer vector, optional
+        Start the L-BFGS here (e.g. a checkpoint), skipping the Laplace-EM iterations;
+        ``init`` is then ignored.
+    callback : callable ``(theta, value, n_iter)``, optional
+        After each L-BFGS iteration (:func:`driver.maximize`).
+    em_callback : callable ``(iteration, mu, W, d)``, optional
+        After each Laplace-EM iteration.
+
+    Returns
+    -------
+    res : driver.OuterResult;  em_done : int, Laplace-EM iterations run.
+    """
+    G, K = layout.G, layout.K
+    eta = layout.eta
+    if theta0 is not None:
+        init = layout.unpack(np.asarray(theta0, dtype=np.float64))
+    if layout.free_log_r and len(init) == 3:  # log_r starts at the prior's location
+        init = (*init, np.full(G, dispersion.LOG_R_LOC))
+    mu0, W0, d0 = init[:3]
+    # EM moves (mu, W, d) only; with a free dispersion it would hold r at its start while
+    # d absorbs the over-dispersion, which can leave a gene on the wrong side of the d-r
+    # ridge (seen in tests/test_nbln_laplace.py), so it runs where r is held or absent.
+    em_done = 0
+    em_iterations = EM_ITERATIONS if em_iterations is None else int(em_iterations)
+    use_em = layout.free_mu and not layout.free_log_r and theta0 is None
+    for em_done in range(1, (em_iterations if use_em else 0) + 1):
+        stats = problem.em_statistics(mu0, W0, d0, log_r=layout.log_r, eta=eta)
+        mu0, W0, d0 = em.m_step(stats, mu0)
+        d0 = np.minimum(d0, 1e2)  # inside the outer box
+        if em_callback is not None:
+            em_callback(em_done, mu0, W0, d0)
+    if not layout.free_mu:
+        mu0 = layout.log_mean - 0.5 * (np.sum(W0**2, axis=1) + d0)
+    log_r0 = init[3] if layout.free_log_r else layout.log_r
+    if theta0 is None:
+        log_tau0 = loadings.initial_log_tau(W0, layout.loadings_prior)
+        theta0 = layout.pack(mu0, W0, d0, log_r0, log_tau0)
+
+    def scaling(theta):
+        if not precondition:
+            return np.ones(theta.size)
+        return outer_scaling(problem, theta, layout)
+
+    def value_grad(theta):
+        # mu is in the preconditioner's blocks, where no box applies: trial points past
+        # |mu| = MU_BOUND (rates that overflow) are rejected as infeasible instead.
+        if layout.free_mu and np.max(np.abs(theta[:G])) > MU_BOUND:
+            return -np.inf, np.zeros_like(theta)
+        return objective(problem, theta, layout)
+
+    # Box on log d (and log r) keeps trial points where the rates stay finite.
+    # Column scales stay above the floor of the shrinkage priors.
+    lower = [np.full(G * K, -np.inf), np.full(G, np.log(1e-6))]
+    upper = [np.full(G * K, np.inf), np.full(G, np.log(1e2))]
+    if layout.free_mu:
+        lower.insert(0, np.full(G, -np.inf))
+        upper.insert(0, np.full(G, np.inf))
+    if layout.free_log_r:
+        lower.append(np.full(G, LOG_R_BOUNDS[0]))
+        upper.append(np.full(G, LOG_R_BOUNDS[1]))
+    lower.append(np.full(layout.n_tau, np.log(loadings.TAU_MIN)))
+    upper.append(np.full(layout.n_tau, np.log(1e3)))
+    res = driver.maximize(value_grad, theta0,
+                          np.concatenate(lower), np.concatenate(upper), problem=problem,
+                          scaling=scaling, tol=tol, max_iter=max_iter,
+                          progress=progress, max_unconverged=max_unconverged,
+                          rescale_first=rescale_first, callback=callback)
+    return res, em_done
 
 
 @dataclass
@@ -1009,54 +1147,10 @@ def fit_laplace(counts, K, *, model="pln", log_M0=np.log(pln.M0_DEFAULT),
                          loadings_prior=loadings.check_prior(loadings_prior))
     if init is None:
         init = initial_globals(problem.csr, problem.a, K, seed=seed)
-    if layout.free_log_r and len(init) == 3:  # log_r starts at the prior's location
-        init = (*init, np.full(G, dispersion.LOG_R_LOC))
-    mu0, W0, d0 = init[:3]
-    # EM moves (mu, W, d) only; with a free dispersion it would hold r at its start while
-    # d absorbs the over-dispersion, which can leave a gene on the wrong side of the d-r
-    # ridge (seen in tests/test_nbln_laplace.py), so it runs where r is held or absent.
-    em_done = 0
-    em_iterations = EM_ITERATIONS if em_iterations is None else int(em_iterations)
-    use_em = layout.free_mu and not layout.free_log_r
-    for em_done in range(1, (em_iterations if use_em else 0) + 1):
-        stats = problem.em_statistics(mu0, W0, d0, log_r=layout.log_r, eta=eta)
-        mu0, W0, d0 = em.m_step(stats, mu0)
-        d0 = np.minimum(d0, 1e2)  # inside the outer box
-    if not layout.free_mu:
-        mu0 = layout.log_mean - 0.5 * (np.sum(W0**2, axis=1) + d0)
-    log_r0 = init[3] if layout.free_log_r else layout.log_r
-    log_tau0 = loadings.initial_log_tau(W0, loadings_prior)
-    theta0 = layout.pack(mu0, W0, d0, log_r0, log_tau0)
-
-    def scaling(theta):
-        if not precondition:
-            return np.ones(theta.size)
-        return outer_scaling(problem, theta, layout)
-
-    def value_grad(theta):
-        # mu is in the preconditioner's blocks, where no box applies: trial points past
-        # |mu| = MU_BOUND (rates that overflow) are rejected as infeasible instead.
-        if layout.free_mu and np.max(np.abs(theta[:G])) > MU_BOUND:
-            return -np.inf, np.zeros_like(theta)
-        return objective(problem, theta, layout)
-
-    # Box on log d (and log r) keeps trial points where the rates stay finite.
-    # Column scales stay above the floor of the shrinkage priors.
-    lower = [np.full(G * K, -np.inf), np.full(G, np.log(1e-6))]
-    upper = [np.full(G * K, np.inf), np.full(G, np.log(1e2))]
-    if layout.free_mu:
-        lower.insert(0, np.full(G, -np.inf))
-        upper.insert(0, np.full(G, np.inf))
-    if layout.free_log_r:
-        lower.append(np.full(G, LOG_R_BOUNDS[0]))
-        upper.append(np.full(G, LOG_R_BOUNDS[1]))
-    lower.append(np.full(layout.n_tau, np.log(loadings.TAU_MIN)))
-    upper.append(np.full(layout.n_tau, np.log(1e3)))
-    res = driver.maximize(value_grad, theta0,
-                          np.concatenate(lower), np.concatenate(upper), problem=problem,
-                          scaling=scaling, tol=tol, max_iter=max_iter,
-                          progress=progress, max_unconverged=max_unconverged,
-                          rescale_first=rescale_first)
+    res, em_done = optimize_problem(problem, layout, init, tol=tol, max_iter=max_iter,
+                                    progress=progress, precondition=precondition,
+                                    max_unconverged=max_unconverged,
+                                    em_iterations=em_iterations, rescale_first=rescale_first)
     theta = res.theta
     mu, W, d, log_r_hat = layout.unpack(theta)
     # Final E-step and objective at the returned globals (the optimizer's last
