@@ -622,9 +622,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output directory (default: validate-<data>-<model>)")
     p.set_defaults(func=cmd_validate)
 
-    from scribe_stan import grn_cli
+    from scribe_stan import dask_cli, grn_cli
 
     grn_cli.add_parser(sub, _Formatter)
+    # a counts store (AnnData zarr / h5ad) fitted chunk by chunk, optionally on Dask
+    dask_cli.add_parser(sub, "fit-store")
     return parser
 
 
