@@ -58,13 +58,8 @@ def simulate_store(path, N, G=2000, K=16, *, seed=0, block=5000, lib_target=1900
 
     shutil.rmtree(path, ignore_errors=True)
     rng = np.random.default_rng(seed)
-    log_M0 = np.log(pln.M0_DEFAULT)
-    eta_center = log_M0 - np.log(lib_target)
-    W = 0.4 * rng.standard_normal((G, K)) / np.sqrt(K / 10)
-    d = np.full(G, 0.2)
-    log_share = mu_spread * rng.standard_normal(G)
-    log_share -= np.log(np.sum(np.exp(log_share + 0.5 * (np.sum(W**2, axis=1) + d))))
-    mu = eta_center + np.log(lib_target) + log_share
+    mu, W, d, eta_center = pln.benchmark_globals(G, K, rng, lib_target=lib_target,
+                                                  mu_spread=mu_spread)
     ad.AnnData(obs=pd.DataFrame(index=[f"c{i}" for i in range(N)]),
                var=pd.DataFrame(index=[f"g{j}" for j in range(G)])).write_zarr(path)
     root = zarr.open_group(path, mode="a", use_consolidated=False)

@@ -34,13 +34,8 @@ N, G, K, max_iter, seed = (int(a) for a in sys.argv[1:6])
 lib_target, mu_spread, sigma_M = 1900.0, 1.1, 0.3
 rng = np.random.default_rng(seed)
 t0 = time.perf_counter()
-log_M0 = np.log(pln.M0_DEFAULT)
-eta_center = log_M0 - np.log(lib_target)
-W = 0.4 * rng.standard_normal((G, K)) / np.sqrt(K / 10)
-d = np.full(G, 0.2)
-log_share = mu_spread * rng.standard_normal(G)
-log_share -= np.log(np.sum(np.exp(log_share + 0.5 * (np.sum(W**2, axis=1) + d))))
-mu = eta_center + np.log(lib_target) + log_share
+mu, W, d, eta_center = pln.benchmark_globals(G, K, rng, lib_target=lib_target,
+                                              mu_spread=mu_spread)
 blocks = []
 for lo in range(0, N, 5000):
     n = min(N, lo + 5000) - lo

@@ -268,6 +268,30 @@ def log_joint(counts, mu, W, d, x, eta, *, log_M0=np.log(M0_DEFAULT), sigma_M=SI
     )
 
 
+def benchmark_globals(G, K, rng, *, lib_target=1900.0, mu_spread=1.1,
+                      log_M0=np.log(M0_DEFAULT)):
+    """PBMC-like globals for the scale benchmarks (``validation/bench_scale.py``,
+    ``validation/bench_dask.py``): loadings of RMS ``0.4 sqrt(10 / K)`` per factor,
+    ``d = 0.2``, gene shares log-normal with sd ``mu_spread``, and ``mu`` placed so
+    that cells with the capture prior's median loss have about ``lib_target`` counts.
+
+    Parameters
+    ----------
+    G, K : int;  rng : numpy Generator (draws W, then the shares);  lib_target,
+    mu_spread : float;  log_M0 : float, log median total mRNA (capture prior).
+
+    Returns
+    -------
+    mu (G,), W (G, K), d (G,), eta_center : float, ``log M0 - log lib_target``.
+    """
+    eta_center = log_M0 - np.log(lib_target)
+    W = 0.4 * rng.standard_normal((G, K)) / np.sqrt(K / 10)
+    d = np.full(G, 0.2)
+    log_share = mu_spread * rng.standard_normal(G)
+    log_share -= np.log(np.sum(np.exp(log_share + 0.5 * (np.sum(W**2, axis=1) + d))))
+    return eta_center + np.log(lib_target) + log_share, W, d, eta_center
+
+
 def simulate(N, G, K, *, seed=0, lib_target=2000.0, mu_spread=0.8, loading_scale=0.4,
              d_value=0.2, log_M0=np.log(M0_DEFAULT), sigma_M=0.3):
     """Simulate counts from the pln model with known truth.
