@@ -8,6 +8,7 @@ into one ArviZ DataTree shape (:mod:`scribe_stan.convert`), so they can be compa
 
 from __future__ import annotations
 
+import os
 import warnings
 
 from scribe_stan import _validate, specs, stan
@@ -52,14 +53,16 @@ def check_device(device, model, method="laplace"):
 def fit(adata, *, model="pln", method="laplace", rank=None, layer=None, genes=None,
         library_size=None, M0=pln.M0_DEFAULT, sigma_M=pln.SIGMA_M_DEFAULT, seed=0,
         device="cpu", tol=1e-8, max_iter=1000, progress=True, backend="auto", chains=4, draws=1000, warmup=1000,
-        adapt_delta=0.9, metric="diag_e", conditional_on=None, **options):
+        adapt_delta=0.9, metric="diag_e", conditional_on=None, client=None, **options):
     """Fit a count model to an AnnData with the Laplace solver or Stan HMC.
 
     Parameters
     ----------
-    adata : anndata.AnnData
+    adata : anndata.AnnData, or str / os.PathLike
         Cells x genes raw UMI counts in ``.X`` or ``.layers[layer]`` (dense or sparse).
-        Never modified. All-zero genes are dropped with a warning.
+        Never modified. All-zero genes are dropped with a warning. A path (an AnnData
+        ``.zarr`` store or ``.h5ad`` file), or an AnnData opened backed, runs the chunked
+        fit instead (see ``client``).
     model : str
         A registered model (:func:`scribe_stan.specs.names`): ``"pln"``, ``"nbln"``,
         ``"lnm"``, ``"lnmvcp"``, ``"nbvcp"``, and any model a spec registers.
@@ -100,6 +103,19 @@ def fit(adata, *, model="pln", method="laplace", rank=None, layer=None, genes=No
         values (``stan/pln_conditional.stan`` etc.; models whose spec has a conditional
         program), the exact target the Laplace step approximates. Genes and cells must
         match; ``rank`` is taken from the fit.
+    client : ``dask.distributed.Client``, optional
+        Fit pln / nbln by the chunked Laplace fit on this Dask cluster
+        (:func:`scribe_stan.distributed.fit_distributed`): the workers read their own
+        cells from the store ``adata`` names (a path, or a backed AnnData's file; an
+        in-memory AnnData is refused: write it with
+        :func:`scribe_stan.distributed.write_store` first) and keep each chunk's counts
+        and modes across iterations; only the globals and sums travel. A store path
+        without a client runs the same chunks in this process. Laplace on the CPU only;
+        every gene is modelled and library sizes are the cells' totals (``genes``,
+        ``library_size`` and ``device`` keep their defaults). Chunked-fit options
+        (:data:`CHUNKED_OPTIONS`, passed on to ``fit_distributed``): ``modes``,
+        ``counts``, ``chunk_cells``, ``out``, ``checkpoint``, ``checkpoint_every``,
+        ``resume_from``, ``x_dtype``, ``em_iterations``, and ``loadings_prior``.
     **options
         Model-specific options, checked by the model's spec
         (:meth:`scribe_stan.specs.ModelSpec.check_options`): one that does not apply to
@@ -139,7 +155,10 @@ def fit(adata, *, model="pln", method="laplace", rank=None, layer=None, genes=No
     -------
     scribe_stan.fits.Fit
         Laplace: LaplaceFit (pln, nbln), NbvcpFit, LnmLaplaceFit; HMC: HmcFit,
-        LnmHmcFit. All share the protocol of :mod:`scribe_stan.fits.base`.
+        LnmHmcFit. All share the protocol of :mod:`scribe_stan.fits.base`. The chunked
+        fit (a store or ``client``) returns a
+        :class:`scribe_stan.distributed.DistributedFit`: the globals and summaries,
+        with the per-cell outputs left in the store.
 
     Raises
     ------
@@ -157,6 +176,13 @@ def fit(adata, *, model="pln", method="laplace", rank=None, layer=None, genes=No
         ``device="cuda"`` without a usable GPU, or ``backend="cmdstanpy"`` without
         CmdStan.
     """
+    if client is not None or isinstance(adata, (str, os.PathLike)) or getattr(
+            adata, "isbacked", False):
+        return _fit_chunked(adata, client=client, model=model, method=method, rank=rank,
+                            layer=layer, genes=genes, library_size=library_size, M0=M0,
+                            sigma_M=sigma_M, seed=seed, device=device, tol=tol,
+                            max_iter=max_iter, progress=progress,
+                            conditional_on=conditional_on, options=options)
     spec = specs.get(model)
     _validate.check_choice("method", method, spec.methods)
     _validate.check_choice("backend", backend, stan.BACKENDS)
@@ -195,3 +221,56 @@ def fit(adata, *, model="pln", method="laplace", rank=None, layer=None, genes=No
     settings = {"model": model, "method": method, "layer": layer, "M0": float(M0),
                 "sigma_M": float(sigma_M), "seed": int(seed)}
     return spec.fit(data, method, common, options, settings)
+
+
+#: Options of the chunked fit (``ss.fit(store, client=...)``), passed to
+#: :func:`scribe_stan.distributed.fit_distributed`.
+CHUNKED_OPTIONS = ("modes", "counts", "chunk_cells", "out", "checkpoint",
+                   "checkpoint_every", "resume_from", "x_dtype", "em_iterations",
+                   "loadings_prior")
+
+
+def _fit_chunked(adata, *, client, model, method, rank, layer, genes, library_size, M0,
+                 sigma_M, seed, device, tol, max_iter, progress, conditional_on, options):
+    """:func:`fit` of a counts store by :func:`scribe_stan.distributed.fit_distributed`,
+    after checking that what the caller asked for is what the chunked fit does."""
+    import numpy as np
+
+    from scribe_stan import distributed
+
+    if isinstance(adata, (str, os.PathLike)):
+        store = os.fspath(adata)
+    elif getattr(adata, "isbacked", False):
+        store = os.fspath(adata.filename)
+    else:
+        raise TypeError("client= needs the counts where the workers can read them: the path "
+                        "of an AnnData .zarr store or .h5ad file, or an AnnData opened with "
+                        "backed='r'; write an in-memory AnnData with "
+                        "scribe_stan.distributed.write_store(adata, 'cells.zarr') first")
+    _validate.check_choice("model", model, distributed.MODELS)
+    _validate.check_choice("method", method, ("laplace",))
+    _validate.check_choice("device", device, ("cpu",))
+    _validate.check_positive_int("seed", seed, 0)
+    for name, value in (("genes", genes), ("library_size", library_size),
+                        ("conditional_on", conditional_on)):
+        if value is not None:
+            raise ValueError(f"{name}= does not apply to the chunked fit of a store (every "
+                             "gene is modelled; library sizes are the cells' totals); "
+                             f"allowed: {name}=None")
+    unknown = sorted(set(options) - set(CHUNKED_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown option(s) for the chunked fit: {', '.join(unknown)}; "
+                        f"allowed: {', '.join(CHUNKED_OPTIONS)}")
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=max_iter, desc=f"{model} Laplace (chunked)", unit="it",
+               disable=not progress, leave=False)
+    try:
+        return distributed.fit_distributed(
+            store, client=client, model=model,
+            rank=DEFAULT_RANK if rank is None else rank,
+            key="X" if layer is None else f"layers/{layer}", log_M0=float(np.log(M0)),
+            sigma_M=sigma_M, tol=tol, max_iter=max_iter, seed=int(seed), progress=bar,
+            **options)
+    finally:
+        bar.close()

@@ -39,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-from scribe_stan import __version__, _validate
+from scribe_stan import __version__, _validate, dask_cli
 from scribe_stan import specs
 from scribe_stan.api import DEFAULT_RANK, check_device
 from scribe_stan.api import fit as _api_fit
@@ -162,6 +162,7 @@ def _parse_tree_genes(value: str):
 
 
 _TREE_GENES_DEFAULT = 20
+_DRAWS_DEFAULT = 100
 
 
 def cmd_fit(args) -> int:
@@ -169,6 +170,15 @@ def cmd_fit(args) -> int:
     import scribe_stan as ss
 
     _check_choices(args)
+    if args.scheduler is not None:
+        return _fit_chunked(args)
+    if dask_cli.given(args):
+        raise ValueError(f"{', '.join(dask_cli.given(args))} apply to the chunked fit of a "
+                         "store; add --scheduler ADDRESS|local:N")
+    if args.out is None:
+        raise ValueError("--out OUT.h5ad is required (the input file is never overwritten)")
+    if args.draws is None:
+        args.draws = _DRAWS_DEFAULT
     out = Path(args.out)
     if args.input not in DATASETS and out.resolve() == Path(args.input).resolve():
         raise ValueError("--out must differ from INPUT (the input file is never overwritten)")
@@ -225,6 +235,26 @@ def cmd_fit(args) -> int:
     summary["wall_s"] = time.perf_counter() - t0
     _print_json(summary)
     return 0
+
+
+def _fit_chunked(args) -> int:
+    """``scribe-stan fit STORE --scheduler ...``: the chunked fit on a Dask cluster, after
+    refusing the options of the in-memory fit that it has no use for."""
+    from scribe_stan import distributed
+
+    _validate.check_choice("--model (with --scheduler)", args.model, distributed.MODELS)
+    _check_laplace_args(args)
+    unused = [flag for flag, value, unset in (
+        ("--genes", args.genes, None), ("--device", args.device, "cpu"),
+        ("--save-fit", args.save_fit, None), ("--tree", args.tree, None),
+        ("--draws", args.draws, None), ("--tree-genes", args.tree_genes, None),
+        ("--key-added", args.key_added, None), ("--force", args.force, False))
+        if value != unset]
+    if unused:
+        raise ValueError(f"{', '.join(unused)} do not apply with --scheduler: the chunked fit "
+                         "models every gene on the CPU and writes its per-cell outputs into "
+                         "the store (--out OUT.zarr for another zarr store)")
+    return dask_cli.run(args)
 
 
 def cmd_transform(args) -> int:
@@ -436,6 +466,9 @@ examples:
   scribe-stan fit pbmc_donor_a --model pln --rank 10 --out pbmc_pln.h5ad
   scribe-stan fit cells.h5ad --layer counts --genes 2000 --rank 16 --out fit.h5ad \\
       --tree fit_tree.zarr --draws 200 --tree-genes 50
+  scribe-stan fit cells.zarr --scheduler local:2 --rank 16 --modes zarr32
+      (a counts store too large for one process: chunks of cells on a Dask cluster,
+      per-cell outputs written into the store; scribe_stan.distributed)
 """
 
 _TRANSFORM_EXAMPLES = """\
@@ -552,8 +585,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"latent rank K, 1 <= K < genes (default: {DEFAULT_RANK}; not for "
                         "nbvcp, which has no latent factors)")
     p.set_defaults(default_rank=DEFAULT_RANK)
-    p.add_argument("--out", required=True, metavar="OUT.h5ad",
-                   help="output .h5ad: a copy of the input with the results added")
+    p.add_argument("--out", default=None, metavar="OUT.h5ad",
+                   help="output .h5ad: a copy of the input with the results added "
+                        "(required; with --scheduler: the zarr store of the per-cell "
+                        "outputs, default INPUT)")
     p.add_argument("--force", action="store_true",
                    help="overwrite --out and --tree if they exist (default: refuse)")
     p.add_argument("--genes", type=int, default=None,
@@ -570,12 +605,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tree", default=None, metavar="PATH",
                    help="where to save the DataTree: .zarr, or .nc (needs a netCDF "
                         "backend) (default: OUT with suffix .tree.zarr)")
-    p.add_argument("--draws", type=int, default=100,
-                   help="Laplace draws in the DataTree (0: do not write a tree)")
+    p.add_argument("--draws", type=int, default=None,
+                   help=f"Laplace draws in the DataTree (0: do not write a tree) "
+                        f"(default: {_DRAWS_DEFAULT})")
     p.add_argument("--tree-genes", dest="tree_genes", type=_parse_tree_genes, default=None,
                    help=f"genes (highest mean) stored in the tree: a number or 'all' "
                         f"(default: {_TREE_GENES_DEFAULT}; lnm and lnmvcp trees hold every "
                         "fitted gene)")
+    dask_cli.add_arguments(p)
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("transform", help="place new cells with a saved Laplace fit",
@@ -622,11 +659,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output directory (default: validate-<data>-<model>)")
     p.set_defaults(func=cmd_validate)
 
-    from scribe_stan import dask_cli, grn_cli
+    from scribe_stan import grn_cli
 
     grn_cli.add_parser(sub, _Formatter)
-    # a counts store (AnnData zarr / h5ad) fitted chunk by chunk, optionally on Dask
-    dask_cli.add_parser(sub, "fit-store")
     return parser
 
 

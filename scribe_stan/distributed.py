@@ -85,11 +85,11 @@ Usage::
     write_store(adata, "cells.zarr", chunk_cells=2000)      # once: AnnData zarr store
     client = Client(LocalCluster(n_workers=2, threads_per_worker=1))
     fit = fit_distributed("cells.zarr", client=client, rank=16, modes="zarr",
-                          checkpoint="cells.ckpt.npz")
+                          checkpoint="cells.ckpt.npz")   # or scribe_stan.fit(..., client=)
     fit.mu, fit.W, fit.d, fit.n_converged, fit.out      # per-cell outputs in fit.out
 
-or from the shell: ``python -m scribe_stan.dask_cli fit cells.zarr --scheduler local:2
---rank 16`` (:mod:`scribe_stan.dask_cli`).
+or from the shell: ``scribe-stan fit cells.zarr --scheduler local:2 --rank 16``
+(:mod:`scribe_stan.dask_cli`).
 """
 
 from __future__ import annotations
@@ -536,10 +536,24 @@ class DistributedFit:
     wall_time_s: float = 0.0
     stats: dict = field(default_factory=dict)
 
+    method = "laplace"
+
     @property
     def converged(self):
         """Whether every cell converged (a bool, not per cell: those are in the store)."""
         return self.n_converged == self.n_cells
+
+    def summary(self):
+        """Headline figures, JSON-ready (the keys of :meth:`scribe_stan.fits.Fit.summary`
+        where they apply, plus the executor's)."""
+        return {"model": self.model, "method": self.method, "cells": self.n_cells,
+                "genes": int(self.mu.shape[0]), "rank": int(self.W.shape[1]),
+                "objective": float(self.objective), "n_iter": int(self.n_iter),
+                "success": bool(self.success), "cells_converged": int(self.n_converged),
+                "wall_time_s": round(self.wall_time_s, 3),
+                "executor": self.stats.get("executor"),
+                "recoveries": self.stats.get("recoveries"), "out": self.out,
+                "group": self.group}
 
     def read(self, name, rows=slice(None)):
         """Per-cell output ``name`` (one of :data:`OUTPUTS`) for ``rows``, read from the

@@ -201,9 +201,13 @@ def test_unreadable_input_and_process_exit_status(tmp_path):
 
 def test_usage_error_exits_2(capsys):
     with pytest.raises(SystemExit) as exc:
-        cli.main(["fit", "pbmc_donor_a"])  # --out missing
+        cli.main(["fit", "--out", "o.h5ad"])  # INPUT missing
     assert exc.value.code == 2
-    assert "the following arguments are required: --out" in capsys.readouterr().err
+    assert "the following arguments are required: INPUT" in capsys.readouterr().err
+    # --out is optional for the parser (a chunked fit writes into its store) but
+    # required for the in-memory fit
+    assert cli.main(["fit", "pbmc_donor_a"]) == 2
+    assert "--out OUT.h5ad is required" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from scipy import sparse
 
+import scribe_stan as ss
 from scribe_stan.distributed import fit_distributed, load_checkpoint, write_store
 from scribe_stan.laplace.solver import fit_laplace
 from scribe_stan.models import pln
@@ -61,7 +62,11 @@ def _rel(a, b):
 @pytest.mark.parametrize(("dense", "modes"), [(True, "memory"), (False, "zarr")])
 def test_dask_fit_matches_local_executor(client, sim, reference, tmp_path, dense, modes):
     store = _store(tmp_path, sim, dense)
-    fit = fit_distributed(store, client=client, rank=K, chunk_cells=CHUNK, modes=modes)
+    if dense:
+        fit = fit_distributed(store, client=client, rank=K, chunk_cells=CHUNK, modes=modes)
+    else:  # the public entry: ss.fit(store, client=...)
+        fit = ss.fit(store, client=client, rank=K, chunk_cells=CHUNK, modes=modes,
+                     progress=False)
     assert fit.success and fit.converged
     assert fit.stats["executor"] == "dask" and fit.stats["n_chunks"] == 5
     assert _rel(fit.objective, reference.objective) < 1e-8
@@ -106,6 +111,8 @@ def test_resume_from_checkpoint_matches_uninterrupted(sim, reference, tmp_path):
 
 
 def test_bad_arguments_name_the_allowed_values(sim, tmp_path):
+    import anndata as ad
+
     store = _store(tmp_path, sim, dense=False)
     with pytest.raises(ValueError, match="allowed.*pln"):
         fit_distributed(store, model="lnm")
@@ -119,6 +126,17 @@ def test_bad_arguments_name_the_allowed_values(sim, tmp_path):
         fit_distributed(str(tmp_path / "missing.zarr"))
     with pytest.raises(KeyError, match="layers"):
         fit_distributed(store, key="layers/raw")
+    # through ss.fit: what the chunked fit does not do is refused before any work
+    with pytest.raises(ValueError, match="genes=.*allowed: genes=None"):
+        ss.fit(store, genes=10)
+    with pytest.raises(ValueError, match="allowed.*'cpu'"):
+        ss.fit(store, device="cuda")
+    with pytest.raises(ValueError, match="model.*allowed.*nbln"):
+        ss.fit(store, model="nbvcp")
+    with pytest.raises(TypeError, match="mode.*allowed: modes"):
+        ss.fit(store, mode="full")
+    with pytest.raises(TypeError, match="write_store"):
+        ss.fit(ad.AnnData(sim["counts"].astype(np.float32)), client=object())
 
 
 def test_worker_killed_mid_fit_recovers(sim, reference, tmp_path):
@@ -148,26 +166,35 @@ def test_worker_killed_mid_fit_recovers(sim, reference, tmp_path):
     assert fit.read("converged").all()
 
 
-def test_cli_fits_a_store_and_writes_outputs(sim, reference, tmp_path, capsys):
+def test_cli_fits_a_store_on_a_scheduler(client, sim, reference, tmp_path, capsys):
     import json
 
     import zarr
 
-    from scribe_stan import dask_cli
+    from scribe_stan import cli, dask_cli
 
     store = _store(tmp_path, sim, dense=False)
     ckpt = str(tmp_path / "cli.ckpt.npz")
-    assert dask_cli.main(["fit", store, "--rank", str(K), "--chunk-cells", str(CHUNK),
-                          "--modes", "float32", "--checkpoint", ckpt, "--quiet"]) == 0
+    address = client.scheduler.address  # --scheduler ADDRESS: a running cluster
+    assert cli.main(["fit", store, "--scheduler", address, "--rank", str(K),
+                     "--chunk-cells", str(CHUNK), "--modes", "float32", "--checkpoint", ckpt,
+                     "--quiet"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["cells_converged"] == N and summary["success"]
+    assert summary["executor"] == "dask" and summary["out"] == store
     assert _rel(summary["objective"], reference.objective) < 1e-8
     group = zarr.open_group(store, mode="r", use_consolidated=False)["scribe_stan/pln"]
     np.testing.assert_allclose(group["mu"][:], reference.mu, atol=1e-5)
     assert group.attrs["n_converged"] == N and os.path.exists(ckpt)
     with pytest.raises(ValueError, match="local:N"):
         dask_cli.connect("local:zero")
-    assert dask_cli.main(["fit", store, "--rank", "0", "--quiet"]) == 2
+    for bad, says in ((["--rank", "0"], "rank"), (["--genes", "10"], "--genes do not apply"),
+                      (["--model", "lnm"], "allowed.*pln")):
+        assert cli.main(["fit", store, "--scheduler", address, "--quiet", *bad]) == 2
+        assert says.split(".*")[0] in capsys.readouterr().err
+    # the chunked options without --scheduler are refused, naming it
+    assert cli.main(["fit", store, "--modes", "zarr", "--out", str(tmp_path / "o.h5ad")]) == 2
+    assert "--modes apply to the chunked fit" in capsys.readouterr().err
 
 
 def test_backed_h5ad_store_in_process(sim, reference, tmp_path):
@@ -175,8 +202,8 @@ def test_backed_h5ad_store_in_process(sim, reference, tmp_path):
 
     path = str(tmp_path / "cells.h5ad")
     ad.AnnData(sparse.csr_matrix(sim["counts"].astype(np.float32))).write_h5ad(path)
-    fit = fit_distributed(path, rank=K, chunk_cells=CHUNK)
-    assert fit.stats["executor"] == "in-process"
+    fit = ss.fit(ad.read_h5ad(path, backed="r"), rank=K, chunk_cells=CHUNK, progress=False)
+    assert fit.stats["executor"] == "in-process" and fit.summary()["cells"] == N
     assert fit.out == str(tmp_path / "cells.scribe_stan.zarr")
     assert _rel(fit.objective, reference.objective) < 1e-8
     np.testing.assert_allclose(fit.read("eta"), reference.modes.eta, atol=1e-6)
