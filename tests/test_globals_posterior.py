@@ -140,6 +140,41 @@ def test_nested_draws_match_the_exact_laplace_posterior(sol, dense):
                      / point[:, :30].reshape(S, -1).std(axis=0)) > 1.0
 
 
+def test_one_newton_step_lands_near_each_cells_mode(sol, dense):
+    """Nested draws take one Newton step from the MAP modes at each drawn set of
+    globals: against the converged modes there, the error is a small fraction of the
+    cell's posterior sd (second order in the mode's shift), and two steps shrink it
+    quadratically."""
+    pr = sol.problem
+    pr.modes(sol.mu, sol.W, sol.d)
+    pr.keep_modes()
+    x_map = pr.x.copy()
+    try:
+        worst, typical, shift = {1: 0.0, 2: 0.0}, {1: [], 2: []}, []
+        for theta in dense.draw(10, np.random.default_rng(7))[0]:
+            mu, W, d, _ = dense.unpack(theta)
+            pr.restore_modes()
+            pr.modes(mu, W, d)
+            x_conv = pr.x.copy()
+            sd = pr.sample(mu, W, d, 400, np.random.default_rng(8))["x"].std(axis=0)
+            shift.append(np.median(np.abs(x_conv - x_map) / sd))
+            for steps in worst:
+                pr.restore_modes()
+                pr.modes(mu, W, d, steps=steps)
+                err = np.abs(pr.x - x_conv) / sd
+                worst[steps] = max(worst[steps], np.max(err))
+                typical[steps].append(np.median(err))
+    finally:
+        pr.restore_modes()
+        pr.sync_modes()
+    print(f"median shift {np.median(shift):.3f} sd; error 1 step: median "
+          f"{np.median(typical[1]):.1e}, worst {worst[1]:.2e}; 2 steps: worst "
+          f"{worst[2]:.2e} sd")
+    assert np.median(shift) > 0.05  # the globals' draws do move the modes
+    assert np.median(typical[1]) < 0.01 and worst[1] < 0.25
+    assert worst[2] < 0.1 * worst[1]
+
+
 @pytest.fixture(scope="module")
 def fit():
     sim = pln.simulate(80, 4, RANK, seed=5, lib_target=150.0)

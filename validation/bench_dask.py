@@ -209,11 +209,12 @@ print(json.dumps({"objective": sol.objective, "n_iter": sol.n_iter, "n_eval": so
 
 def cmd_compare(args):
     from scribe_stan.distributed import fit_distributed
+    from scribe_stan.laplace import workers
 
     store = args.store
     made = None
     if store is None:
-        store = os.path.join(args.workdir, f"cells_{args.cells}.zarr")
+        store = os.path.join(args.workdir, f"cells_{args.cells}x{args.genes}_k{args.rank}.zarr")
         if not os.path.exists(store):
             made = simulate_store(store, args.cells, args.genes, args.rank, seed=args.seed)
     env = {**os.environ, **{k: str(args.workers) for k in ENV1}}
@@ -226,9 +227,12 @@ def cmd_compare(args):
     try:
         cpu0, wcpu0 = _cpu_seconds(), _workers_cpu(client)
         t0 = time.perf_counter()
+        # the local fit starts from initial_globals on every cell: so does this one
+        n_cells = workers.store_shape(store)[0]
         fit = fit_distributed(store, client=client, rank=args.rank, modes=args.modes,
                               max_iter=args.max_iter, em_iterations=args.em_iterations,
-                              chunk_cells=args.chunk_cells, out=args.out)
+                              chunk_cells=args.chunk_cells, out=args.out,
+                              init_cells=n_cells)
         wall = time.perf_counter() - t0
         wcpu = _workers_cpu(client)
         dask_cpu = {"client_cpu_s": _cpu_seconds() - cpu0,

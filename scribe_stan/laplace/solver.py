@@ -259,8 +259,10 @@ class LaplaceProblem:
         terms = r * (special.digamma(u + r) - special.digamma(r)) - u
         return np.bincount(cols, weights=terms, minlength=self.shape[1])
 
-    def _newton(self, mu, W, d, inv_r, fix, cells):
-        """Newton from the stored modes for ``cells`` (None: all); (n_iter, ok, at_bound)."""
+    def _newton(self, mu, W, d, inv_r, fix, cells, cap=None):
+        """Newton from the stored modes for ``cells`` (None: all), at most ``cap`` steps
+        (default ``max_newton``); (n_iter, ok, at_bound)."""
+        cap = self.max_newton if cap is None else cap
         N = self.shape[0]
         gl = batched.Globals.build(mu, W, d, inv_r)
         cells = np.arange(N) if cells is None else cells
@@ -271,31 +273,37 @@ class LaplaceProblem:
             mine = np.flatnonzero((cells >= lo) & (cells < hi))
             if mine.size:
                 n_iter[mine], ok[mine], bound[mine] = chunk.newton(
-                    gl, fix, self.newton_tol, self.max_newton, cells[mine] - lo)
+                    gl, fix, self.newton_tol, cap, cells[mine] - lo)
         return n_iter, ok, bound
 
-    def modes(self, mu, W, d, *, log_r=None, eta=None):
+    def modes(self, mu, W, d, *, log_r=None, eta=None, steps=None):
         """Run Newton from the stored warm start; update and return the modes.
 
-        With ``eta`` (N,) given, eta is held there and only x is optimized.
+        With ``eta`` (N,) given, eta is held there and only x is optimized. ``steps``
+        caps the Newton steps per cell and skips the restart of unconverged cells: for
+        globals close to those of the warm start, where one step (quadratic
+        convergence) already puts each cell near its mode; ``converged`` then says
+        which cells met the tolerance within the cap.
         """
-        self._solve_modes(mu, W, d, log_r, eta)
+        self._solve_modes(mu, W, d, log_r, eta, steps)
         self.sync_modes()
         return CellModes(self.x, self.eta, self.n_iter, self.converged, self.at_bound)
 
-    def _solve_modes(self, mu, W, d, log_r, eta):
+    def _solve_modes(self, mu, W, d, log_r, eta, steps=None):
         """Newton for every cell from the warm start, with a restart for the cells that
         fail (:meth:`modes` without the CUDA host sync)."""
         mu, W, d = (np.ascontiguousarray(v, dtype=np.float64) for v in (mu, W, d))
         inv_r = inverse_dispersion(log_r, self.shape[1])
         fix = eta is not None
+        cap = self.max_newton if steps is None else int(steps)
         if self._device is not None:
-            self._device_modes(mu, W, d, inv_r, eta)
+            self._device_modes(mu, W, d, inv_r, eta, cap, restart=steps is None)
             return
         if fix:
             self.eta[:] = eta
-        self.n_iter, self.converged, self.at_bound = self._newton(mu, W, d, inv_r, fix, None)
-        if not np.all(self.converged):
+        self.n_iter, self.converged, self.at_bound = self._newton(mu, W, d, inv_r, fix, None,
+                                                                  cap)
+        if steps is None and not np.all(self.converged):
             # A restart from the data-driven start rescues cells stranded by a bad warm start.
             bad = np.flatnonzero(~self.converged)
             self._restart(bad, reset_eta=not fix)
@@ -303,7 +311,7 @@ class LaplaceProblem:
             self.n_iter[bad] += it
             self.converged[bad], self.at_bound[bad] = ok, bd
 
-    def _device_modes(self, mu, W, d, inv_r, eta):
+    def _device_modes(self, mu, W, d, inv_r, eta, cap, restart=True):
         """:meth:`_solve_modes` on the device: the same rule, the modes stay there; only
         the converged flags come back (for the restart and the driver's check)."""
         dev = self._device
@@ -311,9 +319,9 @@ class LaplaceProblem:
         if fix:
             dev.hold_eta(eta)
         Lc = shared_factor(W, d)
-        dev.newton(mu, W, d, inv_r, Lc, fix, self.newton_tol, self.max_newton)
+        dev.newton(mu, W, d, inv_r, Lc, fix, self.newton_tol, cap)
         self.converged = dev.converged_flags()
-        if not self.converged.all():
+        if restart and not self.converged.all():
             bad = np.flatnonzero(~self.converged)
             dev.restart(bad, reset_eta=not fix)
             dev.newton(mu, W, d, inv_r, Lc, fix, self.newton_tol, self.max_newton, bad)
