@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import scribe_stan as ss
+from scribe_stan.laplace.nested import NEWTON_STEPS_DEFAULT
 
 OUT = Path(__file__).parent / "out"
 
@@ -63,7 +64,7 @@ def main(argv=None):
         "cells": len(fit.obs_names), "genes": len(fit.var_names), "draws": args.draws,
         "tree_genes": args.genes,
         "point_draws_s": point_s, "globals_gaussian_s": gauss_s,
-        "nested_draws_s": nested_s,
+        "nested_draws_s": nested_s, "newton_steps_per_draw": NEWTON_STEPS_DEFAULT,
         "ratio_with_gaussian": ratio, "ratio_draws_only": nested_s / point_s,
         "target_ratio": 3.0, "meets_target": ratio <= 3.0,
         "gaussian": {"method": post.method, "n_gradients": int(post.n_gradients),
