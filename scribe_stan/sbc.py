@@ -23,9 +23,11 @@ With band probability ``prob`` a calibrated quantity is flagged with probability
 The Laplace posterior of the same simulated data (``scribe_stan.fit(...,
 method="laplace")``) is checked on the per-cell latents (x and eta; y and eta for
 lnm/lnmvcp): coverage of central 50 % and 90 % intervals and the PIT of the truth
-among Laplace draws. The Laplace globals are point estimates (MAP of the Laplace
-marginal), so its per-cell intervals ignore the globals' uncertainty and are not
-expected to be exactly calibrated. The public ``fit`` refuses cells with zero library
+among Laplace draws. By default the Laplace globals are point estimates (MAP of the
+Laplace marginal), so its per-cell intervals ignore the globals' uncertainty and are
+not expected to be exactly calibrated; :func:`laplace_study` re-runs the Laplace check
+alone on a stored study's simulations, also with the globals drawn from their Gaussian
+(nested draws, pln and nbln). The public ``fit`` refuses cells with zero library
 size and drops all-zero genes (with a warning): the Laplace check therefore fits the
 cells with counts and reports the latents of the genes it kept; a fit that raises (for
 example fewer than two non-zero genes left) is recorded with its error message and
@@ -628,8 +630,12 @@ def calibration_table(pit, prob=0.99, n_simulations=2000):
 # --------------------------------------------------------------------------------------
 
 
-def _laplace_check(model, truth, settings, seed):
-    """Laplace fit of the simulated counts; PIT of the true per-cell latents."""
+def _laplace_check(model, truth, settings, seed, globals="point"):
+    """Laplace fit of the simulated counts; PIT of the true per-cell latents.
+
+    ``globals``: the globals of the Laplace draws, at their MAP (``"point"``) or drawn
+    from their Gaussian (``"laplace"``, pln and nbln: nested draws).
+    """
     import anndata
 
     import scribe_stan
@@ -651,7 +657,8 @@ def _laplace_check(model, truth, settings, seed):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             fit = scribe_stan.fit(adata, **kwargs)
-            tree = fit.to_datatree(draws=settings.laplace_draws)
+            tree = fit.to_datatree(draws=settings.laplace_draws,
+                                   **({} if globals == "point" else {"globals": globals}))
     except Exception as exc:  # recorded, not hidden: the study reports failed fits
         info["error"] = f"{type(exc).__name__}: {exc}"
         return info, {}
@@ -732,20 +739,102 @@ def run_simulation(model, settings, seed):
         "versions": draws.versions,
     }
     if settings.laplace_draws > 0:
-        t1 = time.perf_counter()
-        info, pits = _laplace_check(model, truth, settings, seed)
-        info["time_s"] = time.perf_counter() - t1
-        out["laplace"] = info
-        out["laplace_pit"] = {}
-        for name, (pv, rows, cols) in pits.items():
-            if cols is None:
-                items = [(int(c), -1, float(p)) for c, p in zip(rows, pv)]
-            else:
-                items = [(int(rows[i]), int(cols[j]), float(pv[i, j]))
-                         for i in range(rows.size) for j in range(cols.size)]
-            out["laplace_pit"][name] = items
+        out["laplace"], out["laplace_pit"] = _timed_laplace_check(model, truth, settings,
+                                                                  seed)
     out["wall_time_s"] = time.perf_counter() - t0
     return out
+
+
+def _timed_laplace_check(model, truth, settings, seed, globals="point"):
+    """:func:`_laplace_check` with its time; PITs as latent -> [(cell, gene or -1, pit)]."""
+    t1 = time.perf_counter()
+    info, pits = _laplace_check(model, truth, settings, seed, globals)
+    info["time_s"] = time.perf_counter() - t1
+    items = {}
+    for name, (pv, rows, cols) in pits.items():
+        if cols is None:
+            items[name] = [(int(c), -1, float(p)) for c, p in zip(rows, pv)]
+        else:
+            items[name] = [(int(rows[i]), int(cols[j]), float(pv[i, j]))
+                           for i in range(rows.size) for j in range(cols.size)]
+    return info, items
+
+
+#: Models whose Laplace fits draw the globals from their Gaussian (``globals="laplace"``).
+NESTED_MODELS = ("pln", "nbln")
+PIT_COLUMNS = ["sim", "latent", "cell", "gene", "pit"]
+
+
+def laplace_study(model, seeds, settings, *, globals="point", progress=None):
+    """The Laplace check alone, on the simulations of an SBC study (no NUTS).
+
+    Simulation ``s`` is re-drawn from ``numpy.random.default_rng(s)`` exactly as in
+    :func:`run_simulation`, so a stored study's seeds give the same counts and truth,
+    and the Laplace variants (point globals, nested draws) are compared on the same data.
+
+    Parameters
+    ----------
+    model : {"pln", "nbln", "nbvcp", "lnm", "lnmvcp"}
+    seeds : iterable of int
+        Simulation seeds (``SBCResult.sims["seed"]`` of a stored study).
+    settings : SBCSettings
+        The study's settings (sizes, capture prior, rejection rules, Laplace draws).
+    globals : {"point", "laplace"}
+        Globals of the Laplace draws: the MAP, or draws from their Gaussian
+        (:data:`NESTED_MODELS` only).
+    progress : callable, optional
+        Called as ``progress(i, info)`` after each simulation.
+
+    Returns
+    -------
+    pit : pandas.DataFrame
+        Columns :data:`PIT_COLUMNS` (as ``SBCResult.laplace_pit``).
+    sims : pandas.DataFrame
+        One row per seed: cells and genes used, error (or None), time.
+
+    Raises
+    ------
+    ValueError
+        Unknown model, or ``globals="laplace"`` for a model outside
+        :data:`NESTED_MODELS` (the allowed values are named).
+    """
+    _check_model(model)
+    allowed = ("point", "laplace") if model in NESTED_MODELS else ("point",)
+    if globals not in allowed:
+        raise ValueError(f"globals={globals!r} is not available for {model}; allowed: "
+                         f"{allowed}")
+    pit_rows, sim_rows = [], []
+    for i, s in enumerate(int(s) for s in seeds):
+        truth, _ = simulate(model, settings, np.random.default_rng(s))
+        info, items = _timed_laplace_check(model, truth, settings, s, globals)
+        sim_rows.append({"seed": s, **{k: info.get(k) for k in
+                                       ("cells_used", "genes_used", "error", "time_s")}})
+        pit_rows += [(s, name, c, g, p) for name, rows in items.items() for c, g, p in rows]
+        if progress is not None:
+            progress(i, info)
+    return pd.DataFrame(pit_rows, columns=PIT_COLUMNS), pd.DataFrame(sim_rows)
+
+
+def coverage_table(pit):
+    """Coverage of central 50 % / 90 % intervals per latent from PIT rows.
+
+    Parameters
+    ----------
+    pit : pandas.DataFrame
+        Columns :data:`PIT_COLUMNS`.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Index ``latent``; columns ``n`` (elements), ``coverage_50``, ``coverage_90``,
+        ``mean_pit`` (nominal 0.5, 0.9, 0.5).
+    """
+    if pit.empty:
+        return pd.DataFrame(columns=["n", "coverage_50", "coverage_90", "mean_pit"])
+    dev = np.abs(pit["pit"] - 0.5)
+    frame = pit.assign(c50=dev <= 0.25, c90=dev <= 0.45)
+    return frame.groupby("latent").agg(n=("pit", "size"), coverage_50=("c50", "mean"),
+                                       coverage_90=("c90", "mean"), mean_pit=("pit", "mean"))
 
 
 # --------------------------------------------------------------------------------------
@@ -800,14 +889,7 @@ class SBCResult:
         Columns ``n`` (elements), ``coverage_50``, ``coverage_90``, ``mean_pit``; the
         nominal values are 0.5, 0.9 and 0.5.
         """
-        lp = self.laplace_pit
-        if lp.empty:
-            return pd.DataFrame(columns=["n", "coverage_50", "coverage_90", "mean_pit"])
-        dev = np.abs(lp["pit"] - 0.5)
-        frame = lp.assign(c50=dev <= 0.25, c90=dev <= 0.45)
-        return frame.groupby("latent").agg(n=("pit", "size"), coverage_50=("c50", "mean"),
-                                           coverage_90=("c90", "mean"),
-                                           mean_pit=("pit", "mean"))
+        return coverage_table(self.laplace_pit)
 
     def laplace_tracked_pit(self):
         """Laplace PIT of the per-cell latents NUTS tracks (same names as ``ranks``).
@@ -972,8 +1054,7 @@ def run_sbc(model, n_sims=100, *, settings=None, seed=0, progress=None, time_bud
     ranks.index.name = "sim"
     return SBCResult(model=model, settings=settings, ranks=ranks,
                      sims=pd.DataFrame(sim_rows).set_index("seed", drop=False),
-                     laplace_pit=pd.DataFrame(lap_rows,
-                                              columns=["sim", "latent", "cell", "gene", "pit"]),
+                     laplace_pit=pd.DataFrame(lap_rows, columns=PIT_COLUMNS),
                      wall_time_s=time.perf_counter() - t0, versions=versions,
                      stan_hash=stan_hash)
 

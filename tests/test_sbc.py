@@ -232,3 +232,27 @@ def test_sbc_end_to_end_nbvcp():
     assert summary["n_sims"] == 2 and set(summary["per_quantity"]) == set(res.ranks.columns)
     assert summary["stan_hash"] == sst.program_hash("nbvcp")
     assert set(res.well_mixed()) <= set(res.sims.index)
+
+
+def test_nested_laplace_draws_cover_the_true_latents_where_point_globals_do_not():
+    """Laplace check alone on SBC simulations (truth from the prior): with 20 cells the
+    globals are uncertain, point-globals intervals are too narrow, nested ones are not."""
+    settings = sbc.SBCSettings(N=20, G=5, K=1, laplace_draws=300, all_genes_detected=True)
+    seeds = range(100, 108)
+    point, sims_p = sbc.laplace_study("pln", seeds, settings, globals="point")
+    nested, sims_n = sbc.laplace_study("pln", seeds, settings, globals="laplace")
+    assert sims_p["error"].isna().all() and sims_n["error"].isna().all()
+    assert list(point.columns) == sbc.PIT_COLUMNS
+    # the same simulations, elements and truth: only the draws differ
+    assert point[["sim", "latent", "cell", "gene"]].equals(nested[["sim", "latent", "cell",
+                                                                   "gene"]])
+    cov_p, cov_n = sbc.coverage_table(point), sbc.coverage_table(nested)
+    assert cov_n.loc["x", "n"] >= 0.95 * 8 * 20 * 5  # cells with no counts are not fitted
+    c_point, c_nested = cov_p.loc["x", "coverage_90"], cov_n.loc["x", "coverage_90"]
+    assert 0.85 <= c_nested <= 0.97, (c_point, c_nested)
+    assert c_nested > c_point + 0.05, (c_point, c_nested)
+
+
+def test_laplace_study_refuses_nested_draws_where_there_are_none():
+    with pytest.raises(ValueError, match="allowed: \\('point',\\)"):
+        sbc.laplace_study("lnm", [0], sbc.SBCSettings(), globals="laplace")

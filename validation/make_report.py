@@ -10,14 +10,20 @@ compared with the stored NUTS reference (no re-sampling):
   error to them);
 * globals (Sigma / correlation entries, or m and r for nbvcp): the Laplace point
   estimate's SMD against NUTS and whether it lies in the NUTS 90% interval;
+* both Laplace variants (pln, nbln): the globals at their MAP (``globals="point"``) and
+  drawn from their Gaussian approximation (``globals="laplace"``, nested draws), each
+  against the full NUTS reference and against NUTS conditional on the Laplace globals
+  (run here, 4 x (500 + 500), not stored; skipped with ``--reduced``); the nested
+  variant's globals (mu, d, r, Sigma) against NUTS by sd ratio;
 * the Laplace objective against Stan's embedded Laplace (pln, nbln), per cell, at the
   fitted globals and capture modes;
 * wall times of both fits;
 * agreement by count depth: genes split at the median of their mean count.
 
-Decision: the Laplace per-cell posteriors are conditional on point estimates of the
-globals, while the NUTS reference is the full joint posterior; sd ratios below 1 partly
-measure the global uncertainty that Laplace leaves out, by design.
+Decision: the point-globals Laplace posteriors are conditional on point estimates of
+the globals, while the full NUTS reference integrates over them; sd ratios below 1 there
+partly measure the global uncertainty that the point variant leaves out, by design, and
+the comparison with conditional NUTS isolates the per-cell Gaussian.
 
     python validation/make_report.py            # all pairs -> validation/REPORT.md
     python validation/make_report.py --reduced  # CI: two pairs, fewer draws
@@ -47,6 +53,14 @@ HERE = Path(__file__).resolve().parent
 PROB = 0.9
 LATENTS = ("x", "y", "eta")
 GLOBALS = ("Sigma", "corr", "corr_clr", "m", "r")
+#: Globals whose posterior sds the nested variant is compared on (rotation-invariant).
+NESTED_GLOBALS = ("mu", "d", "r", "Sigma")
+#: Models whose Laplace fits draw the globals from their Gaussian (``globals="laplace"``).
+NESTED_MODELS = ("pln", "nbln")
+#: NUTS conditional on the Laplace globals (models with a conditional program).
+CONDITIONAL_MODELS = ("pln", "nbln", "lnm", "lnmvcp")
+CONDITIONAL_SAMPLER = {"chains": 4, "draws": 500, "warmup": 500, "adapt_delta": 0.95,
+                       "seed": 1}
 REDUCED_PAIRS = ("grn-pln", "pbmc20-nbvcp")
 
 
@@ -156,8 +170,12 @@ def embedded_laplace(fit):
     return float(np.max(np.abs(ours - theirs) / np.abs(theirs)))
 
 
-def evaluate(pair, *, draws=1000):
-    """Laplace fit of ``pair`` compared with its stored NUTS reference (dict of results)."""
+def evaluate(pair, *, draws=1000, conditional=True):
+    """Laplace fit of ``pair`` compared with its stored NUTS reference (dict of results).
+
+    With ``conditional``, NUTS conditional on the Laplace globals is run too
+    (:data:`CONDITIONAL_MODELS`) and both Laplace variants are compared with it.
+    """
     record, summary, ref = references.load(pair)
     adata, fit_args, _, _ = references.load_data(pair)
     t0 = time.perf_counter()
@@ -171,11 +189,46 @@ def evaluate(pair, *, draws=1000):
     glo = agreement(tree, ref, summary, globs)
     counts = tree["observed_data"]["counts"]
     gene_mean = pd.Series(counts.values.mean(axis=0), index=counts["gene"].values.astype(str))
-    return {"pair": pair, "record": record, "fit": fit, "laplace_wall_s": wall, "ref": ref,
-            "converged": f"{int(fit.converged.sum())}/{fit.converged.size}",
-            "latent": lat, "globals": glo, "gene_mean": gene_mean,
-            "depth": depth_bins(lat, gene_mean) if "x" in latents or "y" in latents else None,
-            "embedded_rel_diff": embedded_laplace(fit)}
+    out = {"pair": pair, "record": record, "fit": fit, "laplace_wall_s": wall, "ref": ref,
+           "converged": f"{int(fit.converged.sum())}/{fit.converged.size}",
+           "latent": lat, "globals": glo, "gene_mean": gene_mean,
+           "depth": depth_bins(lat, gene_mean) if "x" in latents or "y" in latents else None,
+           "embedded_rel_diff": embedded_laplace(fit)}
+    trees = {"point": tree}
+    if fit.model in NESTED_MODELS:
+        t0 = time.perf_counter()
+        trees["laplace"] = fit.to_datatree(draws=draws, seed=0, globals="laplace")
+        out["nested_wall_s"] = time.perf_counter() - t0
+        gpost = fit.globals_posterior()
+        out["nested_gradients"] = gpost.n_gradients
+        nglob = [v for v in NESTED_GLOBALS if v in ref.data_vars]
+        out["nested_globals"] = agreement(trees["laplace"], ref, summary, nglob)
+    variants = {("full", v): agreement(t, ref, summary, latents) for v, t in trees.items()}
+    if conditional and fit.model in CONDITIONAL_MODELS:
+        t0 = time.perf_counter()
+        cond = ss.fit(adata, method="hmc", conditional_on=fit, progress=False,
+                      **fit_args, **CONDITIONAL_SAMPLER).to_datatree()
+        out["conditional_wall_s"] = time.perf_counter() - t0
+        cpost = cond["posterior"].to_dataset()
+        csum = references.summary_table(cond, latents)
+        out["conditional_diagnostics"] = {
+            "max_rhat": float(csum["r_hat"].max()),
+            "min_ess_bulk": float(csum["ess_bulk"].min()),
+            "divergences": int(cond["sample_stats"]["diverging"].values.sum())}
+        for v, t in trees.items():
+            variants[("conditional", v)] = agreement(t, cpost, csum, latents)
+    out["variants"] = variants
+    return out
+
+
+def variant_rows(res):
+    """Rows (pair, quantity, globals, reference, metrics) of every Laplace variant."""
+    rows = []
+    for (reference, variant), table in res["variants"].items():
+        for q, row in summarize(table).iterrows():
+            rows.append({"pair": res["pair"], "quantity": q, "globals": variant,
+                         "reference NUTS": reference, **row.drop("n").to_dict()})
+    return rows
 
 
 def figure(res, path):
@@ -288,9 +341,16 @@ def write_report(results, out_dir, *, reduced, missing=()):
     """
     out_dir = Path(out_dir)
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)
-    diag_rows, lat_rows, time_rows = [], [], []
+    diag_rows, lat_rows, time_rows, var_rows, nglob_rows, cond_rows = [], [], [], [], [], []
     body = []
     for res in results:
+        var_rows += variant_rows(res)
+        if "nested_globals" in res:
+            for q, row in summarize(res["nested_globals"]).iterrows():
+                nglob_rows.append({"pair": res["pair"], "quantity": q, **row.to_dict()})
+        if "conditional_diagnostics" in res:
+            cond_rows.append({"pair": res["pair"], **res["conditional_diagnostics"],
+                              "wall (s)": res["conditional_wall_s"]})
         rec, d = res["record"], res["record"]["diagnostics"]
         failed = [k for k, ok in d["checks"].items() if not ok]
         diag_rows.append({"pair": res["pair"], "passed": "PASS" if d["passed"] else "FAIL",
@@ -307,6 +367,8 @@ def write_report(results, out_dir, *, reduced, missing=()):
                           "NUTS chains x draws": f"{rec['sampler']['chains']} x "
                                                  f"{rec['sampler']['draws']}",
                           "Laplace fit (s)": res["laplace_wall_s"],
+                          "nested draws (s)": res.get("nested_wall_s"),
+                          "globals' Hessian (gradients)": res.get("nested_gradients"),
                           "Laplace cells converged": res["converged"],
                           "embedded Laplace max rel. diff": res["embedded_rel_diff"]})
         fig = f"figures/{res['pair']}.png"
@@ -335,9 +397,10 @@ def write_report(results, out_dir, *, reduced, missing=()):
         f"{references.RANK['pbmc20']}.", "",
         "Metrics: SMD = (Laplace mean - NUTS mean) / NUTS sd; sd ratio = Laplace sd / NUTS "
         f"sd; coverage = share of NUTS draws inside the Laplace {PROB:.0%} central interval "
-        f"(nominal {PROB}). The Laplace per-cell posteriors are conditional on point "
+        f"(nominal {PROB}). Unless stated (section \"Laplace with the globals' "
+        "uncertainty\"), the Laplace per-cell posteriors are conditional on point "
         "estimates of the globals; the NUTS reference integrates over them, so sd ratios "
-        "below 1 include the global uncertainty that Laplace leaves out.", "",
+        "below 1 include the global uncertainty that this variant leaves out.", "",
         "## NUTS reference diagnostics", "",
         "Checks: R-hat < 1.01, bulk and tail ESS >= 100 per chain, no divergences, "
         "E-BFMI > 0.2 (over all stored quantities; loadings W are excluded as they are "
@@ -351,7 +414,8 @@ def write_report(results, out_dir, *, reduced, missing=()):
         *([f"Not generated yet (no stored reference): {', '.join(missing)}.", ""]
           if missing else []),
         "## Per-cell latents", "", _fmt(pd.DataFrame(lat_rows).set_index(["pair", "quantity"])),
-        "", "## Wall times and the Laplace objective", "",
+        "", *nested_section(var_rows, nglob_rows, cond_rows),
+        "## Wall times and the Laplace objective", "",
         "`embedded Laplace max rel. diff`: our per-cell Laplace log marginal against Stan's "
         "`laplace_marginal_*` at the fitted globals and capture modes (pln, nbln only).", "",
         _fmt(pd.DataFrame(time_rows).set_index("pair")), "", "## Pairs", ""]
@@ -359,6 +423,36 @@ def write_report(results, out_dir, *, reduced, missing=()):
     extra = [p.read_text() for p in sorted((HERE / "report_sections").glob("*.md"))] \
         if (HERE / "report_sections").is_dir() else []
     (out_dir / "REPORT.md").write_text("\n".join(head + body + sbc_section(out_dir) + extra))
+
+
+def nested_section(var_rows, nglob_rows, cond_rows):
+    """Markdown lines: both Laplace variants against full and conditional NUTS."""
+    if not var_rows:
+        return []
+    lines = [
+        "## Laplace with the globals' uncertainty (nested draws)", "",
+        "`globals`: `point` = the Laplace draws at the MAP of the globals (the default "
+        "of `to_datatree`); `laplace` = each draw first draws the globals from their "
+        "Gaussian approximation at the MAP of the Laplace objective and takes one Newton "
+        "step per cell there (`to_datatree(globals=\"laplace\")`, "
+        "`scribe_stan.laplace.nested`; pln and nbln). `reference NUTS`: `full` = the "
+        "stored full-joint reference; `conditional` = NUTS of the per-cell latents "
+        "conditional on the Laplace globals (run by this script, "
+        f"{CONDITIONAL_SAMPLER['chains']} x ({CONDITIONAL_SAMPLER['warmup']} + "
+        f"{CONDITIONAL_SAMPLER['draws']})). Targets (issue 20) for `laplace` against "
+        "`full`: median sd ratio in [0.85, 1.15], coverage in [0.85, 0.95], mean |SMD| "
+        "<= 0.1; `point` against `conditional` measures the per-cell Gaussian alone.", "",
+        _fmt(pd.DataFrame(var_rows).set_index(["pair", "quantity", "globals",
+                                                "reference NUTS"])), ""]
+    if nglob_rows:
+        lines += ["Globals drawn from their Gaussian against the full NUTS reference "
+                  "(target: median sd ratio in [0.8, 1.25]; rotation-invariant entries "
+                  "only):", "", _fmt(pd.DataFrame(nglob_rows).set_index(["pair", "quantity"])),
+                  ""]
+    if cond_rows:
+        lines += ["Conditional NUTS runs (diagnostics over x, eta / y):", "",
+                  _fmt(pd.DataFrame(cond_rows).set_index("pair")), ""]
+    return lines
 
 
 SBC_ROOT = HERE / "sbc"
@@ -434,10 +528,16 @@ def sbc_section(out_dir, sbc_root=SBC_ROOT):
             "quantities": r["n_quantities"],
             "expected false flags": r["expected_false_flags"],
             "flagged": len(r["flagged"])})
-        for latent, c in r["laplace"]["coverage"].items():
-            cover.append({"study": study, "latent": latent, "elements": c["n"],
-                          "coverage 50%": c["coverage_50"], "coverage 90%": c["coverage_90"],
-                          "mean PIT": c["mean_pit"]})
+        runs = [("point (with NUTS)", r["laplace"]["coverage"])]
+        for variant in ("point", "laplace"):  # run_sbc.py --laplace-only: same simulations
+            path = sbc_root / study / f"laplace_{variant}.json"
+            if path.exists():
+                runs.append((variant, json.loads(path.read_text())["coverage"]))
+        for variant, coverage in runs:
+            for latent, c in coverage.items():
+                cover.append({"study": study, "latent": latent, "globals": variant,
+                              "elements": c["n"], "coverage 50%": c["coverage_50"],
+                              "coverage 90%": c["coverage_90"], "mean PIT": c["mean_pit"]})
         pq = r["per_quantity"]
         if r["flagged"]:
             detail = ", ".join(f"`{q}` (mean rank/L {pq[q]['mean_pit']:.2f}, max |ECDF diff| "
@@ -469,8 +569,14 @@ def sbc_section(out_dir, sbc_root=SBC_ROOT):
     if rows:
         lines += ["NUTS runs:", "", _fmt(pd.DataFrame(rows).set_index("study")), ""]
     if cover:
-        lines += ["Laplace coverage of the true per-cell latents:", "",
-                  _fmt(pd.DataFrame(cover).set_index(["study", "latent"])), ""]
+        lines += ["Laplace coverage of the true per-cell latents. `globals`: `point (with "
+                  "NUTS)` = the Laplace check run beside NUTS when the study was made; "
+                  "`point` and `laplace` = `python validation/run_sbc.py MODEL "
+                  "--laplace-only point|laplace` on the same simulations with the current "
+                  "code, the globals at their MAP or drawn from their Gaussian (nested "
+                  "draws; pln, nbln). Target (issue 20) with the globals' uncertainty: 90% "
+                  "coverage in [0.85, 0.95].", "",
+                  _fmt(pd.DataFrame(cover).set_index(["study", "latent", "globals"])), ""]
     lines += ["Flags:", "", *notes, ""]
     return lines
 
@@ -500,7 +606,8 @@ def main(argv=None):
     results = []
     for pair in pairs:
         if pair not in missing:
-            results.append(evaluate(pair, draws=300 if args.reduced else 1000))
+            results.append(evaluate(pair, draws=300 if args.reduced else 1000,
+                                    conditional=not args.reduced))
             print(f"{pair}: done", flush=True)
     write_report(results, args.out, reduced=args.reduced, missing=missing)
 

@@ -24,6 +24,14 @@ Usage (prints the JSON summaries; run nice'd, one model at a time on a small mac
         [--all-genes-detected]
         [--max-minutes 30] [--seed 0] [--study SUFFIX]
 
+``--laplace-only GLOBALS`` (``point`` or ``laplace``) re-runs only the Laplace check on
+the stored study's simulations (same seeds, so the same counts and truth; no NUTS) with
+the globals at their MAP or drawn from their Gaussian (nested draws, pln and nbln), and
+writes ``laplace_<GLOBALS>_pit.csv`` and ``laplace_<GLOBALS>.json`` (coverage of the
+central 50 %/90 % intervals, times) beside the study::
+
+    python validation/run_sbc.py pln nbln --laplace-only laplace
+
 ``--resummarize`` rebuilds ``sbc.json`` and the figures from the stored CSVs without
 sampling. ``--max-minutes`` stops starting new simulations after that much wall time per model;
 the JSON then records how many were run.
@@ -49,6 +57,34 @@ ROOT = Path(__file__).resolve().parent
 OUT = ROOT / "sbc"
 FIGURES = ROOT / "figures"
 BAND_PROB = 0.99
+
+
+def run_laplace_only(model, args):
+    """The Laplace check alone on a stored study's simulations (``--laplace-only``)."""
+    study = model + (f"-{args.study}" if args.study else "")
+    out = OUT / study
+    stored = sbc.load_result(out, model)
+    seeds = stored.sims["seed"].to_numpy()[: args.sims]
+    t0 = time.perf_counter()
+
+    def progress(i, info):
+        print(f"[{study} laplace-only {args.laplace_only}] sim {i + 1}/{len(seeds)}: "
+              f"{info['time_s']:.1f} s{' ' + info['error'] if info['error'] else ''}",
+              file=sys.stderr, flush=True)
+
+    pit, sims = sbc.laplace_study(model, seeds, stored.settings, globals=args.laplace_only,
+                                  progress=progress)
+    pit.to_csv(out / f"laplace_{args.laplace_only}_pit.csv", index=False)
+    summary = {"model": model, "study": study, "globals": args.laplace_only,
+               "n_sims": int(len(seeds)), "sims_failed": int(sims["error"].notna().sum()),
+               "time_per_sim_s": {"median": float(sims["time_s"].median()),
+                                  "max": float(sims["time_s"].max())},
+               "coverage": sbc.coverage_table(pit).to_dict(orient="index"),
+               "command": " ".join(["python", "validation/run_sbc.py", *sys.argv[1:]]),
+               "total_wall_time_s": time.perf_counter() - t0}
+    (out / f"laplace_{args.laplace_only}.json").write_text(
+        json.dumps(summary, indent=1, default=_json_default) + "\n")
+    return summary
 
 
 def run_model(model, args):
@@ -146,7 +182,16 @@ def main(argv=None):
     p.add_argument("--max-minutes", type=float, default=None)
     p.add_argument("--resummarize", action="store_true",
                    help="rebuild sbc.json and figures from the stored CSVs (no sampling)")
+    p.add_argument("--laplace-only", choices=("point", "laplace"), default=None,
+                   help="re-run only the Laplace check on the stored study's simulations, "
+                        "with the globals at their MAP (point) or drawn from their "
+                        "Gaussian (laplace; pln, nbln)")
     args = p.parse_args(argv)
+    if args.laplace_only:
+        out = {m: run_laplace_only(m, args) for m in args.models}
+        print(json.dumps({m: {k: s[k] for k in ("n_sims", "sims_failed", "coverage")}
+                          for m, s in out.items()}, indent=1, default=_json_default))
+        return
     with contextlib.redirect_stdout(sys.stderr):  # pystan's build messages
         summaries = {m: run_model(m, args) for m in args.models}
     brief = {m: {"n_sims": s["n_sims"], "flagged": s["flagged"],
