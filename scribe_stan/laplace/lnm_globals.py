@@ -36,7 +36,10 @@ adapter with the interface of :class:`~scribe_stan.laplace.solver.OuterLayout`:
 Totals. Two scalars ``(log m_T, log r_T)`` whose prior is already a density in these
 coordinates (no Jacobian): a dense 2 x 2 Hessian by central differences of the exact
 gradient (lnmvcp: through each cell's eta mode), 8 gradient evaluations of the totals
-block (a first pass for the scale, a second in whitened coordinates).
+block (a first pass for the scale, a second in whitened coordinates). With few cells
+``log r_T`` is skewed: on 100 simulated cells the Gaussian's mean sat 0.28 posterior
+sds above, and its sd at 0.81 of, a grid quadrature of the exact totals posterior
+(``log m_T``: 0.03 and 1.00).
 
 Draws (:func:`nested_draws`): for each drawn set of globals, every cell's y is re-solved
 warm-started from its MAP mode (one Newton step by default) and drawn from its Laplace
@@ -350,8 +353,12 @@ def nested_draws(composition, total, post, draws, rng, *, values=False,
     newton_steps : int >= 1 or None
         Composition Newton steps per cell at each ``theta_s`` from the MAP modes (None:
         to convergence). One step (default) leaves an error of second order in the
-        mode's shift (measured in tests/test_lnm_nested.py), at a fraction of the cost
-        of a converged solve, as for pln (:mod:`scribe_stan.laplace.nested`).
+        mode's shift, at a fraction of the cost of a converged solve, as for pln
+        (:mod:`scribe_stan.laplace.nested`); measured on a 100-cell, 5-gene lnmvcp
+        simulation (tests/test_lnm_nested.py): the drawn globals move the modes by a
+        median 0.095 posterior sds, and one step lands within a median 5e-4, worst
+        0.05 sds of the converged mode. ``converged`` then reads near 0 (one step
+        rarely meets the 1e-10 nats tolerance), which is expected.
 
     Returns
     -------
