@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import special, stats
 
-from scribe_stan import convert
+from scribe_stan import _validate, convert
 from scribe_stan.fit_data import FitData
 from scribe_stan.fits.base import LaplaceResult, check_tree_size, result_target
 from scribe_stan.fits.hmc import HmcFit
@@ -29,6 +29,8 @@ from scribe_stan.laplace import lnm_solver
 from scribe_stan.models import dispersion, lnm, pln
 
 __all__ = ["LnmHmcFit", "LnmLaplaceFit"]
+
+GLOBALS = ("point", "laplace")  # where draws are made: globals at the MAP or drawn
 
 
 def _clr_summaries(mu_alr, Sigma_alr, ref):
@@ -64,6 +66,7 @@ class LnmLaplaceFit(LaplaceResult):
     data: FitData = field(repr=False)
     ref: int
     settings: dict
+    _globals_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     global_names = ("mu_alr", "W_alr", "d_alr", "m_T", "r_T")
     _problem_state = {"composition": ("y", "z", "n_iter", "converged"),
@@ -124,50 +127,149 @@ class LnmLaplaceFit(LaplaceResult):
         lp_approx = stats.truncnorm.logpdf(eta, lower, np.inf, loc=eta_hat, scale=sd)
         return eta, nb, lp, lp_approx
 
-    def to_datatree(self, draws=500, *, seed=None):
+    def globals_posterior(self, *, method="auto", rank=None, step=1e-3):
+        """Gaussian approximation of the globals' posterior at the Laplace MAP (cached).
+
+        The outer step of a nested Laplace approximation (Rue, Martino & Chopin 2009,
+        doi:10.1111/j.1467-9868.2008.00700.x): the composition globals in the
+        optimizer's coordinates ``(m, W_alr, log d_alr)`` from the Hessian of the exact
+        composition objective, W's rotations projected out, and independently the
+        totals' ``(log m_T, log r_T)``; see :mod:`scribe_stan.laplace.lnm_globals`.
+
+        Cost: dense, ``2 P`` composition gradient evaluations (``P = (G - 1) (K + 2)``;
+        ``(G - 1) (K + 1)`` in the low-rank mode), each one converged Newton solve per
+        cell from the MAP modes; lowrank, 2 per Lanczos product. The totals take 8
+        gradients of the totals block.
+
+        Parameters
+        ----------
+        method : {"auto", "dense", "lowrank"}
+            "auto": dense up to
+            :data:`scribe_stan.laplace.globals_posterior.DENSE_MAX` globals.
+        rank : int, optional
+            Lowrank: eigenpairs kept.
+        step : float
+            Finite-difference step in the whitened coordinates.
+
+        Returns
+        -------
+        scribe_stan.laplace.lnm_globals.LnmGlobalsPosterior
+
+        Raises
+        ------
+        ValueError
+            Unknown ``method`` (the allowed values are named); ``rank < 1``;
+            ``step <= 0``.
+        """
+        from scribe_stan.laplace.lnm_globals import laplace_globals
+
+        key = (method, rank, step)
+        if key not in self._globals_cache:
+            self._globals_cache[key] = laplace_globals(self.composition, self.totals,
+                                                       method=method, rank=rank, step=step,
+                                                       seed=self.settings["seed"])
+        return self._globals_cache[key]
+
+    def to_datatree(self, draws=500, *, seed=None, globals="point"):
         """ArviZ DataTree of the Laplace posterior (one chain of independent draws).
 
         Per-cell ``y`` (and ``eta`` for lnmvcp) are drawn from each cell's Gaussian
         (:meth:`scribe_stan.laplace.lnm_solver.CompositionProblem.sample`; eta from its
-        Gaussian truncated to eta >= 0); globals are point estimates repeated over
-        draws. ``log_likelihood`` is the per-cell NB total plus multinomial composition;
-        ``posterior_predictive`` draws a total from the NB and allocates it by the
-        multinomial; ``sample_stats`` carries ``lp`` and ``lp_approx`` summed over cells.
+        Gaussian truncated to eta >= 0). With ``globals="point"`` the globals are point
+        estimates repeated over draws. With ``globals="laplace"`` each draw first draws
+        the globals from their Gaussian approximation (:meth:`globals_posterior`, built
+        once per fit and cached), takes one Newton step of every cell's y from its MAP
+        mode there, and draws y at those globals; for lnmvcp each cell's eta mode is
+        re-solved at the drawn ``(m_T, r_T)`` and eta drawn there
+        (:func:`scribe_stan.laplace.lnm_globals.nested_draws`): the per-cell draws
+        carry the globals' uncertainty, and the posterior group holds the drawn globals
+        (``mu_alr``, ``W_alr``, ``d_alr``, ``Sigma_alr``, the CLR summaries, ``m_T``,
+        ``r_T``). ``log_likelihood`` is the per-cell NB total plus multinomial
+        composition; ``posterior_predictive`` draws a total from the NB and allocates
+        it by the multinomial; ``sample_stats`` carries ``lp`` (exact log density of the
+        draw summed over cells: given the globals for "point"; joint with the globals,
+        their prior and the ``log d`` Jacobian for "laplace") and ``lp_approx`` (the
+        Gaussians' log density, of the globals too for "laplace", up to a constant).
 
         The tree holds every fitted gene: the composition couples them all.
+
+        Cost: "laplace" adds :meth:`globals_posterior` once per fit (dense: 2 gradient
+        evaluations per composition global) and one Newton step per cell per draw.
+
+        Parameters
+        ----------
+        draws : int, >= 1
+        seed : int, optional (default: the fit's seed)
+        globals : {"point", "laplace"}
+            Globals at their MAP (default) or drawn from their Laplace Gaussian.
+
+        Returns
+        -------
+        xarray.DataTree
 
         Raises
         ------
         TypeError, ValueError
             ``draws`` not an integer >= 1, or ``draws * cells * genes`` above 2e8 (fit
-            fewer cells or genes, or use fewer draws; :func:`scribe_stan.fits.base.check_tree_size`).
+            fewer cells or genes, or use fewer draws; :func:`scribe_stan.fits.base.check_tree_size`);
+            ``globals`` not one of ``("point", "laplace")``.
         """
+        _validate.check_choice("globals", globals, GLOBALS)
         N, G = self.data.counts.shape
         draws = check_tree_size(draws, N, G)
         rng = np.random.default_rng(self.settings["seed"] if seed is None else seed)
-        comp = self.composition.problem.sample(self.mu_alr, self.W_alr, self.composition.d,
-                                               draws, rng)
-        eta, nb, lp_tot, lpa_tot = self._totals_draws(draws, rng)
-        log_mean = self.totals.log_m_T - (0.0 if eta is None else eta)
-        totals = rng.negative_binomial(self.r_T, self.r_T / (self.r_T + np.exp(
-            np.minimum(np.broadcast_to(log_mean, (draws, N)), 20.7))))
+        if globals == "point":
+            comp = self.composition.problem.sample(self.mu_alr, self.W_alr,
+                                                   self.composition.d, draws, rng)
+            eta, nb, lp_tot, lpa_tot = self._totals_draws(draws, rng)
+            log_mean = self.totals.log_m_T - (0.0 if eta is None else eta)
+            totals = rng.negative_binomial(self.r_T, self.r_T / (self.r_T + np.exp(
+                np.minimum(np.broadcast_to(log_mean, (draws, N)), 20.7))))
+            lp = (comp["lp"] + lp_tot).sum(axis=1)
+            lp_approx = (comp["lp_approx"] + lpa_tot).sum(axis=1)
+        else:
+            from scribe_stan.laplace.lnm_globals import nested_draws
+
+            comp = nested_draws(self.composition, self.totals, self.globals_posterior(),
+                                draws, rng)
+            eta, nb = comp["eta"], comp["nb"]
+            r = np.exp(comp["log_r_T"])[:, None]
+            log_mean = comp["log_m_T"][:, None] - (0.0 if eta is None else eta)
+            totals = rng.negative_binomial(r, r / (r + np.exp(
+                np.minimum(np.broadcast_to(log_mean, (draws, N)), 20.7))))
+            lp = ((comp["lp"] + comp["totals_lp"]).sum(axis=1) + comp["log_prior"]
+                  + comp["totals_log_prior"])
+            lp_approx = ((comp["lp_approx"] + comp["totals_lp_approx"]).sum(axis=1)
+                         + comp["log_q"] + comp["totals_log_q"])
         lg = lnm.logits(comp["y"], self.ref)
         rho = np.exp(lg - special.logsumexp(lg, axis=-1, keepdims=True))
         y_rep = rng.multinomial(totals, rho / rho.sum(-1, keepdims=True))
-        rep = lambda a: np.broadcast_to(a, (1, draws) + np.shape(a))  # noqa: E731
-        posterior = {"mu_alr": rep(self.mu_alr), "W_alr": rep(self.W_alr),
-                     "Sigma_alr": rep(self.Sigma_alr), "y": comp["y"][None],
-                     "m_T": rep(self.m_T), "r_T": rep(self.r_T),
-                     **{k: rep(v) for k, v in _clr_summaries(self.mu_alr, self.Sigma_alr,
-                                                             self.ref).items()}}
-        if self.mode == "full":
-            posterior["d_alr"] = rep(self.d_alr)
+        if globals == "point":
+            rep = lambda a: np.broadcast_to(a, (1, draws) + np.shape(a))  # noqa: E731
+            posterior = {"mu_alr": rep(self.mu_alr), "W_alr": rep(self.W_alr),
+                         "Sigma_alr": rep(self.Sigma_alr), "y": comp["y"][None],
+                         "m_T": rep(self.m_T), "r_T": rep(self.r_T),
+                         **{k: rep(v) for k, v in _clr_summaries(self.mu_alr, self.Sigma_alr,
+                                                                 self.ref).items()}}
+            if self.mode == "full":
+                posterior["d_alr"] = rep(self.d_alr)
+        else:
+            W = comp["W"]
+            d = np.zeros_like(comp["mu"]) if comp["d"] is None else comp["d"]
+            Sigma = W @ np.swapaxes(W, 1, 2) + d[:, :, None] * np.eye(d.shape[1])
+            posterior = {"mu_alr": comp["mu"][None], "W_alr": W[None],
+                         "Sigma_alr": Sigma[None], "y": comp["y"][None],
+                         "m_T": np.exp(comp["log_m_T"])[None],
+                         "r_T": np.exp(comp["log_r_T"])[None],
+                         **{k: v[None] for k, v in _clr_summaries(comp["mu"], Sigma,
+                                                                   self.ref).items()}}
+            if self.mode == "full":
+                posterior["d_alr"] = d[None]
         if eta is not None:
             posterior["eta"] = eta[None]
         return convert.build_datatree(
             posterior=posterior,
-            sample_stats={"lp": (comp["lp"] + lp_tot).sum(axis=1)[None],
-                          "lp_approx": (comp["lp_approx"] + lpa_tot).sum(axis=1)[None]},
+            sample_stats={"lp": lp[None], "lp_approx": lp_approx[None]},
             log_likelihood={"counts": (comp["log_lik"] + nb)[None]},
             posterior_predictive={"counts": y_rep[None]},
             observed_data={"counts": self.data.counts},
@@ -175,7 +277,7 @@ class LnmLaplaceFit(LaplaceResult):
             n_factors=self.W_alr.shape[1], reference_gene=self.reference_gene,
             attrs={"solver": "laplace", "backend": "numba-cpu", "model": self.model,
                    "mode": self.mode, "reference_gene": self.reference_gene,
-                   "seed": self.settings["seed"], "draws": draws,
+                   "seed": self.settings["seed"], "draws": draws, "globals": globals,
                    "stan_hash": stan_hash(self), "objective": self.objective,
                    "cells_converged": int(self.converged.sum())})
 

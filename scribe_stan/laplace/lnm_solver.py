@@ -130,31 +130,34 @@ class CompositionProblem:
         """Data-driven start: empirical log-ratios with a 1/2 pseudo-count."""
         return np.log(self.u + 0.5) - np.log(self.u_ref + 0.5)[:, None]
 
-    def modes(self, mu, W, d=None):
+    def modes(self, mu, W, d=None, *, steps=None):
         """Newton from the stored warm start at globals ``(mu, W, d)``; returns the modes.
 
         ``d`` is ignored in the ``low_rank`` mode. Cells that fail are restarted once from
-        the data-driven start (full mode) or from z = 0 (low rank).
+        the data-driven start (full mode) or from z = 0 (low rank). ``steps`` caps the
+        Newton steps per cell and skips that restart (globals near those of the warm
+        start, as in the nested draws of :mod:`scribe_stan.laplace.lnm_globals`);
+        ``converged`` then says which cells met the tolerance within the cap.
         """
         mu, W = np.ascontiguousarray(mu, float), np.ascontiguousarray(W, float)
         WW = _pair_products(W)
         N, K = self.shape[0], W.shape[1]
+        cap = self.max_newton if steps is None else int(steps)
         if self.mode == "low_rank":
             if self.z is None or self.z.shape[1] != K:
                 self.z = np.zeros((N, K))
             run = lambda idx, z: lnm_cpu.newton_lowrank(  # noqa: E731
-                self.u[idx], self.uT[idx], mu, W, WW, z, self.newton_tol, self.max_newton,
-                _n_chunks())
+                self.u[idx], self.uT[idx], mu, W, WW, z, self.newton_tol, cap, _n_chunks())
             state, fresh = self.z, lambda idx: np.zeros((idx.size, K))  # noqa: E731
         else:
             d = np.ascontiguousarray(d, float)
             Lc, sig1 = _sigma_parts(W, d)
             run = lambda idx, y: lnm_cpu.newton_full(  # noqa: E731
-                self.u[idx], self.uT[idx], mu, W, d, WW, Lc, sig1, y, self.newton_tol,
-                self.max_newton, _n_chunks())
+                self.u[idx], self.uT[idx], mu, W, d, WW, Lc, sig1, y, self.newton_tol, cap,
+                _n_chunks())
             state, fresh = self.y, lambda idx: self._start()[idx]  # noqa: E731
         self.n_iter, self.converged = run(np.arange(N), state)
-        if not self.converged.all():
+        if steps is None and not self.converged.all():
             bad = np.flatnonzero(~self.converged)
             sub = np.ascontiguousarray(fresh(bad))
             it, ok = run(bad, sub)
