@@ -1,6 +1,10 @@
 """Laplace fits of the ``nbvcp`` model (:class:`NbvcpFit`) and
 :func:`posterior_moments`, the Gaussian summaries (of a Laplace or HMC nbvcp fit) that
 seed nbln's informative priors (:mod:`scribe_stan.cascade`).
+
+Draws (:meth:`NbvcpFit.to_datatree`) take the globals ``(m, r)`` at their MAP
+(``globals="point"``) or from their own Laplace Gaussian (``globals="laplace"``, nested
+Laplace: :mod:`scribe_stan.laplace.nbvcp_nested`).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import stats
 
-from scribe_stan import convert
+from scribe_stan import _validate, convert
 from scribe_stan.fit_data import FitData
 from scribe_stan.fits.base import (Fit, LaplaceResult, check_tree_size, fitted_gene_index,
                                    result_target)
@@ -22,6 +26,8 @@ from scribe_stan.laplace.nbvcp import (NbvcpProblem, NbvcpSolution, gamma_tables
 from scribe_stan.models import pln
 
 __all__ = ["NbvcpFit", "posterior_moments"]
+
+GLOBALS = ("point", "laplace")  # where draws are made: globals at the MAP or drawn
 
 
 @dataclass
@@ -47,6 +53,7 @@ class NbvcpFit(LaplaceResult):
     solution: NbvcpSolution = field(repr=False)
     data: FitData = field(repr=False)
     settings: dict
+    _globals_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     m = property(lambda self: self.solution.m)
     log_r = property(lambda self: self.solution.log_r)
@@ -66,17 +73,69 @@ class NbvcpFit(LaplaceResult):
         """Shortcut for :func:`posterior_moments` ``(self)``."""
         return posterior_moments(self)
 
-    def to_datatree(self, draws=500, *, genes=None, seed=None):
+    def globals_posterior(self, *, method="auto", rank=None, step=1e-3):
+        """Gaussian approximation of the globals' posterior at the Laplace MAP (cached).
+
+        The outer step of a nested Laplace approximation: ``(m, log_r) ~ N(theta_hat,
+        A^{-1})`` with ``A`` the negative Hessian of the exact Laplace objective (log
+        marginal + log prior), by central finite differences of its exact gradient in
+        coordinates whitened by the Schur-complement precision of
+        :func:`~scribe_stan.laplace.nbvcp.gaussian_moments`; see
+        :mod:`scribe_stan.laplace.nbvcp_nested` (methods, costs).
+
+        Parameters
+        ----------
+        method : {"auto", "dense", "lowrank"}
+            Dense Hessian (``4G`` gradient evaluations) or Lanczos low-rank correction
+            of the whitening (2 gradients per product); "auto": dense up to 400 globals
+            (200 genes).
+        rank : int, optional
+            Lowrank: eigenpairs kept (default 20).
+        step : float
+            Finite-difference step in the whitened coordinates.
+
+        Returns
+        -------
+        scribe_stan.laplace.nbvcp_nested.NbvcpGlobalsPosterior
+
+        Raises
+        ------
+        ValueError
+            Unknown ``method`` (the allowed values are named); ``rank < 1``.
+        """
+        from scribe_stan.laplace.nbvcp_nested import nbvcp_globals
+
+        key = (method, rank, step)
+        if key not in self._globals_cache:
+            self._globals_cache[key] = nbvcp_globals(self.solution, method=method, rank=rank,
+                                                     step=step, seed=self.settings["seed"])
+        return self._globals_cache[key]
+
+    def to_datatree(self, draws=500, *, genes=None, seed=None, globals="point"):
         """ArviZ DataTree of the Laplace posterior (one chain of independent draws).
 
         eta is drawn per cell from its 1-D Laplace Gaussian ``N(eta_hat, eta_sd^2)``
-        truncated to ``eta >= 0`` (the support); ``m`` and ``r`` are point estimates
-        repeated over draws. ``sample_stats`` carries ``lp`` (exact
-        ``log p(u, eta | m, r)`` of the draw, summed over cells) and ``lp_approx`` (the
-        truncated Gaussian's log density), so
+        truncated to ``eta >= 0`` (the support). With ``globals="point"`` ``m`` and
+        ``r`` are point estimates repeated over draws; with ``globals="laplace"`` each
+        draw first draws ``(m, log_r)`` from their Gaussian approximation
+        (:meth:`globals_posterior`, built once per fit and cached), re-solves every
+        cell's eta mode there (1-D Newton warm-started from the MAP modes, which are
+        left in place afterwards) and draws eta from the cell's truncated Gaussian at
+        those globals, so the per-cell draws carry the globals' uncertainty
+        (:mod:`scribe_stan.laplace.nbvcp_nested`). ``sample_stats`` carries ``lp``
+        (exact log density of the draw: ``log p(u, eta | m, r)`` summed over cells for
+        "point"; joint with the globals, plus their prior, for "laplace") and
+        ``lp_approx`` (the truncated Gaussian's log density, plus the globals'
+        Gaussian log density for "laplace"), so
         :func:`arviz_stats.loo_approximate_posterior` applies. ``log_likelihood`` is the
         NB log likelihood per cell over all fitted genes; ``posterior_predictive`` holds
-        NB replicated counts ``NegBinomial2(exp(m - eta), r)``.
+        NB replicated counts ``NegBinomial2(exp(m - eta), r)`` (at each draw's globals).
+
+        Cost: "laplace" adds the globals' Gaussian once per fit (dense, up to 200
+        genes: ``4G`` gradient evaluations of the Laplace objective; lowrank: 2 per
+        Lanczos product, about ``2 * (a few times 20)``; plus an O(N G^2) Schur
+        precision) and, per draw, one converged per-cell 1-D Newton solve and one
+        Laplace value pass (each O(nnz + N G), like one gradient evaluation).
 
         Parameters
         ----------
@@ -86,6 +145,8 @@ class NbvcpFit(LaplaceResult):
             (default), the ``n`` highest-mean ones, or those names.
             ``draws * cells * genes`` above 2e8 raises ``ValueError``.
         seed : int, optional (default: the fit's seed)
+        globals : {"point", "laplace"}
+            Globals at their MAP (default) or drawn from their Laplace Gaussian.
 
         Returns
         -------
@@ -94,37 +155,54 @@ class NbvcpFit(LaplaceResult):
         Raises
         ------
         TypeError, ValueError
-            ``draws`` not an integer >= 1, invalid or unknown ``genes``, or too many
-            elements (:func:`scribe_stan.fits.base.check_tree_size`).
+            ``draws`` not an integer >= 1, invalid or unknown ``genes``, too many
+            elements (:func:`scribe_stan.fits.base.check_tree_size`), or ``globals``
+            not one of ``("point", "laplace")``.
         """
+        _validate.check_choice("globals", globals, GLOBALS)
         idx = fitted_gene_index(self, genes)
         N = len(self.obs_names)
         draws = check_tree_size(draws, N, idx.size)
         rng = np.random.default_rng(self.settings["seed"] if seed is None else seed)
         problem = self.solution.problem
-        mean, sd = self.eta_hat, self.eta_sd
-        lower = (0.0 - mean) / sd
-        eta = stats.truncnorm.rvs(lower, np.inf, loc=mean, scale=sd, size=(draws, N),
-                                  random_state=rng)
-        lp_approx = stats.truncnorm.logpdf(eta, lower, np.inf, loc=mean, scale=sd)
-        r = self.r
-        lg, _ = gamma_tables(r, problem.offsets)
-        log_lik = log_lik_draws(problem.indptr, problem.indices, problem.vals, lg,
-                                problem.offsets, problem.lgam_u, self.m, r, eta)
-        lp = log_lik + pln.log_capture_prior(eta, problem.a, problem.sigma_M)
-        mean_counts = np.exp(self.m[idx][None, None, :] - eta[..., None])
-        rep_r = r[idx][None, None, :]
-        y_rep = rng.negative_binomial(rep_r, rep_r / (rep_r + mean_counts))
-        rep = lambda a: np.broadcast_to(a, (1, draws) + a.shape)  # noqa: E731
+        if globals == "point":
+            mean, sd = self.eta_hat, self.eta_sd
+            lower = (0.0 - mean) / sd
+            eta = stats.truncnorm.rvs(lower, np.inf, loc=mean, scale=sd, size=(draws, N),
+                                      random_state=rng)
+            lp_approx = stats.truncnorm.logpdf(eta, lower, np.inf, loc=mean, scale=sd)
+            r = self.r
+            lg, _ = gamma_tables(r, problem.offsets)
+            log_lik = log_lik_draws(problem.indptr, problem.indices, problem.vals, lg,
+                                    problem.offsets, problem.lgam_u, self.m, r, eta)
+            lp = log_lik + pln.log_capture_prior(eta, problem.a, problem.sigma_M)
+            mean_counts = np.exp(self.m[idx][None, None, :] - eta[..., None])
+            rep_r = r[idx][None, None, :]
+            y_rep = rng.negative_binomial(rep_r, rep_r / (rep_r + mean_counts))
+            rep = lambda a: np.broadcast_to(a, (1, draws) + a.shape)  # noqa: E731
+            m_post, r_post = rep(self.m[idx]), rep(r[idx])
+            lp, lp_approx = lp.sum(axis=1), lp_approx.sum(axis=1)
+        else:
+            from scribe_stan.laplace.nbvcp_nested import nested_draws
+
+            smp = nested_draws(self.solution, self.globals_posterior(), draws, rng)
+            eta, log_lik = smp["eta"], smp["log_lik"]
+            m_s, r_s = smp["m"][:, idx], np.exp(smp["log_r"][:, idx])
+            mean_counts = np.exp(m_s[:, None, :] - eta[..., None])
+            rep_r = r_s[:, None, :]
+            y_rep = rng.negative_binomial(rep_r, rep_r / (rep_r + mean_counts))
+            m_post, r_post = m_s[None], r_s[None]
+            lp = smp["lp"].sum(axis=1) + smp["log_prior"]
+            lp_approx = smp["lp_approx"].sum(axis=1) + smp["log_q"]
         return convert.build_datatree(
-            posterior={"m": rep(self.m[idx]), "r": rep(r[idx]), "eta": eta[None]},
-            sample_stats={"lp": lp.sum(axis=1)[None], "lp_approx": lp_approx.sum(axis=1)[None]},
+            posterior={"m": m_post, "r": r_post, "eta": eta[None]},
+            sample_stats={"lp": lp[None], "lp_approx": lp_approx[None]},
             log_likelihood={"counts": log_lik[None]},
             posterior_predictive={"counts": y_rep[None]},
             observed_data={"counts": self.data.counts[:, idx]},
             cell_names=self.obs_names, gene_names=self.var_names[idx], n_factors=0,
             attrs={"solver": "laplace", "backend": "numba-cpu", "model": self.model,
-                   "seed": self.settings["seed"], "draws": draws,
+                   "seed": self.settings["seed"], "draws": draws, "globals": globals,
                    "stan_hash": stan_hash(self),
                    "objective": self.objective, "outer_iterations": self.n_iter,
                    "cells_converged": int(self.converged.sum())})
