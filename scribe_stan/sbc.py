@@ -27,8 +27,7 @@ among Laplace draws. By default the Laplace globals are point estimates (MAP of 
 Laplace marginal), so its per-cell intervals ignore the globals' uncertainty and are
 not expected to be exactly calibrated; :func:`laplace_study` re-runs the Laplace check
 alone on a stored study's simulations, also with the globals drawn from their Gaussian
-(nested draws, pln and nbln). The public ``fit`` refuses cells with zero library
-size and drops all-zero genes (with a warning): the Laplace check therefore fits the
+(nested draws). The public ``fit`` refuses cells with zero library size and drops all-zero genes (with a warning): the Laplace check therefore fits the
 cells with counts and reports the latents of the genes it kept; a fit that raises (for
 example fewer than two non-zero genes left) is recorded with its error message and
 counted in the summary, not hidden.
@@ -760,8 +759,8 @@ def _timed_laplace_check(model, truth, settings, seed, globals="point"):
     return info, items
 
 
-#: Models whose Laplace fits draw the globals from their Gaussian (``globals="laplace"``).
-NESTED_MODELS = ("pln", "nbln")
+#: Globals of the Laplace draws (:func:`laplace_study`): MAP or drawn from their Gaussian.
+GLOBALS = ("point", "laplace")
 PIT_COLUMNS = ["sim", "latent", "cell", "gene", "pit"]
 
 
@@ -780,8 +779,8 @@ def laplace_study(model, seeds, settings, *, globals="point", progress=None):
     settings : SBCSettings
         The study's settings (sizes, capture prior, rejection rules, Laplace draws).
     globals : {"point", "laplace"}
-        Globals of the Laplace draws: the MAP, or draws from their Gaussian
-        (:data:`NESTED_MODELS` only).
+        Globals of the Laplace draws: the MAP, or draws from their Gaussian (the fits'
+        ``to_datatree(globals=...)``).
     progress : callable, optional
         Called as ``progress(i, info)`` after each simulation.
 
@@ -795,14 +794,12 @@ def laplace_study(model, seeds, settings, *, globals="point", progress=None):
     Raises
     ------
     ValueError
-        Unknown model, or ``globals="laplace"`` for a model outside
-        :data:`NESTED_MODELS` (the allowed values are named).
+        Unknown model or ``globals`` (the allowed values are named).
     """
     _check_model(model)
-    allowed = ("point", "laplace") if model in NESTED_MODELS else ("point",)
-    if globals not in allowed:
-        raise ValueError(f"globals={globals!r} is not available for {model}; allowed: "
-                         f"{allowed}")
+    if globals not in GLOBALS:
+        raise ValueError(f"globals={globals!r} is not a choice of the Laplace draws; "
+                         f"allowed: {GLOBALS}")
     pit_rows, sim_rows = [], []
     for i, s in enumerate(int(s) for s in seeds):
         truth, _ = simulate(model, settings, np.random.default_rng(s))

@@ -253,6 +253,6 @@ def test_nested_laplace_draws_cover_the_true_latents_where_point_globals_do_not(
     assert c_nested > c_point + 0.05, (c_point, c_nested)
 
 
-def test_laplace_study_refuses_nested_draws_where_there_are_none():
-    with pytest.raises(ValueError, match="allowed: \\('point',\\)"):
-        sbc.laplace_study("lnm", [0], sbc.SBCSettings(), globals="laplace")
+def test_laplace_study_refuses_an_unknown_globals_choice():
+    with pytest.raises(ValueError, match="allowed: \\('point', 'laplace'\\)"):
+        sbc.laplace_study("lnm", [0], sbc.SBCSettings(), globals="full")

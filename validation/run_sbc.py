@@ -26,7 +26,7 @@ Usage (prints the JSON summaries; run nice'd, one model at a time on a small mac
 
 ``--laplace-only GLOBALS`` (``point`` or ``laplace``) re-runs only the Laplace check on
 the stored study's simulations (same seeds, so the same counts and truth; no NUTS) with
-the globals at their MAP or drawn from their Gaussian (nested draws, pln and nbln), and
+the globals at their MAP or drawn from their Gaussian (nested draws), and
 writes ``laplace_<GLOBALS>_pit.csv`` and ``laplace_<GLOBALS>.json`` (coverage of the
 central 50 %/90 % intervals, times) beside the study::
 
@@ -185,7 +185,7 @@ def main(argv=None):
     p.add_argument("--laplace-only", choices=("point", "laplace"), default=None,
                    help="re-run only the Laplace check on the stored study's simulations, "
                         "with the globals at their MAP (point) or drawn from their "
-                        "Gaussian (laplace; pln, nbln)")
+                        "Gaussian (laplace)")
     args = p.parse_args(argv)
     if args.laplace_only:
         out = {m: run_laplace_only(m, args) for m in args.models}
