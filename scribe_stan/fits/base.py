@@ -81,6 +81,16 @@ class LaplaceResult(Fit):
     method = "laplace"
     global_names: ClassVar[tuple[str, ...]] = ()
 
+    def _cached_globals(self, build, *solutions, method, rank, step):
+        """The globals' Gaussian of nested Laplace, ``build(*solutions, method=, rank=,
+        step=, seed=)``, built once per ``(method, rank, step)`` and cached on the fit
+        (subclasses hold the ``_globals_cache`` dict)."""
+        key = (method, rank, step)
+        if key not in self._globals_cache:
+            self._globals_cache[key] = build(*solutions, method=method, rank=rank, step=step,
+                                             seed=self.settings["seed"])
+        return self._globals_cache[key]
+
     def globals(self):
         """The model's global parameters: dict of name to value (arrays over genes)."""
         return {name: getattr(self, name) for name in self.global_names}

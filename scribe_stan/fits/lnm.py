@@ -163,12 +163,8 @@ class LnmLaplaceFit(LaplaceResult):
         """
         from scribe_stan.laplace.lnm_globals import laplace_globals
 
-        key = (method, rank, step)
-        if key not in self._globals_cache:
-            self._globals_cache[key] = laplace_globals(self.composition, self.totals,
-                                                       method=method, rank=rank, step=step,
-                                                       seed=self.settings["seed"])
-        return self._globals_cache[key]
+        return self._cached_globals(laplace_globals, self.composition, self.totals,
+                                    method=method, rank=rank, step=step)
 
     def to_datatree(self, draws=500, *, seed=None, globals="point"):
         """ArviZ DataTree of the Laplace posterior (one chain of independent draws).

@@ -108,7 +108,8 @@ class LaplaceFit(LaplaceResult):
             Dense finite-difference Hessian (2 gradients per global) or Lanczos
             low-rank-plus-block-diagonal; "auto": dense up to 1500 globals.
         rank : int, optional
-            Lowrank: eigenpairs kept (default 60).
+            Lowrank: eigenpairs kept (default
+            :data:`scribe_stan.laplace.globals_posterior.RANK_DEFAULT`, 20).
         step : float
             Finite-difference step in the whitened coordinates.
 
@@ -123,12 +124,8 @@ class LaplaceFit(LaplaceResult):
         """
         from scribe_stan.laplace.globals_posterior import laplace_globals
 
-        key = (method, rank, step)
-        if key not in self._globals_cache:
-            self._globals_cache[key] = laplace_globals(self.solution, method=method,
-                                                       rank=rank, step=step,
-                                                       seed=self.settings["seed"])
-        return self._globals_cache[key]
+        return self._cached_globals(laplace_globals, self.solution, method=method,
+                                    rank=rank, step=step)
 
     def to_datatree(self, draws=500, *, genes=None, seed=None, globals="point"):
         """ArviZ DataTree of the Laplace posterior (one chain of independent draws).

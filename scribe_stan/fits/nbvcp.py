@@ -105,11 +105,8 @@ class NbvcpFit(LaplaceResult):
         """
         from scribe_stan.laplace.nbvcp_nested import nbvcp_globals
 
-        key = (method, rank, step)
-        if key not in self._globals_cache:
-            self._globals_cache[key] = nbvcp_globals(self.solution, method=method, rank=rank,
-                                                     step=step, seed=self.settings["seed"])
-        return self._globals_cache[key]
+        return self._cached_globals(nbvcp_globals, self.solution, method=method, rank=rank,
+                                    step=step)
 
     def to_datatree(self, draws=500, *, genes=None, seed=None, globals="point"):
         """ArviZ DataTree of the Laplace posterior (one chain of independent draws).
