@@ -260,17 +260,22 @@ def _jacobian_gradient(layout, P):
 
 
 class _Gradients:
-    """Exact gradients of the Laplace objective, each from the MAP modes as warm start."""
+    """Exact gradients of a Laplace objective, each from the MAP modes as warm start.
 
-    def __init__(self, problem, layout, theta_hat):
-        self.problem, self.layout = problem, layout
+    ``objective(theta) -> (value, gradient)`` re-solves the problem's cell modes from
+    its current modes; ``finish()`` puts the problem back after the MAP modes are
+    restored (pln: sync them to the device; lnm: the Newton flags).
+    """
+
+    def __init__(self, problem, objective, theta_hat, finish):
+        self.problem, self.objective, self.finish = problem, objective, finish
         self.count, self.worst = 0, 0
-        solver.objective(problem, theta_hat, layout)  # modes at the MAP
+        objective(theta_hat)  # modes at the MAP
         problem.keep_modes()
 
     def __call__(self, theta):
         self.problem.restore_modes()
-        _, g = solver.objective(self.problem, theta, self.layout)
+        _, g = self.objective(theta)
         self.count += 1
         self.worst = max(self.worst, int(np.sum(~np.asarray(self.problem.converged))))
         return g
@@ -278,7 +283,7 @@ class _Gradients:
     def close(self):
         """Put the MAP modes back in the problem."""
         self.problem.restore_modes()
-        self.problem.sync_modes()
+        self.finish()
 
 
 def laplace_globals(solution, *, method="auto", rank=None, step=1e-3, jacobian=True,
@@ -328,7 +333,8 @@ def laplace_globals(solution, *, method="auto", rank=None, step=1e-3, jacobian=T
     theta_hat = layout.pack(solution.mu, solution.W @ V, solution.d, solution.log_r,
                             solution.log_tau)
     P = theta_hat.size
-    grads = _Gradients(problem, layout, theta_hat)
+    grads = _Gradients(problem, lambda theta: solver.objective(problem, theta, layout),
+                       theta_hat, problem.sync_modes)
     try:
         scale = solver.outer_scaling(problem, theta_hat, layout)
         problem.restore_modes()

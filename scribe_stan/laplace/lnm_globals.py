@@ -96,29 +96,6 @@ class CompositionLayout:
         return mu, W, d, None
 
 
-class _Gradients:
-    """Exact gradients of the composition objective, each from the MAP modes."""
-
-    def __init__(self, problem, theta_hat, K):
-        self.problem, self.K = problem, K
-        self.count, self.worst = 0, 0
-        self._flags = (problem.n_iter.copy(), problem.converged.copy())
-        lnm_solver.composition_objective(problem, theta_hat, K)  # modes at the MAP
-        problem.keep_modes()
-
-    def __call__(self, theta):
-        self.problem.restore_modes()
-        _, g = lnm_solver.composition_objective(self.problem, theta, self.K)
-        self.count += 1
-        self.worst = max(self.worst, int(np.sum(~np.asarray(self.problem.converged))))
-        return g
-
-    def close(self):
-        """Put the MAP modes (and their Newton flags) back in the problem."""
-        self.problem.restore_modes()
-        self.problem.n_iter, self.problem.converged = self._flags
-
-
 def composition_globals(solution, *, method="auto", rank=None, step=1e-3, jacobian=True,
                         tol=1e-3, seed=0):
     """Gaussian approximation of the composition globals' posterior of an lnm fit.
@@ -165,7 +142,14 @@ def composition_globals(solution, *, method="auto", rank=None, step=1e-3, jacobi
     Wc = solution.W @ V
     theta_hat = layout.pack(solution.mu, Wc, solution.d)
     P = theta_hat.size
-    grads = _Gradients(problem, theta_hat, K)
+    flags = (problem.n_iter.copy(), problem.converged.copy())
+
+    def restore_flags():
+        problem.n_iter, problem.converged = flags
+
+    grads = gp._Gradients(problem,
+                          lambda theta: lnm_solver.composition_objective(problem, theta, K),
+                          theta_hat, restore_flags)
     try:
         scale = lnm_solver.composition_scaling(problem, solution.mu, Wc, solution.d)
         problem.restore_modes()
