@@ -338,26 +338,10 @@ def laplace_globals(solution, *, method="auto", rank=None, step=1e-3, jacobian=T
     try:
         scale = solver.outer_scaling(problem, theta_hat, layout)
         problem.restore_modes()
-        Q = rotation_generators(solution.W @ V, layout)
-        Qz = np.column_stack([scale.forward(c) for c in Q.T]) if Q.shape[1] else Q
-        Qz = np.linalg.qr(Qz)[0] if Q.shape[1] else Qz
-        r = Qz.shape[1]
-
-        def hvp(v):
-            """Whitened negative Hessian times v (P,): central differences of g."""
-            dtheta = scale.backward(step * np.asarray(v, dtype=float).ravel())
-            dg = grads(theta_hat + dtheta) - grads(theta_hat - dtheta)
-            return -scale.gradient(dg) / (2.0 * step)
-
-        if method == "auto":
-            method = "dense" if P <= DENSE_MAX else "lowrank"
-        if method == "dense":
-            U, lam = _dense(hvp, Qz, P)
-        else:
-            k = RANK_DEFAULT if rank is None else int(rank)
-            if k < 1:
-                raise ValueError(f"rank must be >= 1; got {rank!r}")
-            U, lam = _lowrank(hvp, Qz, P, min(k, P - r - 1), tol, seed)
+        method, Qz, U, lam = whitened_eigenpairs(grads, scale, theta_hat,
+                                                 rotation_generators(solution.W @ V, layout),
+                                                 method=method, rank=rank, step=step,
+                                                 tol=tol, seed=seed)
     finally:
         grads.close()
     n_floored = int(np.sum(lam < EIG_FLOOR))
@@ -375,6 +359,48 @@ def laplace_globals(solution, *, method="auto", rank=None, step=1e-3, jacobian=T
     post.n_gradients, post.n_unconverged = grads.count, grads.worst
     post.wall_time_s = time.perf_counter() - t0
     return post
+
+
+def whitened_eigenpairs(grads, scale, theta_hat, Q, *, method, rank, step, tol, seed):
+    """Eigenpairs of the whitened negative Hessian on the complement of the rotations.
+
+    Parameters
+    ----------
+    grads : callable, theta (P,) -> exact gradient (P,) of the objective.
+    scale : whitening with ``forward``, ``backward``, ``gradient`` (``z = T theta``).
+    theta_hat : (P,) the MAP;  Q : (P, r) rotation generators in theta coordinates.
+    method : {"auto", "dense", "lowrank"};  rank, step, tol, seed : as
+        :func:`laplace_globals`.
+
+    Returns
+    -------
+    method : the method used ("auto" resolved by :data:`DENSE_MAX`).
+    Qz : (P, r) orthonormal whitened rotation generators.
+    U : (P, k) eigenvectors;  lam : (k,) eigenvalues (not floored).
+
+    Raises
+    ------
+    ValueError
+        ``rank < 1``.
+    """
+    P = theta_hat.size
+    Qz = np.column_stack([scale.forward(c) for c in Q.T]) if Q.shape[1] else Q
+    Qz = np.linalg.qr(Qz)[0] if Q.shape[1] else Qz
+
+    def hvp(v):
+        """Whitened negative Hessian times v (P,): central differences of g."""
+        dtheta = scale.backward(step * np.asarray(v, dtype=float).ravel())
+        dg = grads(theta_hat + dtheta) - grads(theta_hat - dtheta)
+        return -scale.gradient(dg) / (2.0 * step)
+
+    if method == "auto":
+        method = "dense" if P <= DENSE_MAX else "lowrank"
+    if method == "dense":
+        return (method, Qz, *_dense(hvp, Qz, P))
+    k = RANK_DEFAULT if rank is None else int(rank)
+    if k < 1:
+        raise ValueError(f"rank must be >= 1; got {rank!r}")
+    return (method, Qz, *_lowrank(hvp, Qz, P, min(k, P - Qz.shape[1] - 1), tol, seed))
 
 
 def _dense(hvp, Qz, P):

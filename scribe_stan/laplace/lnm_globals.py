@@ -153,26 +153,10 @@ def composition_globals(solution, *, method="auto", rank=None, step=1e-3, jacobi
     try:
         scale = lnm_solver.composition_scaling(problem, solution.mu, Wc, solution.d)
         problem.restore_modes()
-        Q = gp.rotation_generators(Wc, layout)
-        Qz = np.column_stack([scale.forward(c) for c in Q.T]) if Q.shape[1] else Q
-        Qz = np.linalg.qr(Qz)[0] if Q.shape[1] else Qz
-        r = Qz.shape[1]
-
-        def hvp(v):
-            """Whitened negative Hessian times v (P,): central differences of g."""
-            dtheta = scale.backward(step * np.asarray(v, dtype=float).ravel())
-            dg = grads(theta_hat + dtheta) - grads(theta_hat - dtheta)
-            return -scale.gradient(dg) / (2.0 * step)
-
-        if method == "auto":
-            method = "dense" if P <= gp.DENSE_MAX else "lowrank"
-        if method == "dense":
-            U, lam = gp._dense(hvp, Qz, P)
-        else:
-            k = gp.RANK_DEFAULT if rank is None else int(rank)
-            if k < 1:
-                raise ValueError(f"rank must be >= 1; got {rank!r}")
-            U, lam = gp._lowrank(hvp, Qz, P, min(k, P - r - 1), tol, seed)
+        method, Qz, U, lam = gp.whitened_eigenpairs(grads, scale, theta_hat,
+                                                    gp.rotation_generators(Wc, layout),
+                                                    method=method, rank=rank, step=step,
+                                                    tol=tol, seed=seed)
     finally:
         grads.close()
     n_floored = int(np.sum(lam < gp.EIG_FLOOR))
