@@ -615,15 +615,81 @@ def laplace_value_grad(counts, const, a, sigma, mu, W, d, inv_r, WW, Lc, x, eta,
     return value, g_mu, g_W, g_d, g_log_r
 
 
+@njit(cache=True, fastmath=_FAST)
+def _cell_gaussian(u, xc, etac, inv_r, Wt, d, WW, G, K, inv_sig2, logdet_sigma, score, lam,
+                   h, invB, phi, Mf, Lm, m, tmpK, tmpK2):
+    """The Laplace Gaussian of one cell at ``(xc, etac)``: fills score, lambda, h, 1/B,
+    Lm (factor of M) and ``phi = A^{-1} lambda``; returns ``(s, log det(-H), sum lambda)``
+    with ``s`` the Schur complement of the eta direction."""
+    _fill_means(xc, etac, G, m)
+    _curvature(u, m, inv_r, Wt, d, WW, G, K, score, lam, h, invB, Mf, Lm)
+    _a_inv_apply(lam, Wt, h, invB, Lm, G, K, tmpK, tmpK2, phi)
+    s = inv_sig2
+    logdet_h = _chol_logdet(Lm, K) - logdet_sigma
+    sum_lam = 0.0
+    for g in range(G):
+        s += lam[g] * (1.0 - phi[g])
+        logdet_h += math.log1p(lam[g] * d[g])
+        sum_lam += lam[g]
+    return s, logdet_h + math.log(s), sum_lam  # log det(-H) = log det A + log s
+
+
+@njit(cache=True, fastmath=_FAST)
+def _draw_cell(u, xm, em, a, inv_sig2, eps_G, eps_K, eps_eta, W, Wt, inv_d, Lc, lam, h,
+               invB, phi, Lm, s, sum_lam, mu_t, Wt_t, inv_d_t, Lc_t, inv_r_t, G, K, dx, xs,
+               r, alpha, tmpK, tmpK2):
+    """One draw ``z = (xm, em) + dz`` from the cell's Gaussian of precision ``-H`` (from
+    :func:`_cell_gaussian`; ``W``, ``Wt``, ``inv_d``, ``Lc`` the globals it was formed
+    at), scored under the target globals ``(mu_t, Wt_t, inv_d_t, Lc_t, inv_r_t)``.
+
+    ``A^{-1} = B^{-1} + (h W) M^{-1} (h W)'`` is a sum of two PSD terms, so
+    ``eps_G / sqrt(B) + h * (W L_M^{-T} eps_K)`` has covariance A^{-1}; then
+    ``eta - em = eps_eta / sqrt(s)`` and x adds ``phi (eta - em)`` (the Schur
+    complement). Fills ``xs`` with the drawn x; returns ``(eta, log likelihood,
+    log density core, dz' (-H) dz)``: the core is ``lik - 1/2 r' Sigma_t^{-1} r - (eta -
+    a)^2 / (2 sigma^2)`` without constants, ``r = x - mu_t``.
+    """
+    # L_M^{-T} eps_K by back substitution with the lower factor.
+    for k in range(K - 1, -1, -1):
+        tt = eps_K[k]
+        for j in range(k + 1, K):
+            tt -= Lm[j, k] * tmpK[j]
+        tmpK[k] = tt / Lm[k, k]
+    de = eps_eta / math.sqrt(s)
+    e = em + de
+    lik = 0.0
+    quad_lam = 0.0
+    lam_dx = 0.0
+    for g in range(G):
+        sg = 0.0
+        for k in range(K):
+            sg += W[g, k] * tmpK[k]
+        dx[g] = eps_G[g] * math.sqrt(invB[g]) + h[g] * sg + phi[g] * de
+        xs[g] = xm[g] + dx[g]
+        lik += _obs_loglik(u[g], xs[g] - e, math.exp(xs[g] - e), inv_r_t[g])
+        r[g] = xs[g] - mu_t[g]
+        quad_lam += lam[g] * dx[g] * dx[g]
+        lam_dx += lam[g] * dx[g]
+    # log N(x | mu, Sigma) needs r' Sigma_t^{-1} r; the Gaussian needs dx' Sigma^{-1} dx.
+    _sigma_inv_apply(r, Wt_t, inv_d_t, Lc_t, G, K, tmpK, tmpK2, alpha)
+    q = 0.0
+    for g in range(G):
+        q += r[g] * alpha[g]
+    _sigma_inv_apply(dx, Wt, inv_d, Lc, G, K, tmpK, tmpK2, alpha)
+    qd = quad_lam
+    for g in range(G):
+        qd += dx[g] * alpha[g]
+    # dz' (-H) dz = dx' A dx - 2 de lambda'dx + (sum(lambda) + 1/sigma_c^2) de^2
+    qd += -2.0 * de * lam_dx + (sum_lam + inv_sig2) * de * de
+    return e, lik, lik - 0.5 * q - 0.5 * (e - a) ** 2 * inv_sig2, qd
+
+
 @njit(parallel=True, cache=True, fastmath=_FAST)
 def sample_cells(counts, const, lgam, a, sigma, mu, W, d, inv_r, WW, Lc, x, eta, genes, eps_G,
                  eps_K, eps_eta, out_x, out_eta, out_loglik, out_lp, out_lp_approx):
-    """Draws from each cell's Gaussian N(z_hat, (-H)^{-1}) through the Woodbury square root.
+    """Draws from each cell's Gaussian N(z_hat, (-H)^{-1}) through the Woodbury square root
+    (:func:`_draw_cell`).
 
-    ``A^{-1} = B^{-1} + (h W) M^{-1} (h W)'`` is a sum of two PSD terms, so
-    ``y = eps_G / sqrt(B) + h * (W L_M^{-T} eps_K)`` has covariance A^{-1}; then
-    ``eta - eta_hat = xi / sqrt(s)`` and x adds ``phi (eta - eta_hat)`` with
-    ``phi = A^{-1} lambda``, which gives the joint covariance (Schur complement).
     Each draw is formed over all G genes, so the per-cell log likelihood, the exact log
     density ``lp`` (all constants) and the Gaussian's log density ``lp_approx`` are
     exact; only the genes in ``genes`` are stored.
@@ -650,75 +716,121 @@ def sample_cells(counts, const, lgam, a, sigma, mu, W, d, inv_r, WW, Lc, x, eta,
     for c in prange(N):
         u = counts[c]
         inv_sig2 = 1.0 / (sigma[c] * sigma[c])
-        score = np.empty(G)
-        lam = np.empty(G)
-        h = np.empty(G)
-        invB = np.empty(G)
-        phi = np.empty(G)
-        dx = np.empty(G)
-        xs = np.empty(G)
-        r = np.empty(G)
+        ws = np.empty((8, G))
+        score, lam, h, invB, phi, dx, xs, r = (ws[0], ws[1], ws[2], ws[3], ws[4], ws[5],
+                                               ws[6], ws[7])
         alpha = np.empty(G)
         Lm = np.empty((K, K))
         Mf = np.empty(K * K)
         tmpK = np.empty(K)
         tmpK2 = np.empty(K)
-        _fill_means(x[c], eta[c], G, xs)
-        _curvature(u, xs, inv_r, W, d, WW, G, K, score, lam, h, invB, Mf, Lm)
-        _a_inv_apply(lam, Wt, h, invB, Lm, G, K, tmpK, tmpK2, phi)
-        s = inv_sig2
-        logdet_h = _chol_logdet(Lm, K) - logdet_sigma
-        for g in range(G):
-            s += lam[g] * (1.0 - phi[g])
-            logdet_h += math.log1p(lam[g] * d[g])
-        logdet_h += math.log(s)  # log det(-H) = log det A + log s
-        sum_lam = 0.0
-        for g in range(G):
-            sum_lam += lam[g]
+        s, logdet_h, sum_lam = _cell_gaussian(u, x[c], eta[c], inv_r, Wt, d, WW, G, K,
+                                              inv_sig2, logdet_sigma, score, lam, h, invB,
+                                              phi, Mf, Lm, xs, tmpK, tmpK2)
         # const holds the likelihood's constants, the eta prior normalizer and +1/2 log 2 pi.
         lp_const = const[c] - (G + 1) * half_log_2pi - 0.5 * logdet_sigma
         lpa_const = -(G + 1) * half_log_2pi + 0.5 * logdet_h
         for i in range(S):
-            # L_M^{-T} eps_K by back substitution with the lower factor.
-            for k in range(K - 1, -1, -1):
-                tt = eps_K[i, c, k]
-                for j in range(k + 1, K):
-                    tt -= Lm[j, k] * tmpK[j]
-                tmpK[k] = tt / Lm[k, k]
-            de = eps_eta[i, c] / math.sqrt(s)
-            e = eta[c] + de
-            lik = 0.0
-            quad_lam = 0.0
-            lam_dx = 0.0
+            e, lik, core, qd = _draw_cell(u, x[c], eta[c], a[c], inv_sig2, eps_G[i, c],
+                                          eps_K[i, c], eps_eta[i, c], W, Wt, inv_d, Lc, lam,
+                                          h, invB, phi, Lm, s, sum_lam, mu, Wt, inv_d, Lc,
+                                          inv_r, G, K, dx, xs, r, alpha, tmpK, tmpK2)
+            _store_draw(out_x, out_eta, out_loglik, out_lp, out_lp_approx, i, c, genes, Gs,
+                        xs, e, lik + lgam[c], lp_const + core, lpa_const - 0.5 * qd)
+
+
+@njit(cache=True)
+def _store_draw(out_x, out_eta, out_loglik, out_lp, out_lp_approx, i, c, genes, Gs, xs, e,
+                loglik, lp, lp_approx):
+    out_eta[i, c] = e
+    out_loglik[i, c] = loglik
+    for j in range(Gs):
+        out_x[i, c, j] = xs[genes[j]]
+    out_lp[i, c] = lp if e >= 0.0 else -np.inf  # outside the truncated prior's support
+    out_lp_approx[i, c] = lp_approx
+
+
+@njit(parallel=True, cache=True, fastmath=_FAST)
+def nested_sample_cells(counts, const, lgam, a, sigma, mu, W, d, inv_r, WW, Lc, x, eta,
+                        fix_eta, genes, mu_s, Wt_s, inv_d_s, inv_r_s, Lc_s, logdet_sigma_s,
+                        eps_G, eps_K, eps_eta, out_x, out_eta, out_loglik, out_lp,
+                        out_lp_approx):
+    """Per-cell draws at drawn globals ``theta_s`` with the Hessian held at the MAP.
+
+    For each cell the negative Hessian ``-H`` at its mode ``z_hat`` under the MAP
+    globals ``(mu, W, d, inv_r)`` is factored once. At each draw ``i`` the mode is moved
+    by one Newton step with that Hessian, ``z_i = z_hat + (-H)^{-1} grad f_i(z_hat)``
+    (``f_i`` the cell's log density at ``theta_i``; eta's step is projected onto
+    ``eta >= 0``, and zero with ``fix_eta``), then z is drawn from ``N(z_i, (-H)^{-1})``
+    (:func:`_draw_cell`) and scored under ``theta_i``. The mode's error is second order
+    in the globals' shift, as for a full Newton step; the Gaussian's covariance is the
+    MAP's, exact to first order.
+
+    Parameters
+    ----------
+    counts, a, sigma, mu, W, d, inv_r, WW, Lc, x, eta, genes : as in :func:`sample_cells`
+        (the MAP's globals and modes).
+    const, lgam : (S, N) as in :func:`sample_cells` at each draw's dispersions.
+    fix_eta : bool, eta held at ``eta`` (a cascade) in the mode step.
+    mu_s : (S, G);  Wt_s : (S, K, G) contiguous loadings transposed;  inv_d_s, inv_r_s :
+        (S, G);  Lc_s : (S, K, K) factors of ``I + W_s' diag(1/d_s) W_s``;
+        logdet_sigma_s : (S,) ``log det Sigma_s``: the drawn globals.
+    eps_G, eps_K, eps_eta, out_* : as in :func:`sample_cells`.
+    """
+    S, N, G = eps_G.shape
+    K = W.shape[1]
+    Gs = genes.shape[0]
+    Wt = np.ascontiguousarray(W.T)
+    inv_d = 1.0 / d
+    logdet_sigma = _chol_logdet(Lc, K)
+    for g in range(G):
+        logdet_sigma += math.log(d[g])
+    half_log_2pi = 0.5 * math.log(2.0 * math.pi)
+    for c in prange(N):
+        u = counts[c]
+        inv_sig2 = 1.0 / (sigma[c] * sigma[c])
+        ws = np.empty((11, G))
+        score, lam, h, invB, phi, dx, xs, r, gx, xm, m = (ws[0], ws[1], ws[2], ws[3], ws[4],
+                                                          ws[5], ws[6], ws[7], ws[8], ws[9],
+                                                          ws[10])
+        alpha = np.empty(G)
+        Lm = np.empty((K, K))
+        Mf = np.empty(K * K)
+        tmpK = np.empty(K)
+        tmpK2 = np.empty(K)
+        s, logdet_h, sum_lam = _cell_gaussian(u, x[c], eta[c], inv_r, Wt, d, WW, G, K,
+                                              inv_sig2, logdet_sigma, score, lam, h, invB,
+                                              phi, Mf, Lm, m, tmpK, tmpK2)
+        lpa_const = -(G + 1) * half_log_2pi + 0.5 * logdet_h
+        for i in range(S):
+            # gradient of f_i at the MAP mode: likelihood score at theta_i's dispersions
+            # minus Sigma_i^{-1} (x - mu_i); eta's is the score's negated sum and prior
+            resid = 0.0
             for g in range(G):
-                sg = 0.0
-                for k in range(K):
-                    sg += W[g, k] * tmpK[k]
-                dx[g] = eps_G[i, c, g] * math.sqrt(invB[g]) + h[g] * sg + phi[g] * de
-                xs[g] = x[c, g] + dx[g]
-                lik += _obs_loglik(u[g], xs[g] - e, math.exp(xs[g] - e), inv_r[g])
-                r[g] = xs[g] - mu[g]
-                quad_lam += lam[g] * dx[g] * dx[g]
-                lam_dx += lam[g] * dx[g]
-            # log N(x | mu, Sigma) needs r' Sigma^{-1} r; the Gaussian needs dx' Sigma^{-1} dx.
-            _sigma_inv_apply(r, Wt, inv_d, Lc, G, K, tmpK, tmpK2, alpha)
-            q = 0.0
+                sg, _ = _obs_score_curv(u[g], m[g], inv_r_s[i, g])
+                resid += sg
+                gx[g] = sg
+                r[g] = x[c, g] - mu_s[i, g]
+            _sigma_inv_apply(r, Wt_s[i], inv_d_s[i], Lc_s[i], G, K, tmpK, tmpK2, alpha)
             for g in range(G):
-                q += r[g] * alpha[g]
-            _sigma_inv_apply(dx, Wt, inv_d, Lc, G, K, tmpK, tmpK2, alpha)
-            qd = quad_lam
+                gx[g] -= alpha[g]
+            _a_inv_apply(gx, Wt, h, invB, Lm, G, K, tmpK, tmpK2, dx)  # A^{-1} g_x
+            d_eta = 0.0
+            if not fix_eta:
+                lpsi = 0.0
+                for g in range(G):
+                    lpsi += lam[g] * dx[g]
+                d_eta = max((-resid - (eta[c] - a[c]) * inv_sig2 + lpsi) / s, -eta[c])
             for g in range(G):
-                qd += dx[g] * alpha[g]
-            # dz' (-H) dz = dx' A dx - 2 de lambda'dx + (sum(lambda) + 1/sigma_c^2) de^2
-            qd += -2.0 * de * lam_dx + (sum_lam + inv_sig2) * de * de
-            out_eta[i, c] = e
-            out_loglik[i, c] = lik + lgam[c]
-            for j in range(Gs):
-                out_x[i, c, j] = xs[genes[j]]
-            out_lp[i, c] = lp_const + lik - 0.5 * q - 0.5 * (e - a[c]) ** 2 * inv_sig2
-            if e < 0.0:
-                out_lp[i, c] = -np.inf  # outside the truncated prior's support
-            out_lp_approx[i, c] = lpa_const - 0.5 * qd
+                xm[g] = x[c, g] + dx[g] + phi[g] * d_eta
+            e, lik, core, qd = _draw_cell(u, xm, eta[c] + d_eta, a[c], inv_sig2, eps_G[i, c],
+                                          eps_K[i, c], eps_eta[i, c], W, Wt, inv_d, Lc, lam,
+                                          h, invB, phi, Lm, s, sum_lam, mu_s[i], Wt_s[i],
+                                          inv_d_s[i], Lc_s[i], inv_r_s[i], G, K, dx, xs, r,
+                                          alpha, tmpK, tmpK2)
+            lp_const = const[i, c] - (G + 1) * half_log_2pi - 0.5 * logdet_sigma_s[i]
+            _store_draw(out_x, out_eta, out_loglik, out_lp, out_lp_approx, i, c, genes, Gs,
+                        xs, e, lik + lgam[i, c], lp_const + core, lpa_const - 0.5 * qd)
 
 
 @njit(parallel=True, cache=True, fastmath=_FAST)

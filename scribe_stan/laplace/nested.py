@@ -1,26 +1,46 @@
 """Per-cell draws that integrate over the globals' posterior (nested Laplace draws).
 
 For each draw ``theta_s`` of the globals from their Gaussian approximation
-(:mod:`scribe_stan.laplace.globals_posterior`), every cell's Newton step is re-run at
-``theta_s`` (warm-started from its mode at the MAP, the same start for every draw) and
-the cell's latents ``(x_c, eta_c)`` are drawn from its Laplace Gaussian at ``theta_s``
-(by default after one Newton step: ``newton_steps``):
-one draw of ``p(theta, x, eta | u) ~ q(theta) prod_c q_c(x_c, eta_c | theta)``. The
+(:mod:`scribe_stan.laplace.globals_posterior`), every cell's mode is moved by one
+Newton step from its mode at the MAP towards its mode at ``theta_s``, and the cell's
+latents ``(x_c, eta_c)`` are drawn from its Laplace Gaussian there: one draw of
+``p(theta, x, eta | u) ~ q(theta) prod_c q_c(x_c, eta_c | theta)``. The
 point-globals draws of :meth:`~scribe_stan.laplace.solver.LaplaceProblem.sample` are
 the special case ``theta_s = theta_hat``.
+
+Two ways to take that step (``curvature``; ``"auto"``, the default, takes ``"map"`` for
+pln and ``"drawn"`` for nbln):
+
+``"map"`` (pln on the CPU)
+    The Newton step and the Gaussian's covariance use each cell's Hessian at the MAP,
+    factored once for all draws; a draw then costs a gradient and a Woodbury solve per
+    cell, O(G K), about what a point draw costs
+    (:func:`scribe_stan.laplace.cpu.nested_sample_cells`). The mode's error is second
+    order in the globals' shift, and the covariance's first-order change averages out
+    over the draws (its mean over symmetric shifts is zero), so the mixture's moments
+    match to second order. Measured against ``"drawn"`` (400 cells x 30 genes, K=3,
+    2000 draws): pln per-cell sds 0.993 (x) and 0.989 (eta) of ``"drawn"``'s, means
+    within Monte Carlo noise; nbln 0.94 and 0.91, because NB's curvature moves with the
+    drawn dispersions (Jensen: the average of ``1 / lambda`` over the draws exceeds its
+    value at the MAP), so nbln keeps ``"drawn"``.
+``"drawn"``
+    ``newton_steps`` full Newton steps at ``theta_s`` (Hessian re-formed and factored,
+    O(G K^2) per cell and step) and the Gaussian at the new point. The reference for
+    ``"map"``, the path on a CUDA device, and the one behind ``values``.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-
 #: Newton steps per cell at each drawn set of globals (:func:`nested_draws`).
 NEWTON_STEPS_DEFAULT = 1
+#: Hessians of the nested step (:func:`nested_draws`).
+CURVATURES = ("auto", "map", "drawn")
 
 
 def nested_draws(solution, post, draws, rng, *, genes=None, values=False,
-                 newton_steps=NEWTON_STEPS_DEFAULT):
+                 newton_steps=NEWTON_STEPS_DEFAULT, curvature="auto"):
     """Joint draws of the globals and of every cell's latents.
 
     Parameters
@@ -32,47 +52,68 @@ def nested_draws(solution, post, draws, rng, *, genes=None, values=False,
     genes : (Gs,) int indices of the genes whose x draws are returned (default all).
     values : bool
         Also return each cell's Laplace value ``log p_hat(u_c | theta_s)`` (``laplace``);
-        the Newton steps then run to convergence.
+        the Newton steps then run to convergence (``curvature="drawn"``).
     newton_steps : int >= 1 or None
-        Newton steps per cell at each ``theta_s`` from the MAP modes (None: to
-        convergence; default :data:`NEWTON_STEPS_DEFAULT`). A draw of the globals
-        moves each cell's mode by a fraction of its posterior sd, and Newton converges
-        quadratically, so one step leaves an error of second order in that shift
-        (measured on a 400-cell, 30-gene pln simulation: median 0.001, worst cell
-        0.07 posterior sds; two steps: 6e-4 worst) at a fraction of the cost of a
-        converged solve (``validation/bench_nested_cost.py``).
+        ``curvature="drawn"``: Newton steps per cell at each ``theta_s`` from the MAP
+        modes (None: to convergence; default :data:`NEWTON_STEPS_DEFAULT`). A draw of
+        the globals moves each cell's mode by a fraction of its posterior sd, and Newton
+        converges quadratically, so one step leaves an error of second order in that
+        shift (measured on a 400-cell, 30-gene pln simulation: median 0.001, worst cell
+        0.07 posterior sds; two steps: 6e-4 worst).
+    curvature : {"auto", "map", "drawn"}
+        The Hessian of the step and of the Gaussian (module docs); "auto": "map" for pln
+        (``solution.log_r is None``), "drawn" for nbln. "map" needs the CPU kernels; on
+        a device "drawn" is taken.
 
     Returns
     -------
     dict
         ``mu`` (S, G), ``W`` (S, G, K) (the fit's rotation), ``d`` (S, G), ``log_r``
         (S, G) or None; ``x`` (S, N, Gs), ``eta``, ``log_lik``, ``lp``, ``lp_approx``
-        (S, N) as in ``LaplaceProblem.sample`` at each ``theta_s``; ``log_prior`` (S,)
-        the globals' log prior plus the ``log d`` Jacobian (density of the optimizer's
-        coordinates); ``log_q`` (S,) their Gaussian's log density; ``converged`` (S,)
-        fraction of cells whose Newton step converged (within ``newton_steps``:
-        met the tolerance in that many steps); with ``values`` also
-        ``laplace`` (S, N).
+        (S, N) as in ``LaplaceProblem.sample`` at each ``theta_s`` (``lp_approx`` the
+        log density of the Gaussian the draw came from); ``log_prior`` (S,) the globals'
+        log prior plus the ``log d`` Jacobian (density of the optimizer's coordinates);
+        ``log_q`` (S,) their Gaussian's log density; ``converged`` (S,) fraction of
+        cells whose Newton met the tolerance within ``newton_steps`` ("drawn"; NaN for
+        "map", which takes no iterative step); with ``values`` also ``laplace`` (S, N).
+
+    Raises
+    ------
+    ValueError
+        ``curvature`` not one of ``("auto", "map", "drawn")``.
     """
+    if curvature not in CURVATURES:
+        raise ValueError(f"curvature must be one of {CURVATURES}; got {curvature!r}")
+    if curvature == "auto":
+        curvature = "map" if solution.log_r is None else "drawn"
     problem, layout = solution.problem, post.layout
     N, G = problem.shape
-    K = solution.W.shape[1]
     genes = np.arange(G) if genes is None else np.asarray(genes, dtype=np.int64)
     thetas, log_q = post.draw(draws, rng)
-    out = {"mu": np.empty((draws, G)), "W": np.empty((draws, G, K)),
-           "d": np.empty((draws, G)),
-           "log_r": None if solution.log_r is None else np.empty((draws, G)),
-           "x": np.empty((draws, N, genes.size)),
-           **{k: np.empty((draws, N)) for k in ("eta", "log_lik", "lp", "lp_approx")},
-           "log_prior": np.empty(draws), "log_q": log_q, "converged": np.empty(draws)}
+    glob = [post.unpack(theta) for theta in thetas]
+    out = {"mu": np.stack([g[0] for g in glob]), "W": np.stack([g[1] for g in glob]),
+           "d": np.stack([g[2] for g in glob]),
+           "log_r": None if solution.log_r is None else np.stack([g[3] for g in glob]),
+           "log_prior": np.array([layout.log_prior(*g, layout.log_tau(theta))[0]
+                                  for g, theta in zip(glob, thetas)])
+           + post.log_jacobian(thetas),
+           "log_q": log_q}
+    problem.modes(solution.mu, solution.W, solution.d, log_r=solution.log_r, eta=layout.eta)
+    if curvature == "map" and not values and problem.shifts_on_host:
+        out.update(problem.sample_shifted(solution.mu, solution.W, solution.d, out, rng,
+                                          log_r=solution.log_r,
+                                          fix_eta=layout.eta is not None, genes=genes))
+        out["converged"] = np.full(draws, np.nan)
+        return out
+    out.update({"x": np.empty((draws, N, genes.size)),
+                **{k: np.empty((draws, N)) for k in ("eta", "log_lik", "lp", "lp_approx")},
+                "converged": np.empty(draws)})
     if values:
         out["laplace"] = np.empty((draws, N))
-    problem.modes(solution.mu, solution.W, solution.d, log_r=solution.log_r, eta=layout.eta)
     problem.keep_modes()
     try:
-        for s, theta in enumerate(thetas):
+        for s, (mu, W, d, log_r) in enumerate(glob):
             problem.restore_modes()
-            mu, W, d, log_r = post.unpack(theta)
             if values:
                 out["laplace"][s] = problem.log_marginal(mu, W, d, log_r=log_r,
                                                          eta=layout.eta)
@@ -82,11 +123,6 @@ def nested_draws(solution, post, draws, rng, *, genes=None, values=False,
             smp = problem.sample(mu, W, d, 1, rng, log_r=log_r, genes=genes)
             for key in ("x", "eta", "log_lik", "lp", "lp_approx"):
                 out[key][s] = smp[key][0]
-            out["mu"][s], out["W"][s], out["d"][s] = mu, W, d
-            if log_r is not None:
-                out["log_r"][s] = log_r
-            out["log_prior"][s] = (layout.log_prior(mu, W, d, log_r, layout.log_tau(theta))[0]
-                                   + post.log_jacobian(theta))
     finally:
         problem.restore_modes()
         problem.sync_modes()

@@ -466,6 +466,76 @@ class LaplaceProblem:
                 *(out[k][start:stop] for k in ("x", "eta", "log_lik", "lp", "lp_approx")))
         return out
 
+    @property
+    def shifts_on_host(self):
+        """Whether :meth:`sample_shifted` runs here (the CPU kernels; not on a device)."""
+        return self._device is None and hasattr(self._kernels, "nested_sample_cells")
+
+    def sample_shifted(self, mu, W, d, drawn, rng, *, log_r=None, fix_eta=False, genes=None,
+                       block_bytes=2**28):
+        """Draws ``(x, eta)`` at drawn globals, the Hessian held at the stored modes.
+
+        The stored modes must be converged at ``(mu, W, d, log_r)`` (the MAP). Draw
+        ``s`` moves every cell's mode by one Newton step towards its mode at
+        ``drawn[s]`` with the Hessian of the MAP (no refactorization per draw), draws
+        from the MAP's Gaussian around it, and scores the draw under ``drawn[s]``
+        (:func:`scribe_stan.laplace.cpu.nested_sample_cells`). CPU kernels only
+        (:attr:`shifts_on_host`).
+
+        Parameters
+        ----------
+        mu, W, d, log_r : the MAP globals.
+        drawn : dict with ``mu`` (S, G), ``W`` (S, G, K), ``d`` (S, G) and, for nbln,
+            ``log_r`` (S, G): the drawn globals.
+        rng : numpy Generator;  fix_eta : bool, eta held at its stored value in the step.
+        genes, block_bytes : as in :meth:`sample`.
+
+        Returns
+        -------
+        dict as :meth:`sample`, draw ``s`` scored at ``drawn[s]``.
+
+        Raises
+        ------
+        RuntimeError
+            On a device (use :meth:`modes` and :meth:`sample` per draw there).
+        """
+        if not self.shifts_on_host:
+            raise RuntimeError("sample_shifted needs the CPU kernels; on a device take "
+                               "modes(..., steps=1) and sample() at each draw")
+        N, G = self.shape
+        S = drawn["mu"].shape[0]
+        mu, W, d = (np.ascontiguousarray(v, dtype=np.float64) for v in (mu, W, d))
+        genes = np.arange(G) if genes is None else np.asarray(genes, dtype=np.int64)
+        mu_s = np.ascontiguousarray(drawn["mu"], dtype=np.float64)
+        W_s = np.asarray(drawn["W"], dtype=np.float64)
+        d_s = np.asarray(drawn["d"], dtype=np.float64)
+        log_r_s = drawn.get("log_r")
+        Lc_s = np.linalg.cholesky(np.eye(W.shape[1]) + np.swapaxes(W_s / d_s[..., None], 1, 2)
+                                  @ W_s)
+        logdet_s = (2.0 * np.log(np.diagonal(Lc_s, axis1=1, axis2=2)).sum(axis=1)
+                    + np.log(d_s).sum(axis=1))
+        lik = np.stack([self.lik_constants(None if log_r_s is None else log_r_s[s])
+                        for s in range(S)])
+        inv_r_s = np.stack([inverse_dispersion(None if log_r_s is None else log_r_s[s], G)
+                            for s in range(S)])
+        out = {"x": np.empty((S, N, genes.size)),
+               **{k: np.empty((S, N)) for k in ("eta", "log_lik", "lp", "lp_approx")}}
+        block = max(1, min(S, block_bytes // (8 * N * G)))
+        for start in range(0, S, block):
+            sl = slice(start, min(S, start + block))
+            n = sl.stop - start
+            self._kernels.nested_sample_cells(
+                self._dcounts, lik[sl] + self._const_eta, lik[sl], self.a, self.sigma, mu,
+                W, d, inverse_dispersion(log_r, G), pair_products(W), shared_factor(W, d),
+                self.x, self.eta, bool(fix_eta), genes, mu_s[sl],
+                np.ascontiguousarray(np.swapaxes(W_s[sl], 1, 2)),
+                np.ascontiguousarray(1.0 / d_s[sl]), inv_r_s[sl],
+                np.ascontiguousarray(Lc_s[sl]), logdet_s[sl],
+                rng.standard_normal((n, N, G)), rng.standard_normal((n, N, W.shape[1])),
+                rng.standard_normal((n, N)),
+                *(out[k][sl] for k in ("x", "eta", "log_lik", "lp", "lp_approx")))
+        return out
+
 
 def _check_cells(name, value, n, *, positive=False):
     """A length-n finite float vector (copied); ValueError naming ``name`` otherwise."""
