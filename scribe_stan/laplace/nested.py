@@ -56,23 +56,19 @@ def nested_draws(solution, post, draws, rng, *, genes=None, values=False,
     """
     problem, layout = solution.problem, post.layout
     N, G = problem.shape
-    K = solution.W.shape[1]
     genes = np.arange(G) if genes is None else np.asarray(genes, dtype=np.int64)
-    thetas, log_q = post.draw(draws, rng)
-    out = {"mu": np.empty((draws, G)), "W": np.empty((draws, G, K)),
-           "d": np.empty((draws, G)),
-           "log_r": None if solution.log_r is None else np.empty((draws, G)),
-           "x": np.empty((draws, N, genes.size)),
-           **{k: np.empty((draws, N)) for k in ("eta", "log_lik", "lp", "lp_approx")},
-           "log_prior": np.empty(draws), "log_q": log_q, "converged": np.empty(draws)}
+    out = draw_globals(post, draws, rng)
+    out.update({"x": np.empty((draws, N, genes.size)), "converged": np.empty(draws),
+                **{k: np.empty((draws, N)) for k in ("eta", "log_lik", "lp", "lp_approx")}})
     if values:
         out["laplace"] = np.empty((draws, N))
     problem.modes(solution.mu, solution.W, solution.d, log_r=solution.log_r, eta=layout.eta)
     problem.keep_modes()
     try:
-        for s, theta in enumerate(thetas):
+        for s in range(draws):
             problem.restore_modes()
-            mu, W, d, log_r = post.unpack(theta)
+            mu, W, d = out["mu"][s], out["W"][s], out["d"][s]
+            log_r = None if out["log_r"] is None else out["log_r"][s]
             if values:
                 out["laplace"][s] = problem.log_marginal(mu, W, d, log_r=log_r,
                                                          eta=layout.eta)
@@ -82,12 +78,33 @@ def nested_draws(solution, post, draws, rng, *, genes=None, values=False,
             smp = problem.sample(mu, W, d, 1, rng, log_r=log_r, genes=genes)
             for key in ("x", "eta", "log_lik", "lp", "lp_approx"):
                 out[key][s] = smp[key][0]
-            out["mu"][s], out["W"][s], out["d"][s] = mu, W, d
-            if log_r is not None:
-                out["log_r"][s] = log_r
-            out["log_prior"][s] = (layout.log_prior(mu, W, d, log_r, layout.log_tau(theta))[0]
-                                   + post.log_jacobian(theta))
     finally:
         problem.restore_modes()
         problem.sync_modes()
     return out
+
+
+def draw_globals(post, draws, rng):
+    """Draws of the globals from their Gaussian, no latents.
+
+    Parameters
+    ----------
+    post : scribe_stan.laplace.globals_posterior.GlobalsPosterior;  draws : int >= 1;
+    rng : numpy Generator.
+
+    Returns
+    -------
+    dict
+        ``mu`` (S, G), ``W`` (S, G, K) (the fit's rotation), ``d`` (S, G), ``log_r``
+        (S, G) or None (pln, or a held ``log_r``); ``log_prior`` (S,) the globals' log
+        prior plus the ``log d`` (and ``log tau``) Jacobian: the density of the
+        Gaussian's coordinates; ``log_q`` (S,) the Gaussian's log density.
+    """
+    layout = post.layout
+    thetas, log_q = post.draw(draws, rng)
+    mu, W, d, log_r = zip(*(post.unpack(theta) for theta in thetas))
+    log_prior = np.array([layout.log_prior(*g, layout.log_tau(theta))[0]
+                          for g, theta in zip(zip(mu, W, d, log_r), thetas)])
+    return {"mu": np.array(mu), "W": np.array(W), "d": np.array(d),
+            "log_r": None if log_r[0] is None else np.array(log_r),
+            "log_prior": log_prior + post.log_jacobian(thetas), "log_q": log_q}
