@@ -34,12 +34,15 @@ Capture prior. Every model is evaluated under its own capture prior of SPEC
 nbvcp cascade held or informed eta while its globals were fitted; here eta is integrated
 under the standard prior at the cascade's globals, so the number is the nbln model's.
 
-The globals are plug-in point estimates (Laplace) or posterior draws (HMC, see
-:mod:`scribe_stan.model_comparison`).
+The globals are plug-in point estimates (Laplace), posterior draws (HMC) or draws from
+the Laplace fit's Gaussian of the globals (``globals="laplace"``); see
+:mod:`scribe_stan.model_comparison`. Every ``*_weights`` function takes its globals
+explicitly.
 """
 
 from __future__ import annotations
 
+from copy import deepcopy
 from dataclasses import dataclass
 
 import arviz_stats  # noqa: F401  (registers the .azstats accessor)
@@ -52,6 +55,18 @@ from scribe_stan.models import pln
 
 #: Cells x genes x draws of Gaussian variates held at once when sampling lnm latents.
 _BLOCK_ELEMENTS = 3 * 10**7
+#: Fewest draws a Pareto k-hat (and PSIS) takes: its tail is a fifth of them, at least 5.
+MIN_DRAWS = 25
+
+
+def check_draws(draws, name="draws"):
+    """``int(draws)``; ValueError unless an integer >= :data:`MIN_DRAWS`."""
+    if (not isinstance(draws, (int, np.integer)) or isinstance(draws, bool)
+            or draws < MIN_DRAWS):
+        raise ValueError(f"{name} must be an integer >= {MIN_DRAWS} (the Pareto tail of "
+                         f"PSIS and k-hat is a fifth of the draws, at least 5); got "
+                         f"{draws!r}")
+    return int(draws)
 
 
 @dataclass
@@ -113,23 +128,34 @@ def nbvcp_weights(problem, m, log_r, draws, rng):
     return CellWeights(log_p - log_q, laplace)
 
 
-def lnm_weights(fit, draws, rng):
-    """IS pieces of an :class:`~scribe_stan.fits.LnmLaplaceFit` at its globals.
+def lnm_weights(composition, totals, mu, W, d, log_m_T, log_r_T, draws, rng):
+    """IS pieces of lnm / lnmvcp at globals ``(mu, W, d)`` and ``(log_m_T, log_r_T)``.
 
     Composition block: draws of y (or of the factor scores) from each cell's Gaussian;
     total block: exact NB (lnm) or eta from its truncated 1-D Gaussian (lnmvcp).
+
+    Parameters
+    ----------
+    composition : lnm_solver.CompositionProblem;  totals : lnm_solver.TotalProblem
+        Their modes are re-solved at these globals, warm-started from the stored ones,
+        and left there (pass copies to keep a fit's modes).
+    mu (D,), W (D, K), d (D,) or None (low-rank mode): ALR composition globals.
+    log_m_T, log_r_T : float, the totals' globals.
+    draws : int;  rng : numpy Generator.
+
+    Returns
+    -------
+    CellWeights
     """
-    comp_problem = fit.composition.problem
-    N, D = comp_problem.shape
-    laplace = (comp_problem.log_marginal(fit.mu_alr, fit.W_alr, fit.composition.d)
-               + fit.totals.problem.log_marginal(fit.totals.log_m_T, fit.totals.log_r_T))
+    N, D = composition.shape
+    laplace = (composition.log_marginal(mu, W, d)
+               + totals.log_marginal(log_m_T, log_r_T))
     block = max(1, min(draws, _BLOCK_ELEMENTS // max(N * D, 1)))
     lw = np.empty((draws, N))
     for start in range(0, draws, block):
-        part = comp_problem.sample(fit.mu_alr, fit.W_alr, fit.composition.d,
-                                   min(block, draws - start), rng)
+        part = composition.sample(mu, W, d, min(block, draws - start), rng)
         lw[start:start + block] = part["lp"] - part["lp_approx"]
-    _, _, lp_tot, lpa_tot = fit._totals_draws(draws, rng)
+    _, _, lp_tot, lpa_tot = totals.sample(log_m_T, log_r_T, draws, rng)
     return CellWeights(lw + lp_tot - lpa_tot, laplace)
 
 
@@ -146,12 +172,12 @@ def weights_of_fit(fit, draws, rng):
         weights, _ = lognormal_weights(fit.data, fit.mu, fit.W, fit.d, fit.log_r, draws, rng,
                                        start=(fit.x_hat, fit.eta_hat))
         return weights
+    # copies of the problems: the fit's warm-start state is left as it was
     if family == "nbvcp":
-        # a copy of the problem: the fit's warm-start state is left as it was
-        from copy import deepcopy
-
         return nbvcp_weights(deepcopy(fit.solution.problem), fit.m, fit.log_r, draws, rng)
-    return lnm_weights(fit, draws, rng)
+    return lnm_weights(deepcopy(fit.composition.problem), deepcopy(fit.totals.problem),
+                       fit.mu_alr, fit.W_alr, fit.composition.d, fit.totals.log_m_T,
+                       fit.totals.log_r_T, draws, rng)
 
 
 def is_estimate(log_weights):
@@ -184,8 +210,8 @@ def cell_log_predictive(fit, *, draws=200, seed=0):
     Parameters
     ----------
     fit : LaplaceFit (pln, nbln), NbvcpFit or LnmLaplaceFit (lnm, lnmvcp).
-    draws : int >= 10
-        Importance-sampling draws per cell.
+    draws : int >= 25
+        Importance-sampling draws per cell (:data:`MIN_DRAWS`).
     seed : int
 
     Returns
@@ -197,14 +223,12 @@ def cell_log_predictive(fit, *, draws=200, seed=0):
     Raises
     ------
     ValueError
-        ``draws < 10``.
+        ``draws`` not an integer >= 25.
     TypeError
         Not a Laplace fit.
     """
-    if not isinstance(draws, (int, np.integer)) or draws < 10:
-        raise ValueError(f"draws must be an integer >= 10 (importance-sampling draws per "
-                         f"cell); got {draws!r}")
-    w = weights_of_fit(fit, int(draws), np.random.default_rng(seed))
+    draws = check_draws(draws)
+    w = weights_of_fit(fit, draws, np.random.default_rng(seed))
     elpd, k = is_estimate(w.log_weights)
     cells = np.asarray(fit.obs_names, dtype=str)
     return xr.Dataset({"elpd": ("cell", elpd), "laplace": ("cell", w.laplace),

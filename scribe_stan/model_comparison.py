@@ -31,6 +31,11 @@ Rabe-Hesketh 2019, Psychometrika 84:802, doi:10.1007/s11336-019-09679-0).
   posterior draw of the globals the cell's latents are integrated as for Laplace (Laplace
   proposal, importance sampling), and ArviZ's PSIS-LOO runs over the global draws
   (:func:`arviz_stats.loo`): the Bayesian counterpart of the Laplace number.
+* Laplace fits, ``globals="laplace"`` (every model): the same integrated likelihood at
+  draws of the globals from their Laplace Gaussian (the fit's ``globals_posterior()``),
+  and PSIS-LOO over those draws corrected towards the Laplace posterior of the globals
+  (:func:`arviz_stats.loo_approximate_posterior`): the integrated HMC number without
+  NUTS.
 * HMC fits, ``latents="conditional"``: the usual PSIS-LOO of the Stan program's
   ``log_lik``, which conditions on the draw's own latents. Its target is the same
   ``log p(u_c | ...)`` only through a harmonic-mean identity, and the importance ratios
@@ -152,38 +157,48 @@ def loo(fit, *, draws=200, seed=0, latents="integrated", max_draws=200, globals=
     Parameters
     ----------
     fit : a fit of :func:`scribe_stan.fit` (Laplace or HMC)
-    draws : int >= 10
+    draws : int >= 25
         Importance-sampling draws per cell (Laplace; per global draw for integrated
-        HMC).
+        HMC and for ``globals="laplace"``).
     seed : int
     latents : {"integrated", "conditional"}
         HMC only (see the module docs); integrated is available for pln, nbln, nbvcp.
     max_draws : int
         Integrated HMC: posterior draws of the globals used (thinned evenly); Laplace
-        with ``globals="laplace"``: draws of the globals from their Gaussian.
+        with ``globals="laplace"``: draws of the globals from their Gaussian (>= 25).
     globals : {"point", "laplace"}
         Laplace fits: the globals at their MAP with the plug-in correction ``p``
-        (default), or drawn from their Laplace Gaussian
-        (:meth:`scribe_stan.fits.LaplaceFit.globals_posterior`; pln and nbln): each
-        cell's integrated likelihood at every draw as for HMC, and PSIS-LOO over the
-        draws with the Gaussian's correction to the Laplace posterior of the globals
-        (:func:`arviz_stats.loo_approximate_posterior`; log target ``sum_c log p(u_c
-        | theta_s)`` plus the globals' prior). Costs ``max_draws`` integrated
-        evaluations.
+        (default), or drawn from their Laplace Gaussian (the fit's
+        ``globals_posterior()``; every Laplace model: pln, nbln, nbvcp, lnm, lnmvcp):
+        each cell's integrated likelihood ``log p(u_c | theta_s)`` at every draw
+        ``theta_s`` as for HMC (importance sampling from the cell's Laplace Gaussian at
+        ``theta_s``, its Newton warm-started from the MAP modes, which the fit keeps),
+        and PSIS-LOO over the draws with the Gaussian's correction to the Laplace
+        posterior of the globals (:func:`arviz_stats.loo_approximate_posterior`; log
+        target ``sum_c log p(u_c | theta_s)`` plus the globals' log prior as a density
+        in the Gaussian's coordinates: ``+ sum log d`` for the log-normal and lnm
+        compositions, none for nbvcp's ``(m, log r)`` and lnm's ``(log m_T, log
+        r_T)``; lnm's two blocks are independent Gaussians). Costs ``max_draws``
+        integrated evaluations of the data (lnm: composition and totals, each cell's
+        Newton to convergence), plus the globals' Gaussian once per fit.
 
     Returns
     -------
     arviz_stats.utils.ELPDDataLOO
-        ``elpd`` (nats, summed over cells), ``se``, ``p`` (Laplace: :func:`n_globals`,
-        the plug-in correction), ``elpd_i`` and ``pareto_k`` per cell (dim ``cell``). For Laplace fits ``pareto_k`` is the k-hat of each
-        cell's importance weights; ``n_samples`` is ``draws``.
+        ``elpd`` (nats, summed over cells), ``se``, ``p`` (Laplace point: :func:`n_globals`,
+        the plug-in correction; otherwise ArviZ's effective number of parameters),
+        ``elpd_i`` and ``pareto_k`` per cell (dim ``cell``), ``n_samples``. For
+        Laplace fits with ``globals="point"`` ``pareto_k`` is the k-hat of each cell's
+        importance weights and ``n_samples`` is ``draws``; with ``globals="laplace"``
+        and for integrated HMC it is the k-hat of PSIS over the draws of the globals.
 
     Raises
     ------
     ValueError
         Unknown ``latents`` or ``globals``; integrated HMC LOO for lnm/lnmvcp;
-        ``draws < 10``; ``globals="laplace"`` for a model without the globals' Gaussian
-        (nbvcp, lnm, lnmvcp), for an HMC fit, or for a fit holding eta (a cascade).
+        ``draws`` (or, with ``globals="laplace"``, ``max_draws``) not an integer
+        >= 25; ``globals="laplace"`` for an HMC fit (its globals are already posterior
+        draws) or for a pln/nbln fit holding eta (a cascade).
     TypeError
         Not a fit object.
     """
@@ -204,9 +219,8 @@ def loo(fit, *, draws=200, seed=0, latents="integrated", max_draws=200, globals=
         raise ValueError(f"latents='integrated' is available for full-joint HMC fits of "
                          f"{', '.join(integrated)}; got model={fit.model!r}, program="
                          f"{fit.program!r}. Use latents='conditional'.")
-    if not isinstance(draws, (int, np.integer)) or draws < 10:
-        raise ValueError(f"draws must be an integer >= 10; got {draws!r}")
-    ll = _integrated_log_lik(fit, int(draws), int(max_draws), np.random.default_rng(seed))
+    draws = log_predictive.check_draws(draws)
+    ll = _integrated_log_lik(fit, draws, int(max_draws), np.random.default_rng(seed))
     cells = np.asarray(fit.obs_names, dtype=str)
     ll_tree = xr.DataTree.from_dict({
         "posterior": xr.Dataset({"lp": (("chain", "draw"), ll.sum(-1))}),
@@ -215,32 +229,90 @@ def loo(fit, *, draws=200, seed=0, latents="integrated", max_draws=200, globals=
     return arviz_stats.loo(ll_tree, pointwise=True, var_name="counts")
 
 
-def _nested_laplace_loo(fit, draws, seed, n_globals_draws):
-    """PSIS-LOO of a pln/nbln Laplace fit over draws of its globals' Gaussian."""
-    if not (_is_laplace(fit) and specs.get(fit.model).family == "lognormal"):
-        raise ValueError("globals='laplace' applies to Laplace fits of the log-normal "
-                         "models (pln, nbln); got "
-                         f"{getattr(fit, 'method', type(fit).__name__)} fit of "
-                         f"{getattr(fit, 'model', None)!r}")
-    if not isinstance(draws, (int, np.integer)) or draws < 10:
-        raise ValueError(f"draws must be an integer >= 10; got {draws!r}")
-    post = fit.globals_posterior()
-    layout = post.layout
-    if layout.eta is not None:
+def _lognormal_cells(fit, draws, rng):
+    """pln/nbln: one draw's globals -> (S, N) log IS weights of every cell."""
+    if fit.globals_posterior().layout.eta is not None:
         raise ValueError("globals='laplace' LOO needs eta marginalized; this fit holds "
                          "each cell's capture loss (a cascade with freeze including eta)")
-    rng = np.random.default_rng(seed)
-    thetas, log_q = post.draw(int(n_globals_draws), rng)
-    ll = np.empty((len(thetas), len(fit.obs_names)))
-    log_p = np.empty(len(thetas))
     start = (fit.x_hat, fit.eta_hat)  # every draw starts from the MAP modes
-    for s, theta in enumerate(thetas):
-        mu, W, d, log_r = post.unpack(theta)
-        w, _ = log_predictive.lognormal_weights(fit.data, mu, W, d, log_r, int(draws), rng,
-                                                start=start)
-        ll[s] = log_predictive.is_estimate(w.log_weights)[0]
-        log_p[s] = (ll[s].sum() + layout.log_prior(mu, W, d, log_r, layout.log_tau(theta))[0]
-                    + post.log_jacobian(theta))
+
+    def weights(g):
+        w, _ = log_predictive.lognormal_weights(fit.data, g["mu"], g["W"], g["d"],
+                                                g["log_r"], draws, rng, start=start)
+        return w.log_weights
+
+    return weights
+
+
+def _nbvcp_cells(fit, draws, rng):
+    """nbvcp: one draw's globals -> (S, N) log IS weights (a copy of the fit's problem)."""
+    problem, eta_map = copy.deepcopy(fit.solution.problem), fit.eta_hat.copy()
+
+    def weights(g):
+        problem.eta[:] = eta_map  # every draw starts from the MAP modes
+        return log_predictive.nbvcp_weights(problem, g["m"], g["log_r"], draws,
+                                            rng).log_weights
+
+    return weights
+
+
+def _lnm_cells(fit, draws, rng):
+    """lnm/lnmvcp: one draw's globals -> (S, N) log IS weights (copies of the problems)."""
+    comp, totals = copy.deepcopy(fit.composition.problem), copy.deepcopy(fit.totals.problem)
+    comp.modes(fit.mu_alr, fit.W_alr, fit.composition.d)
+    comp.keep_modes()
+    eta_map = totals.eta.copy()
+
+    def weights(g):
+        comp.restore_modes()  # every draw starts from the MAP modes
+        totals.eta = eta_map.copy()
+        return log_predictive.lnm_weights(comp, totals, g["mu"], g["W"], g["d"],
+                                          g["log_m_T"], g["log_r_T"], draws,
+                                          rng).log_weights
+
+    return weights
+
+
+_CELLS = {"lognormal": _lognormal_cells, "nbvcp": _nbvcp_cells, "lnm": _lnm_cells}
+
+
+def _nested_log_lik(fit, draws, n_globals_draws, rng):
+    """Integrated log likelihoods at draws of a Laplace fit's globals from their Gaussian.
+
+    Returns
+    -------
+    dict
+        ``ll`` (S, N) each cell's IS estimate of ``log p(u_c | theta_s)``; ``log_p`` (S,)
+        ``sum_c ll`` plus the globals' log prior as a density in the Gaussian's
+        coordinates (the ``log d`` Jacobian included; lnm: composition and totals);
+        ``log_q`` (S,) the Gaussian's log density (lnm: both blocks); ``globals`` the
+        drawn globals (the fit's ``_draw_globals`` dict).
+    """
+    family = specs.get(fit.model).family
+    weights = _CELLS[family](fit, draws, rng)
+    glob = fit._draw_globals(n_globals_draws, rng)
+    S = glob["log_q"].size
+    ll = np.empty((S, len(fit.obs_names)))
+    for s in range(S):
+        one = {k: None if v is None else v[s] for k, v in glob.items()}
+        ll[s] = log_predictive.is_estimate(weights(one))[0]
+    return {"ll": ll,
+            "log_p": ll.sum(axis=1) + glob["log_prior"] + glob.get("totals_log_prior", 0.0),
+            "log_q": glob["log_q"] + glob.get("totals_log_q", 0.0), "globals": glob}
+
+
+def _nested_laplace_loo(fit, draws, seed, n_globals_draws):
+    """PSIS-LOO of a Laplace fit over draws of its globals' Gaussian."""
+    if not _is_laplace(fit):
+        raise ValueError("globals='laplace' applies to Laplace fits (method='laplace'), "
+                         "whose globals have a Gaussian approximation; got "
+                         f"{getattr(fit, 'method', type(fit).__name__)} fit of "
+                         f"{getattr(fit, 'model', None)!r}. An HMC fit's globals are "
+                         "already posterior draws: use globals='point'")
+    res = _nested_log_lik(fit, log_predictive.check_draws(draws),
+                          log_predictive.check_draws(n_globals_draws, "max_draws"),
+                          np.random.default_rng(seed))
+    ll, log_p, log_q = res["ll"], res["log_p"], res["log_q"]
     cells = np.asarray(fit.obs_names, dtype=str)
     tree = xr.DataTree.from_dict({
         "posterior": xr.Dataset({"lp": (("chain", "draw"), log_p[None])}),

@@ -27,11 +27,20 @@ Levels (from the fit's own noise to a fully generative test):
     Fresh latents and fresh capture ``eta_c ~ Normal(log M0 - log L_c, sigma_M)``
     truncated at 0 (lnm: totals from its NB): the honest generative test of the model.
 
-Globals are the point estimates (Laplace) or, for HMC, ``draws`` posterior draws thinned
-evenly over the chains. Observation noise is Poisson (pln), NegBinomial2 as a
-gamma-Poisson draw (nbln, nbvcp, lnm totals) and multinomial (lnm composition; drawn for
-a gene subset by sequential conditional binomials, which gives the exact marginal of
-those genes without forming the other genes' counts).
+Globals are the point estimates (Laplace), or, for HMC, ``draws`` posterior draws thinned
+evenly over the chains. A Laplace fit with ``globals="laplace"`` draws one set of globals
+per replicated data set from their Laplace Gaussian (the fit's ``globals_posterior()``),
+used at every level but ``map`` (refused): at level ``laplace`` each cell's latents are
+then drawn from its Laplace Gaussian *at those globals* (nested draws: pln/nbln ``(x,
+eta)`` jointly, nbvcp eta, lnm y and lnmvcp ``(y, eta)``, lnm totals from the drawn
+``(m_T, r_T)``), at the population levels the fresh latents come from the drawn
+population (lnm's ``low_rank`` mode: ``y = mu + W z``, no residual ``d``, as with point
+globals), and at ``per_cell`` the capture stays at its mode at the MAP.
+
+Observation noise is Poisson (pln), NegBinomial2 as a gamma-Poisson draw (nbln, nbvcp,
+lnm totals) and multinomial (lnm composition; drawn for a gene subset by sequential
+conditional binomials, which gives the exact marginal of those genes without forming the
+other genes' counts).
 """
 
 from __future__ import annotations
@@ -128,16 +137,11 @@ def _fit_kind(fit):
     return fit.method, specs.get(fit.model).family
 
 
-def _globals(fit, solver, family, draws, globals_="point", rng=None):
-    """Globals with a leading draw axis (1 for Laplace at the MAP, ``draws`` for HMC and
-    for pln/nbln Laplace with ``globals_="laplace"``: nested draws, whose per-cell
-    ``x``/``eta`` are kept under ``"nested"``)."""
+def _globals(fit, solver, family, draws, globals_="point", rng=None, level=None, idx=None):
+    """Globals with a leading draw axis: 1 for Laplace at the MAP, ``draws`` for HMC and
+    for Laplace with ``globals_="laplace"`` (:func:`_drawn_globals`)."""
     if solver == "laplace" and globals_ == "laplace":
-        from scribe_stan.laplace.nested import nested_draws
-
-        smp = nested_draws(fit.solution, fit.globals_posterior(), draws, rng)
-        return {"mu": smp["mu"], "W": smp["W"], "d": smp["d"],
-                "r": None if smp["log_r"] is None else np.exp(smp["log_r"]), "nested": smp}
+        return _drawn_globals(fit, family, level, draws, rng, idx)
     if solver == "laplace":
         one = lambda v: None if v is None else np.asarray(v, float)[None]  # noqa: E731
         if family == "lognormal":
@@ -155,6 +159,45 @@ def _globals(fit, solver, family, draws, globals_="point", rng=None):
                     else _thin(np.exp(post["log_r"]), draws) if "log_r" in post else None)
     out["eta"] = _thin(post["eta"], draws) if "eta" in post else None
     return out
+
+
+def _drawn_globals(fit, family, level, draws, rng, idx):
+    """``draws`` sets of globals from the Laplace fit's Gaussian (``globals_posterior()``).
+
+    Level ``laplace``: nested draws, each cell's latents drawn at each set of globals and
+    kept under ``"nested"`` (pln/nbln: ``x`` of the genes ``idx`` and ``eta``; nbvcp:
+    ``eta``). lnm/lnmvcp draw theirs with the latents block by block in
+    :func:`_replicate_lnm` (``{"nested": None}`` here): ``y`` spans every gene. Other
+    levels: the globals alone (no per-cell work). lnm's low-rank mode has no ``d``:
+    zeros, the population ``y = mu + W z`` of that mode, as with point globals.
+    """
+    nested = None
+    if level == "laplace":
+        if family == "lnm":
+            return {"nested": None}
+        post = fit.globals_posterior()
+        if family == "lognormal":
+            from scribe_stan.laplace.nested import nested_draws
+
+            nested = smp = nested_draws(fit.solution, post, draws, rng, genes=idx)
+        else:
+            from scribe_stan.laplace.nbvcp_nested import nested_draws
+
+            nested = smp = nested_draws(fit.solution, post, draws, rng)
+    else:
+        smp = fit._draw_globals(draws, rng)
+    if family == "nbvcp":
+        glob = {"m": smp["m"], "r": np.exp(smp["log_r"])}
+    elif family == "lognormal":
+        glob = {"mu": smp["mu"], "W": smp["W"], "d": smp["d"],
+                "r": None if smp["log_r"] is None else np.exp(smp["log_r"])}
+    else:
+        glob = {"mu": smp["mu"], "W": smp["W"],
+                "d": np.zeros_like(smp["mu"]) if smp["d"] is None else smp["d"],
+                "m_T": np.exp(smp["log_m_T"]), "r_T": np.exp(smp["log_r_T"])}
+    if nested is not None:
+        glob["nested"] = nested
+    return glob
 
 
 def _eta_mode(fit, solver, family, glob, draws):
@@ -225,7 +268,7 @@ def _replicate_lognormal(fit, solver, level, glob, idx, draws, rng):
         return _observe(rng, np.broadcast_to((fit.x_hat - fit.eta_hat[:, None])[:, idx],
                                              (draws, N, idx.size)), r), eta
     if level == "laplace" and "nested" in glob:  # (x, eta) drawn jointly at each global draw
-        x, eta = glob["nested"]["x"][..., idx], glob["nested"]["eta"]
+        x, eta = glob["nested"]["x"], glob["nested"]["eta"]  # x of the genes idx
         return _observe(rng, x - eta[..., None], r), eta
     if level == "laplace":
         eta = np.broadcast_to(fit.eta_hat, (draws, N))
@@ -253,6 +296,8 @@ def _replicate_nbvcp(fit, solver, level, glob, idx, draws, rng):
         return _thin(fit.draws.posterior["y_rep"], draws)[..., idx], glob["eta"]
     if level == "map":
         eta = np.broadcast_to(fit.eta_hat, (draws, N))
+    elif level == "laplace" and "nested" in glob:  # eta drawn at each global draw
+        eta = glob["nested"]["eta"]
     elif level == "laplace":
         mean, sd = fit.eta_hat, fit.eta_sd
         eta = stats.truncnorm.rvs(-mean / sd, np.inf, loc=mean, scale=sd, size=(draws, N),
@@ -301,21 +346,42 @@ def _lnm_totals(fit, solver, level, glob, draws, rng):
     return _observe(rng, log_mean, r_T), eta
 
 
+def _log_rho(y, ref):
+    """Log proportions (..., G) of ALR latents y (..., G - 1)."""
+    lg = lnm_model.logits(y, ref)
+    return lg - special.logsumexp(lg, axis=-1, keepdims=True)
+
+
+def _lnm_nested_block(fit, n, idx, rng):
+    """(n, N, Gs) counts and (n, N) capture from n nested draws: the globals, each
+    cell's y (and eta, lnmvcp) at them, then totals from the drawn ``(m_T, r_T)``."""
+    from scribe_stan.laplace.lnm_globals import nested_draws
+
+    smp = nested_draws(fit.composition, fit.totals, fit.globals_posterior(), n, rng)
+    eta = np.zeros(smp["y"].shape[:2]) if smp["eta"] is None else smp["eta"]
+    totals = _observe(rng, smp["log_m_T"][:, None] - eta, np.exp(smp["log_r_T"])[:, None])
+    return _multinomial_subset(rng, totals, _log_rho(smp["y"], fit.ref), idx), eta
+
+
 def _replicate_lnm(fit, solver, level, glob, idx, draws, rng):
     """(draws, N, Gs) replicated counts and (draws, N) capture used, lnm / lnmvcp."""
     if solver == "hmc" and level == "laplace":
         eta = glob["eta"] if glob["eta"] is not None else np.zeros((draws, len(fit.obs_names)))
         return _thin(fit.draws.posterior["y_rep"], draws)[..., idx], eta
-    totals, eta = _lnm_totals(fit, solver, level, glob, draws, rng)
     N, G = fit.data.counts.shape
-    out = np.empty((draws, N, idx.size), np.int64)
     block = max(1, min(draws, _BLOCK // (N * G)))
+    if "nested" in glob:  # latents over all genes: drawn with their globals per block
+        parts = [_lnm_nested_block(fit, min(block, draws - start), idx, rng)
+                 for start in range(0, draws, block)]
+        return (np.concatenate([p[0] for p in parts]),
+                np.concatenate([p[1] for p in parts]))
+    totals, eta = _lnm_totals(fit, solver, level, glob, draws, rng)
+    out = np.empty((draws, N, idx.size), np.int64)
     for start in range(0, draws, block):
         stop = min(draws, start + block)
         y = _lnm_latents(fit, solver, level, glob, draws, rng, start, stop)
-        lg = lnm_model.logits(y, fit.ref)
-        log_rho = lg - special.logsumexp(lg, axis=-1, keepdims=True)
-        out[start:stop] = _multinomial_subset(rng, totals[start:stop], log_rho, idx)
+        out[start:stop] = _multinomial_subset(rng, totals[start:stop],
+                                              _log_rho(y, fit.ref), idx)
     return out, eta
 
 
@@ -338,11 +404,13 @@ def posterior_predictive(fit, *, level="marginal", draws=100, genes=None, seed=0
         fitted genes.
     seed : int
     globals : {"point", "laplace"}
-        pln/nbln Laplace fits: globals at the MAP (default) or drawn from their Laplace
-        Gaussian (:meth:`scribe_stan.fits.LaplaceFit.globals_posterior`), one set per
-        replicated data set; at level ``laplace`` each cell's ``(x, eta)`` is then
-        drawn jointly from its Gaussian at those globals (nested draws), and level
-        ``map`` is refused. Other fits take only "point" (HMC draws its globals).
+        Laplace fits: globals at the MAP (default) or drawn from their Laplace Gaussian
+        (the fit's ``globals_posterior()``, built once per fit), one set per replicated
+        data set (see the module docs); at level ``laplace`` each cell's latents are
+        then drawn from its Gaussian at those globals (nested draws: one Newton step
+        per cell from its MAP mode for pln/nbln/lnm's y, a converged 1-D Newton for
+        eta), and level ``map`` is refused. HMC fits take only "point" (their globals
+        are posterior draws).
 
     Returns
     -------
@@ -357,8 +425,9 @@ def posterior_predictive(fit, *, level="marginal", draws=100, genes=None, seed=0
     ------
     ValueError
         Unknown level (the message lists the allowed ones), a level that does not
-        apply to the model or fit type, ``draws < 1``, unknown genes, or
-        ``draws * cells * genes`` above 2e8.
+        apply to the model or fit type, ``draws < 1``, unknown genes,
+        ``draws * cells * genes`` above 2e8, or ``globals="laplace"`` for an HMC fit
+        or at level ``map``.
     TypeError
         Not a fit from :func:`scribe_stan.fit`.
     """
@@ -372,13 +441,14 @@ def posterior_predictive(fit, *, level="marginal", draws=100, genes=None, seed=0
         raise ValueError(f"draws*cells*genes = {draws}*{N}*{idx.size} exceeds "
                          f"{_MAX_ELEMENTS:.0e}; pass genes=<int or names> or fewer draws.")
     _validate.check_choice("globals", globals, ("point", "laplace"))
-    if globals == "laplace" and not (solver == "laplace" and family == "lognormal"
-                                     and level != "map"):
-        raise ValueError("globals='laplace' applies to pln/nbln Laplace fits at levels "
-                         f"{LEVELS[1:]}; got a {solver} {fit.model} fit at level {level!r}; "
-                         "allowed here: globals='point'")
+    if globals == "laplace" and not (solver == "laplace" and level != "map"):
+        raise ValueError("globals='laplace' applies to Laplace fits (method='laplace') at "
+                         f"levels {LEVELS[1:]}; got a {solver} {fit.model} fit at level "
+                         f"{level!r}; allowed here: globals='point'"
+                         + (" (an HMC fit's globals are its posterior draws)"
+                            if solver == "hmc" else ""))
     rng = np.random.default_rng(seed)
-    glob = _globals(fit, solver, family, int(draws), globals, rng)
+    glob = _globals(fit, solver, family, int(draws), globals, rng, level, idx)
     replicate = {"lognormal": _replicate_lognormal, "nbvcp": _replicate_nbvcp,
                  "lnm": _replicate_lnm}[family]
     counts, eta = replicate(fit, solver, level, glob, idx, int(draws), rng)

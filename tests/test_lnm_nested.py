@@ -244,7 +244,8 @@ def test_to_datatree_point_unchanged_laplace_draws_globals(fit):
     tree = fit.to_datatree(draws=5, seed=3)
     rng = np.random.default_rng(3)  # the point path's draws, in its order
     smp = fit.composition.problem.sample(fit.mu_alr, fit.W_alr, fit.composition.d, 5, rng)
-    eta, _, lp_tot, _ = fit._totals_draws(5, rng)
+    eta, _, lp_tot, _ = fit.totals.problem.sample(fit.totals.log_m_T, fit.totals.log_r_T,
+                                                  5, rng)
     post = tree["posterior"]
     np.testing.assert_array_equal(post["y"].values[0], smp["y"])
     np.testing.assert_array_equal(post["eta"].values[0], eta)

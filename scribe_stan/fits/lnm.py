@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import special, stats
+from scipy import special
 
 from scribe_stan import _validate, convert
 from scribe_stan.fit_data import FitData
@@ -26,7 +26,7 @@ from scribe_stan.fits.base import LaplaceResult, check_tree_size, result_target
 from scribe_stan.fits.hmc import HmcFit
 from scribe_stan.fits.store import stan_hash
 from scribe_stan.laplace import lnm_solver
-from scribe_stan.models import dispersion, lnm, pln
+from scribe_stan.models import lnm
 
 __all__ = ["LnmHmcFit", "LnmLaplaceFit"]
 
@@ -108,25 +108,6 @@ class LnmLaplaceFit(LaplaceResult):
     Sigma_clr = property(lambda self: lnm.clr_covariance(self.Sigma_alr, self.ref))
     corr_clr = property(lambda self: convert.corr_from_cov(self.Sigma_clr))
 
-    def _totals_draws(self, draws, rng):
-        """eta draws (lnmvcp: truncated Gaussian at the mode) and NB total log terms."""
-        tp = self.totals.problem
-        N = tp.uT.size
-        log_m, r = self.totals.log_m_T, self.r_T
-        if self.model == "lnm":
-            nb = dispersion.nb_logpmf(tp.uT, np.full(N, log_m), r)
-            return None, np.broadcast_to(nb, (draws, N)), np.broadcast_to(nb, (draws, N)), 0.0
-        eta_hat = tp.eta
-        _, _, L2, *_ = lnm_solver._nb_parts(tp.uT, log_m - eta_hat, r)
-        sd = 1.0 / np.sqrt(L2 + 1.0 / tp.sigma_M**2)
-        lower = -eta_hat / sd
-        eta = stats.truncnorm.rvs(lower, np.inf, loc=eta_hat, scale=sd, size=(draws, N),
-                                  random_state=rng)
-        nb = dispersion.nb_logpmf(tp.uT, log_m - eta, r)
-        lp = nb + pln.log_capture_prior(eta, tp.a, tp.sigma_M)
-        lp_approx = stats.truncnorm.logpdf(eta, lower, np.inf, loc=eta_hat, scale=sd)
-        return eta, nb, lp, lp_approx
-
     def globals_posterior(self, *, method="auto", rank=None, step=1e-3):
         """Gaussian approximation of the globals' posterior at the Laplace MAP (cached).
 
@@ -165,6 +146,14 @@ class LnmLaplaceFit(LaplaceResult):
 
         return self._cached_globals(laplace_globals, self.composition, self.totals,
                                     method=method, rank=rank, step=step)
+
+    def _draw_globals(self, draws, rng):
+        """Draws of the globals from :meth:`globals_posterior` (no latents),
+        with their log prior and log density
+        (:func:`scribe_stan.laplace.lnm_globals.draw_globals`)."""
+        from scribe_stan.laplace.lnm_globals import draw_globals
+
+        return draw_globals(self.globals_posterior(), draws, rng)
 
     def to_datatree(self, draws=500, *, seed=None, globals="point"):
         """ArviZ DataTree of the Laplace posterior (one chain of independent draws).
@@ -217,7 +206,8 @@ class LnmLaplaceFit(LaplaceResult):
         if globals == "point":
             comp = self.composition.problem.sample(self.mu_alr, self.W_alr,
                                                    self.composition.d, draws, rng)
-            eta, nb, lp_tot, lpa_tot = self._totals_draws(draws, rng)
+            eta, nb, lp_tot, lpa_tot = self.totals.problem.sample(
+                self.totals.log_m_T, self.totals.log_r_T, draws, rng)
             log_mean = self.totals.log_m_T - (0.0 if eta is None else eta)
             totals = rng.negative_binomial(self.r_T, self.r_T / (self.r_T + np.exp(
                 np.minimum(np.broadcast_to(log_mean, (draws, N)), 20.7))))

@@ -108,6 +108,14 @@ class NbvcpFit(LaplaceResult):
         return self._cached_globals(nbvcp_globals, self.solution, method=method, rank=rank,
                                     step=step)
 
+    def _draw_globals(self, draws, rng):
+        """Draws of the globals from :meth:`globals_posterior` (no latents),
+        with their log prior and log density
+        (:func:`scribe_stan.laplace.nbvcp_nested.draw_globals`)."""
+        from scribe_stan.laplace.nbvcp_nested import draw_globals
+
+        return draw_globals(self.globals_posterior(), draws, rng)
+
     def to_datatree(self, draws=500, *, genes=None, seed=None, globals="point"):
         """ArviZ DataTree of the Laplace posterior (one chain of independent draws).
 

@@ -55,11 +55,9 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
 from scribe_stan.laplace import globals_posterior as gp
 from scribe_stan.laplace import lnm_solver
-from scribe_stan.models import dispersion, pln
 
 #: Newton steps per cell at each drawn set of composition globals (:func:`nested_draws`).
 NEWTON_STEPS_DEFAULT = 1
@@ -345,22 +343,19 @@ def nested_draws(composition, total, post, draws, rng, *, values=False,
     problem = composition.problem
     cpost = post.composition
     N, D = problem.shape
-    K = composition.W.shape[1]
     full = problem.mode == "full"
-    thetas, log_q = cpost.draw(draws, rng)
-    out = {"mu": np.empty((draws, D)), "W": np.empty((draws, D, K)),
-           "d": np.empty((draws, D)) if full else None, "y": np.empty((draws, N, D)),
-           **{k: np.empty((draws, N)) for k in ("log_lik", "lp", "lp_approx")},
-           "log_prior": np.empty(draws), "log_q": log_q, "converged": np.empty(draws)}
+    out = _composition_draws(cpost, draws, rng)
+    out.update({"y": np.empty((draws, N, D)), "converged": np.empty(draws),
+                **{k: np.empty((draws, N)) for k in ("log_lik", "lp", "lp_approx")}})
     if values:
         out["laplace"] = np.empty((draws, N))
     flags = (problem.n_iter.copy(), problem.converged.copy())
     problem.modes(composition.mu, composition.W, composition.d)
     problem.keep_modes()
     try:
-        for s, theta in enumerate(thetas):
+        for s in range(draws):
             problem.restore_modes()
-            mu, W, d, _ = cpost.unpack(theta)
+            mu, W, d = out["mu"][s], out["W"][s], out["d"][s] if full else None
             if values:
                 out["laplace"][s] = problem.log_marginal(mu, W, d)
             else:
@@ -369,11 +364,6 @@ def nested_draws(composition, total, post, draws, rng, *, values=False,
             smp = problem.sample(mu, W, d, 1, rng)
             for key in ("y", "log_lik", "lp", "lp_approx"):
                 out[key][s] = smp[key][0]
-            out["mu"][s], out["W"][s] = mu, W
-            if full:
-                out["d"][s] = d
-            out["log_prior"][s] = (lnm_solver.composition_prior(mu, W, d)[0]
-                                   + cpost.log_jacobian(theta))
     finally:
         problem.restore_modes()
         problem.n_iter, problem.converged = flags
@@ -381,37 +371,65 @@ def nested_draws(composition, total, post, draws, rng, *, values=False,
     return out
 
 
+def _composition_draws(cpost, draws, rng):
+    """Draws of the composition globals: ``mu``, ``d`` (S, D) (``d`` None in the low-rank
+    mode), ``W`` (S, D, K) in the fit's rotation, ``log_prior`` (S,) their prior plus the
+    ``log d`` Jacobian (a density in the Gaussian's coordinates ``(m, W, log d)``),
+    ``log_q`` (S,) the Gaussian's log density (up to a constant)."""
+    thetas, log_q = cpost.draw(draws, rng)
+    mu, W, d, _ = zip(*(cpost.unpack(theta) for theta in thetas))
+    log_prior = (np.array([lnm_solver.composition_prior(*g)[0] for g in zip(mu, W, d)])
+                 + cpost.log_jacobian(thetas))
+    return {"mu": np.array(mu), "W": np.array(W),
+            "d": None if d[0] is None else np.array(d), "log_prior": log_prior,
+            "log_q": log_q}
+
+
+def _totals_globals(tpost, draws, rng):
+    """Draws of ``(log m_T, log r_T)`` (S,) each, their prior ``totals_log_prior`` and
+    Gaussian log density ``totals_log_q`` (S,): the prior is a density in these
+    coordinates (no Jacobian)."""
+    theta, log_q = tpost.draw(draws, rng)
+    return {"log_m_T": theta[:, 0], "log_r_T": theta[:, 1], "totals_log_q": log_q,
+            "totals_log_prior": np.array([lnm_solver.totals_prior(*t)[0] for t in theta])}
+
+
+def draw_globals(post, draws, rng):
+    """Draws of all globals of an lnm / lnmvcp fit from their Gaussians, no latents.
+
+    Parameters
+    ----------
+    post : LnmGlobalsPosterior;  draws : int >= 1;  rng : numpy Generator.
+
+    Returns
+    -------
+    dict
+        The globals' keys of :func:`nested_draws`: ``mu``, ``W``, ``d`` (None in the
+        low-rank mode), ``log_prior``, ``log_q`` of the composition; ``log_m_T``,
+        ``log_r_T``, ``totals_log_prior``, ``totals_log_q`` of the totals.
+    """
+    return {**_composition_draws(post.composition, draws, rng),
+            **_totals_globals(post.totals, draws, rng)}
+
+
 def _totals_nested(total, tpost, draws, rng):
     """The totals part of :func:`nested_draws` (see its Returns)."""
     tp = total.problem
     N = tp.uT.size
-    theta, log_q = tpost.draw(draws, rng)
-    out = {"log_m_T": theta[:, 0], "log_r_T": theta[:, 1], "totals_log_q": log_q,
-           "totals_log_prior": np.array([lnm_solver.totals_prior(*t)[0] for t in theta]),
-           "eta": None, "nb": np.empty((draws, N)), "totals_lp": np.empty((draws, N)),
-           "totals_lp_approx": np.zeros((draws, N))}
-    if not tp.capture:
-        for s, (log_m, log_r) in enumerate(theta):
-            out["nb"][s] = dispersion.nb_logpmf(tp.uT, np.full(N, log_m), np.exp(log_r))
-        out["totals_lp"][:] = out["nb"]
-        return out
-    out["eta"] = np.empty((draws, N))
+    out = _totals_globals(tpost, draws, rng)
     kept = (tp.eta.copy(), tp.converged.copy(), tp.at_bound.copy(), tp.n_iter.copy())
+    parts = []
     try:
-        for s, (log_m, log_r) in enumerate(theta):
-            tp.eta = kept[0].copy()
-            eta_hat = tp.modes(log_m, log_r)
-            r = np.exp(log_r)
-            _, _, L2, *_ = lnm_solver._nb_parts(tp.uT, log_m - eta_hat, r)
-            sd = 1.0 / np.sqrt(L2 + 1.0 / tp.sigma_M**2)
-            lower = -eta_hat / sd
-            eta = stats.truncnorm.rvs(lower, np.inf, loc=eta_hat, scale=sd, size=N,
-                                      random_state=rng)
-            out["eta"][s] = eta
-            out["nb"][s] = dispersion.nb_logpmf(tp.uT, log_m - eta, r)
-            out["totals_lp"][s] = out["nb"][s] + pln.log_capture_prior(eta, tp.a, tp.sigma_M)
-            out["totals_lp_approx"][s] = stats.truncnorm.logpdf(eta, lower, np.inf,
-                                                                loc=eta_hat, scale=sd)
+        for log_m, log_r in zip(out["log_m_T"], out["log_r_T"]):
+            if tp.capture:  # eta's modes at the drawn globals, from the MAP's
+                tp.eta = kept[0].copy()
+                tp.modes(log_m, log_r)
+            parts.append(tp.sample(log_m, log_r, 1, rng))
     finally:
         tp.eta, tp.converged, tp.at_bound, tp.n_iter = kept
+    eta, nb, lp, lp_approx = zip(*parts)
+    out.update({"eta": np.concatenate(eta) if tp.capture else None,
+                "nb": np.concatenate(nb), "totals_lp": np.concatenate(lp),
+                "totals_lp_approx": np.concatenate([np.broadcast_to(a, (1, N))
+                                                    for a in lp_approx])})
     return out

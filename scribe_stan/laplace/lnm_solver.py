@@ -617,6 +617,43 @@ class TotalProblem:
         g_r = r * dl_dr + half * r * dL2_dr + half * (-dL2_dv) * deta_dr
         return value, np.array([g_m.sum(), g_r.sum()])
 
+    def sample(self, log_m, log_r, draws, rng):
+        """Draws of eta at the stored modes and the totals' log terms at ``(log_m, log_r)``.
+
+        lnmvcp: eta_c from its 1-D Laplace Gaussian ``N(eta_hat_c, 1 / kappa_c)`` at the
+        stored modes ``self.eta`` (which must be those of ``(log_m, log_r)``: the fit's,
+        or after :meth:`modes` there), truncated to ``eta >= 0``; the state is not
+        changed. lnm: no latent, the NB log pmf repeated over draws.
+
+        Parameters
+        ----------
+        log_m, log_r : float, the totals' globals.
+        draws : int >= 1;  rng : numpy Generator.
+
+        Returns
+        -------
+        eta : (draws, N) or None (lnm).
+        nb : (draws, N) NB log pmf of each total at its draw's capture.
+        lp : (draws, N) ``nb`` plus eta's capture prior (lnm: ``nb``).
+        lp_approx : (draws, N) eta's truncated-Gaussian log density, or 0.0 (lnm).
+        """
+        N = self.uT.size
+        r = np.exp(log_r)
+        if not self.capture:
+            nb = np.broadcast_to(dispersion.nb_logpmf(self.uT, np.full(N, log_m), r),
+                                 (draws, N))
+            return None, nb, nb, 0.0
+        eta_hat = self.eta
+        _, _, L2, *_ = _nb_parts(self.uT, log_m - eta_hat, r)
+        sd = 1.0 / np.sqrt(L2 + 1.0 / self.sigma_M**2)
+        lower = -eta_hat / sd
+        eta = stats.truncnorm.rvs(lower, np.inf, loc=eta_hat, scale=sd, size=(draws, N),
+                                  random_state=rng)
+        nb = dispersion.nb_logpmf(self.uT, log_m - eta, r)
+        lp = nb + pln.log_capture_prior(eta, self.a, self.sigma_M)
+        lp_approx = stats.truncnorm.logpdf(eta, lower, np.inf, loc=eta_hat, scale=sd)
+        return eta, nb, lp, lp_approx
+
 
 def totals_prior(log_m, log_r):
     """Log prior of ``(log m_T, log r_T)`` and its gradient (2,)."""

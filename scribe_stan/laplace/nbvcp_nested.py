@@ -312,9 +312,9 @@ def nested_draws(solution, post, draws, rng):
         cells whose Newton step converged.
     """
     problem = solution.problem
-    N, G = problem.shape
-    thetas, log_q = post.draw(draws, rng)
-    m, log_r = thetas[:, :G], thetas[:, G:]
+    N = problem.shape[0]
+    glob = draw_globals(post, draws, rng)
+    m, log_r = glob["m"], glob["log_r"]
     mode, sd, laplace = (np.empty((draws, N)) for _ in range(3))
     converged = np.empty(draws)
     state = _State(problem, solution.modes.eta)
@@ -338,7 +338,26 @@ def nested_draws(solution, post, draws, rng):
                                        problem.offsets, problem.lgam_u,
                                        np.ascontiguousarray(m[s]), r, eta[s:s + 1])[0]
     lp = log_lik + pln.log_capture_prior(eta, problem.a, problem.sigma_M)
-    log_prior = np.array([nbvcp.log_prior_globals(m[s], log_r[s]) for s in range(draws)])
-    return {"m": m, "log_r": log_r, "eta": eta, "eta_mode": mode, "eta_sd": sd,
-            "log_lik": log_lik, "lp": lp, "lp_approx": lp_approx, "laplace": laplace,
-            "log_prior": log_prior, "log_q": log_q, "converged": converged}
+    return {**glob, "eta": eta, "eta_mode": mode, "eta_sd": sd, "log_lik": log_lik,
+            "lp": lp, "lp_approx": lp_approx, "laplace": laplace, "converged": converged}
+
+
+def draw_globals(post, draws, rng):
+    """Draws of ``(m, log_r)`` from their Gaussian, no latents.
+
+    Parameters
+    ----------
+    post : NbvcpGlobalsPosterior;  draws : int >= 1;  rng : numpy Generator.
+
+    Returns
+    -------
+    dict
+        ``m``, ``log_r`` (S, G); ``log_prior`` (S,) the globals' log prior (a density in
+        ``(m, log_r)``, the Gaussian's coordinates: no Jacobian); ``log_q`` (S,) the
+        Gaussian's log density.
+    """
+    thetas, log_q = post.draw(draws, rng)
+    G = post.size // 2
+    m, log_r = thetas[:, :G], thetas[:, G:]
+    log_prior = np.array([nbvcp.log_prior_globals(a, b) for a, b in zip(m, log_r)])
+    return {"m": m, "log_r": log_r, "log_prior": log_prior, "log_q": log_q}

@@ -89,15 +89,7 @@ def nested_draws(solution, post, draws, rng, *, genes=None, values=False,
     problem, layout = solution.problem, post.layout
     N, G = problem.shape
     genes = np.arange(G) if genes is None else np.asarray(genes, dtype=np.int64)
-    thetas, log_q = post.draw(draws, rng)
-    glob = [post.unpack(theta) for theta in thetas]
-    out = {"mu": np.stack([g[0] for g in glob]), "W": np.stack([g[1] for g in glob]),
-           "d": np.stack([g[2] for g in glob]),
-           "log_r": None if solution.log_r is None else np.stack([g[3] for g in glob]),
-           "log_prior": np.array([layout.log_prior(*g, layout.log_tau(theta))[0]
-                                  for g, theta in zip(glob, thetas)])
-           + post.log_jacobian(thetas),
-           "log_q": log_q}
+    out = draw_globals(post, draws, rng)
     problem.modes(solution.mu, solution.W, solution.d, log_r=solution.log_r, eta=layout.eta)
     if curvature == "map" and not values and problem.shifts_on_host:
         out.update(problem.sample_shifted(solution.mu, solution.W, solution.d, out, rng,
@@ -105,15 +97,16 @@ def nested_draws(solution, post, draws, rng, *, genes=None, values=False,
                                           fix_eta=layout.eta is not None, genes=genes))
         out["converged"] = np.full(draws, np.nan)
         return out
-    out.update({"x": np.empty((draws, N, genes.size)),
-                **{k: np.empty((draws, N)) for k in ("eta", "log_lik", "lp", "lp_approx")},
-                "converged": np.empty(draws)})
+    out.update({"x": np.empty((draws, N, genes.size)), "converged": np.empty(draws),
+                **{k: np.empty((draws, N)) for k in ("eta", "log_lik", "lp", "lp_approx")}})
     if values:
         out["laplace"] = np.empty((draws, N))
     problem.keep_modes()
     try:
-        for s, (mu, W, d, log_r) in enumerate(glob):
+        for s in range(draws):
             problem.restore_modes()
+            mu, W, d = out["mu"][s], out["W"][s], out["d"][s]
+            log_r = None if out["log_r"] is None else out["log_r"][s]
             if values:
                 out["laplace"][s] = problem.log_marginal(mu, W, d, log_r=log_r,
                                                          eta=layout.eta)
@@ -127,3 +120,29 @@ def nested_draws(solution, post, draws, rng, *, genes=None, values=False,
         problem.restore_modes()
         problem.sync_modes()
     return out
+
+
+def draw_globals(post, draws, rng):
+    """Draws of the globals from their Gaussian, no latents.
+
+    Parameters
+    ----------
+    post : scribe_stan.laplace.globals_posterior.GlobalsPosterior;  draws : int >= 1;
+    rng : numpy Generator.
+
+    Returns
+    -------
+    dict
+        ``mu`` (S, G), ``W`` (S, G, K) (the fit's rotation), ``d`` (S, G), ``log_r``
+        (S, G) or None (pln, or a held ``log_r``); ``log_prior`` (S,) the globals' log
+        prior plus the ``log d`` (and ``log tau``) Jacobian: the density of the
+        Gaussian's coordinates; ``log_q`` (S,) the Gaussian's log density.
+    """
+    layout = post.layout
+    thetas, log_q = post.draw(draws, rng)
+    mu, W, d, log_r = zip(*(post.unpack(theta) for theta in thetas))
+    log_prior = np.array([layout.log_prior(*g, layout.log_tau(theta))[0]
+                          for g, theta in zip(zip(mu, W, d, log_r), thetas)])
+    return {"mu": np.array(mu), "W": np.array(W), "d": np.array(d),
+            "log_r": None if log_r[0] is None else np.array(log_r),
+            "log_prior": log_prior + post.log_jacobian(thetas), "log_q": log_q}

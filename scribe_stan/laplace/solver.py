@@ -510,6 +510,8 @@ class LaplaceProblem:
         W_s = np.asarray(drawn["W"], dtype=np.float64)
         d_s = np.asarray(drawn["d"], dtype=np.float64)
         log_r_s = drawn.get("log_r")
+        if log_r_s is None and log_r is not None:  # dispersions held, not drawn
+            log_r_s = np.broadcast_to(log_r, (S, G))
         Lc_s = np.linalg.cholesky(np.eye(W.shape[1]) + np.swapaxes(W_s / d_s[..., None], 1, 2)
                                   @ W_s)
         logdet_s = (2.0 * np.log(np.diagonal(Lc_s, axis1=1, axis2=2)).sum(axis=1)
