@@ -9,20 +9,23 @@ point-globals draws of :meth:`~scribe_stan.laplace.solver.LaplaceProblem.sample`
 the special case ``theta_s = theta_hat``.
 
 Two ways to take that step (``curvature``; ``"auto"``, the default, takes ``"map"`` for
-pln and ``"drawn"`` for nbln):
+pln fits of at least :data:`MAP_CURVATURE_MIN_CELLS` cells and ``"drawn"`` otherwise):
 
-``"map"`` (pln on the CPU)
+``"map"`` (large pln fits on the CPU)
     The Newton step and the Gaussian's covariance use each cell's Hessian at the MAP,
     factored once for all draws; a draw then costs a gradient and a Woodbury solve per
     cell, O(G K), about what a point draw costs
     (:func:`scribe_stan.laplace.cpu.nested_sample_cells`). The mode's error is second
     order in the globals' shift, and the covariance's first-order change averages out
     over the draws (its mean over symmetric shifts is zero), so the mixture's moments
-    match to second order. Measured against ``"drawn"`` (400 cells x 30 genes, K=3,
-    2000 draws): pln per-cell sds 0.993 (x) and 0.989 (eta) of ``"drawn"``'s, means
-    within Monte Carlo noise; nbln 0.94 and 0.91, because NB's curvature moves with the
-    drawn dispersions (Jensen: the average of ``1 / lambda`` over the draws exceeds its
-    value at the MAP), so nbln keeps ``"drawn"``.
+    match to second order. That holds while the globals are well determined: the
+    neglected term grows with their posterior variance (Jensen: the average over the
+    draws of a cell's covariance exceeds its value at the MAP). Measured against
+    ``"drawn"`` (simulations, 1500-2000 draws): pln per-cell sds 0.993 (x) and 0.989
+    (eta) of ``"drawn"``'s at 400 cells x 30 genes, but 0.91 at 120 cells x 4 genes;
+    nbln 0.94 and 0.91 at 400 cells x 30 genes, since NB's curvature also moves with the
+    drawn dispersions. Hence the rule of ``"auto"``; the cost it saves matters only at
+    scale anyway.
 ``"drawn"``
     ``newton_steps`` full Newton steps at ``theta_s`` (Hessian re-formed and factored,
     O(G K^2) per cell and step) and the Gaussian at the new point. The reference for
@@ -37,6 +40,8 @@ import numpy as np
 NEWTON_STEPS_DEFAULT = 1
 #: Hessians of the nested step (:func:`nested_draws`).
 CURVATURES = ("auto", "map", "drawn")
+#: Fewest cells for which ``curvature="auto"`` holds a pln fit's Hessians at the MAP.
+MAP_CURVATURE_MIN_CELLS = 1000
 
 
 def nested_draws(solution, post, draws, rng, *, genes=None, values=False,
@@ -62,8 +67,8 @@ def nested_draws(solution, post, draws, rng, *, genes=None, values=False,
         0.07 posterior sds; two steps: 6e-4 worst).
     curvature : {"auto", "map", "drawn"}
         The Hessian of the step and of the Gaussian (module docs); "auto": "map" for pln
-        (``solution.log_r is None``), "drawn" for nbln. "map" needs the CPU kernels; on
-        a device "drawn" is taken.
+        (``solution.log_r is None``) with at least :data:`MAP_CURVATURE_MIN_CELLS`
+        cells, else "drawn". "map" needs the CPU kernels; on a device "drawn" is taken.
 
     Returns
     -------
@@ -85,7 +90,8 @@ def nested_draws(solution, post, draws, rng, *, genes=None, values=False,
     if curvature not in CURVATURES:
         raise ValueError(f"curvature must be one of {CURVATURES}; got {curvature!r}")
     if curvature == "auto":
-        curvature = "map" if solution.log_r is None else "drawn"
+        curvature = ("map" if solution.log_r is None
+                     and solution.problem.shape[0] >= MAP_CURVATURE_MIN_CELLS else "drawn")
     problem, layout = solution.problem, post.layout
     N, G = problem.shape
     genes = np.arange(G) if genes is None else np.asarray(genes, dtype=np.int64)
