@@ -616,6 +616,15 @@ def laplace_value_grad(counts, const, a, sigma, mu, W, d, inv_r, WW, Lc, x, eta,
 
 
 @njit(cache=True, fastmath=_FAST)
+def _prior_terms(W, d, Lc):
+    """``(W' contiguous, 1/d, log det Sigma)`` of ``Sigma = W W' + diag(d)``."""
+    logdet_sigma = _chol_logdet(Lc, W.shape[1])
+    for g in range(d.shape[0]):
+        logdet_sigma += math.log(d[g])
+    return np.ascontiguousarray(W.T), 1.0 / d, logdet_sigma
+
+
+@njit(cache=True, fastmath=_FAST)
 def _cell_gaussian(u, xc, etac, inv_r, Wt, d, WW, G, K, inv_sig2, logdet_sigma, score, lam,
                    h, invB, phi, Mf, Lm, m, tmpK, tmpK2):
     """The Laplace Gaussian of one cell at ``(xc, etac)``: fills score, lambda, h, 1/B,
@@ -707,11 +716,7 @@ def sample_cells(counts, const, lgam, a, sigma, mu, W, d, inv_r, WW, Lc, x, eta,
     S, N, G = eps_G.shape
     K = W.shape[1]
     Gs = genes.shape[0]
-    Wt = np.ascontiguousarray(W.T)
-    inv_d = 1.0 / d
-    logdet_sigma = _chol_logdet(Lc, K)
-    for g in range(G):
-        logdet_sigma += math.log(d[g])
+    Wt, inv_d, logdet_sigma = _prior_terms(W, d, Lc)
     half_log_2pi = 0.5 * math.log(2.0 * math.pi)
     for c in prange(N):
         u = counts[c]
@@ -780,11 +785,7 @@ def nested_sample_cells(counts, const, lgam, a, sigma, mu, W, d, inv_r, WW, Lc, 
     S, N, G = eps_G.shape
     K = W.shape[1]
     Gs = genes.shape[0]
-    Wt = np.ascontiguousarray(W.T)
-    inv_d = 1.0 / d
-    logdet_sigma = _chol_logdet(Lc, K)
-    for g in range(G):
-        logdet_sigma += math.log(d[g])
+    Wt, inv_d, logdet_sigma = _prior_terms(W, d, Lc)
     half_log_2pi = 0.5 * math.log(2.0 * math.pi)
     for c in prange(N):
         u = counts[c]
