@@ -295,3 +295,18 @@ def test_map_curvature_draws_match_drawn_curvature_draws():
         assert np.median(np.abs(smd)) < 0.05  # Monte Carlo: about 0.03 at S = 1000
     with pytest.raises(ValueError, match="curvature must be one of"):
         nested_draws(big, post, 2, np.random.default_rng(0), curvature="hessian")
+
+
+def test_globals_posterior_without_arguments_reuses_the_latest_gaussian(fit):
+    """The draws ask for ``globals_posterior()``; a Gaussian built with other settings
+    before is the one they get, and the draws use it."""
+    fit._globals_cache.clear()
+    default = fit.globals_posterior()
+    assert fit.globals_posterior() is default
+    other = fit.globals_posterior(step=2e-3)
+    assert other is not default and fit.globals_posterior() is other
+    drawn = fit._draw_globals(3, np.random.default_rng(0))["mu"]
+    mu = {name: np.array([p.unpack(t)[0] for t in p.draw(3, np.random.default_rng(0))[0]])
+          for name, p in (("default", default), ("other", other))}
+    np.testing.assert_array_equal(drawn, mu["other"])
+    assert not np.array_equal(drawn, mu["default"])

@@ -70,6 +70,10 @@ class Fit:
         raise NotImplementedError
 
 
+#: ``(method, rank, step)`` of a ``globals_posterior()`` call without arguments.
+_DEFAULT_GLOBALS_KEY = ("auto", None, 1e-3)
+
+
 class LaplaceResult(Fit):
     """A Laplace fit: adds ``converged``, ``objective``, ``globals()`` and ``transform``.
 
@@ -84,8 +88,13 @@ class LaplaceResult(Fit):
     def _cached_globals(self, build, *solutions, method, rank, step):
         """The globals' Gaussian of nested Laplace, ``build(*solutions, method=, rank=,
         step=, seed=)``, built once per ``(method, rank, step)`` and cached on the fit
-        (subclasses hold the ``_globals_cache`` dict)."""
+        (subclasses hold the ``_globals_cache`` dict). With every setting at its default
+        (as the draws with ``globals="laplace"`` ask) the one built most recently is
+        returned, whatever its settings: a Gaussian the caller built with another rank
+        is the one the draws use."""
         key = (method, rank, step)
+        if key == _DEFAULT_GLOBALS_KEY and self._globals_cache:
+            return next(reversed(self._globals_cache.values()))
         if key not in self._globals_cache:
             self._globals_cache[key] = build(*solutions, method=method, rank=rank, step=step,
                                              seed=self.settings["seed"])

@@ -109,7 +109,8 @@ class LnmLaplaceFit(LaplaceResult):
     corr_clr = property(lambda self: convert.corr_from_cov(self.Sigma_clr))
 
     def globals_posterior(self, *, method="auto", rank=None, step=1e-3):
-        """Gaussian approximation of the globals' posterior at the Laplace MAP (cached).
+        """Gaussian approximation of the globals' posterior at the Laplace MAP (cached;
+        called without arguments, the one built most recently, whatever its settings).
 
         The outer step of a nested Laplace approximation (Rue, Martino & Chopin 2009,
         doi:10.1111/j.1467-9868.2008.00700.x): the composition globals in the

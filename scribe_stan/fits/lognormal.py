@@ -95,7 +95,8 @@ class LaplaceFit(LaplaceResult):
         return loadings.effective_rank(self.W)
 
     def globals_posterior(self, *, method="auto", rank=None, step=1e-3):
-        """Gaussian approximation of the globals' posterior at the Laplace MAP (cached).
+        """Gaussian approximation of the globals' posterior at the Laplace MAP (cached;
+        called without arguments, the one built most recently, whatever its settings).
 
         The outer step of a nested Laplace approximation, from the Hessian of the exact
         Laplace objective in the optimizer's coordinates ``(mu, W, log d[, log r])``,

@@ -74,7 +74,8 @@ class NbvcpFit(LaplaceResult):
         return posterior_moments(self)
 
     def globals_posterior(self, *, method="auto", rank=None, step=1e-3):
-        """Gaussian approximation of the globals' posterior at the Laplace MAP (cached).
+        """Gaussian approximation of the globals' posterior at the Laplace MAP (cached;
+        called without arguments, the one built most recently, whatever its settings).
 
         The outer step of a nested Laplace approximation: ``(m, log_r) ~ N(theta_hat,
         A^{-1})`` with ``A`` the negative Hessian of the exact Laplace objective (log
