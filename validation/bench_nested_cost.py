@@ -6,9 +6,11 @@ One converged pln Laplace fit of the bundled PBMC data (saved to
 process: ``to_datatree(draws, genes=..., globals="point")``; the globals' Gaussian
 (``fit.globals_posterior()``: Lanczos low rank at this size, counted separately:
 it is built once per fit and cached); and ``to_datatree(draws, globals="laplace")``,
-whose draws re-run every cell's Newton step at each drawn set of globals. Prints JSON:
-walls, the ratio of nested to point draws (with and without the one-off Gaussian),
-Newton evaluations, and the Issue-20 target (ratio <= 3).
+whose draws move every cell's mode by one Newton step at each drawn set of globals
+(at this size with each cell's Hessian held at the MAP: ``nested_draws``'s
+``curvature="auto"``). Prints JSON: walls, the ratio of nested to point draws (with
+and without the one-off Gaussian), Newton evaluations, and the Issue-20 target
+(ratio <= 3) for both ratios.
 
     python validation/bench_nested_cost.py --draws 100 --rank 10 --genes 20
 """
@@ -66,7 +68,8 @@ def main(argv=None):
         "point_draws_s": point_s, "globals_gaussian_s": gauss_s,
         "nested_draws_s": nested_s, "newton_steps_per_draw": NEWTON_STEPS_DEFAULT,
         "ratio_with_gaussian": ratio, "ratio_draws_only": nested_s / point_s,
-        "target_ratio": 3.0, "meets_target": ratio <= 3.0,
+        "target_ratio": 3.0, "meets_target_draws_only": nested_s / point_s <= 3.0,
+        "meets_target_with_gaussian": ratio <= 3.0,
         "gaussian": {"method": post.method, "n_gradients": int(post.n_gradients),
                      "eigenpairs": int(post.lam.size), "n_floored": int(post.n_floored),
                      "n_unconverged": int(post.n_unconverged)},
