@@ -704,13 +704,13 @@ def _pystan_build(name: str) -> None:
     import stan.common
 
     _ensure_event_loop_ok()
-    code = program_code(name)
+    code = _pystan_code(name)
     key = build_key(name, "pystan")
     ours = httpstan.cache.model_directory(httpstan.models.calculate_model_name(code))
     shared = _cache_root() / "pystan" / key
     with _build_lock(shared):
-        # httpstan's directory is keyed by the program and interpreter only: a module
-        # made for another key (another optimization level) is replaced.
+        # httpstan's directory is keyed by the program text (which names a non-default
+        # level) and interpreter only: a module made for another key is replaced.
         made_for = ours / _KEY_FILE
         if made_for.is_file():
             stale = made_for.read_text() != key
@@ -735,12 +735,21 @@ def _pystan_build(name: str) -> None:
             _copy_build(ours, shared)
 
 
+def _pystan_code(name: str) -> str:
+    """Program text handed to httpstan: a non-default ``SCRIBE_STAN_OPT`` is named in a
+    closing comment, so that each level has its own httpstan model directory (keyed by
+    the text). With one directory, a build at another level would delete the modules,
+    and the fits, of a sampler running at the first."""
+    level = _opt_level()
+    return program_code(name) + ("" if level == "3" else f"\n// built with -O{level}\n")
+
+
 def _pystan_model(name: str, data: Mapping[str, Any], seed: int):
     import stan
 
     _pystan_build(name)
     with _no_build_timeout():
-        return stan.build(program_code(name), data=_json_data(data), random_seed=int(seed))
+        return stan.build(_pystan_code(name), data=_json_data(data), random_seed=int(seed))
 
 
 def _cmdstanpy_model(name: str):

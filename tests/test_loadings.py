@@ -103,3 +103,50 @@ def test_bad_prior_name():
         L.check_prior("laplace")
     with pytest.raises(ValueError, match=r"shape \(3,\)"):
         L.log_prior_and_grad(np.ones((4, 3)), np.zeros(2), "neg")
+
+
+# --------------------------------------------------------------------------------------
+# Rotation-fixed loadings of the full-joint Stan programs
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("K", [1, 2, 3, 4])
+def test_pivot_density_is_normalized(K):
+    # The rotation-fixed density integrates to one over L: the pivot block's entries
+    # above the diagonal are zero (each still carries the iid normal's 1/sqrt(2 pi)),
+    # the free ones integrate out, and each diagonal entry contributes
+    # int_0^inf phi(l) l^(K - i) dl, by quadrature: independent of multigammaln.
+    diag_mass = np.prod([integrate.quad(lambda v, p=K - i: stats.norm.pdf(v) * v**p,
+                                        0, np.inf)[0] for i in range(1, K + 1)])
+    zeros = (2 * np.pi) ** (-K * (K - 1) / 4)
+    log_volume = L.log_pivot_density(np.ones(K))  # log vol O(K): every log W_pivot is 0
+    np.testing.assert_allclose(np.exp(log_volume) * diag_mass * zeros, 1.0, rtol=1e-8)
+
+
+def test_rotation_fixed_iid_loadings_have_bartletts_pivot_diagonal():
+    # The pushforward of an iid normal W to its rotation-fixed form has density iid
+    # normal times prod_i W_pivot[i]^(K - i), i.e. W_pivot[i]^2 ~ chi2(K - i + 1)
+    # (Bartlett's decomposition): KS tests on draws of W, and the free entries normal.
+    rng = np.random.default_rng(5)
+    G, K, n = 6, 3, 4000
+    pivot = np.array([4, 1, 2])
+    draws = [L.stan_coordinates(rng.standard_normal((G, K)), pivot) for _ in range(n)]
+    diag = np.array([c["W_pivot"] for c in draws])
+    free = np.array([c["W_free"] for c in draws])
+    for i in range(K):
+        assert stats.kstest(diag[:, i] ** 2, stats.chi2(K - i).cdf).pvalue > 1e-3, i
+    assert stats.kstest(free[:, 0], stats.norm.cdf).pvalue > 1e-3
+    assert free.shape[1] == G * K - K * (K + 1) // 2
+
+
+def test_rotation_fixed_keeps_w_w_transpose():
+    rng = np.random.default_rng(6)
+    W = rng.standard_normal((7, 3))
+    pivot = L.pivot_genes(W)
+    fixed = L.rotation_fixed(W, pivot)
+    np.testing.assert_allclose(fixed @ fixed.T, W @ W.T, atol=1e-12)
+    block = fixed[pivot]
+    np.testing.assert_allclose(np.triu(block, 1), 0.0, atol=1e-12)
+    assert np.all(np.diag(block) > 0)
+    # the greedy pivots: the first is the largest row
+    assert pivot[0] == np.argmax(np.linalg.norm(W, axis=1))

@@ -134,6 +134,20 @@ def test_optimization_level_is_checked_and_keys_builds(monkeypatch):
         stan.build_key("pln", "pystan")
 
 
+def test_each_optimization_level_has_its_own_httpstan_directory(monkeypatch):
+    # httpstan keys its model directory by the program text: a shared directory let a
+    # build at another level delete a running sampler's module and fits
+    import httpstan.models
+
+    names = {}
+    for level in ("3", "1", "0"):
+        monkeypatch.setenv("SCRIBE_STAN_OPT", level)
+        names[level] = httpstan.models.calculate_model_name(stan._pystan_code("pln"))
+    assert len(set(names.values())) == 3
+    monkeypatch.setenv("SCRIBE_STAN_OPT", "3")
+    assert stan._pystan_code("pln") == stan.program_code("pln")  # -O3 builds unchanged
+
+
 def test_build_flags_reach_httpstan(monkeypatch):
     import asyncio
 
