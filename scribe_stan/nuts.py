@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from scribe_stan.models import loadings, nbln, pln
+from scribe_stan.models import nbln, pln
 
 #: Per-chain means of ``lp`` that differ from the median chain by more than this many
 #: within-chain sds (pooled over the chains) flag a chain as stuck apart.
@@ -27,7 +27,7 @@ SPLIT_QUANTITIES = ("mu", "d", "r", "Sigma", "x", "eta", "m", "m_T", "r_T", "y",
                     "mu_clr", "Sigma_clr")
 
 
-def laplace_inits(fit, chains, *, seed=0, globals="point", pivot=None):
+def laplace_inits(fit, chains, *, seed=0, globals="point"):
     """Initial values of a pln/nbln full-joint Stan program from a Laplace fit.
 
     Parameters
@@ -42,16 +42,11 @@ def laplace_inits(fit, chains, *, seed=0, globals="point", pivot=None):
     globals : {"point", "laplace"}
         Every chain starts at the Laplace MAP of the globals, or each at its own draw
         from their Laplace Gaussian (:meth:`LaplaceFit.to_datatree`).
-    pivot : sequence of int, length K, optional
-        The ``pivot`` genes (0-based) of the program's data
-        (:func:`scribe_stan.models.pln.stan_data`); default
-        ``loadings.pivot_genes(fit.W)``, which is what to pass there too.
 
     Returns
     -------
     list of dict
-        Constrained values of every parameter of the program: ``mu``, the loadings'
-        coordinates ``W_free, W_pivot`` (:func:`loadings.stan_coordinates`), ``d`` (for
+        Constrained values of every parameter of the program: ``mu, W``, ``d`` (for
         nbln ``overdispersion, latent_share``,
         :func:`scribe_stan.models.nbln.overdispersion_coordinates`),
         ``obs_level, zeta, eta_q``. Each chain's cells are one
@@ -68,8 +63,6 @@ def laplace_inits(fit, chains, *, seed=0, globals="point", pivot=None):
         raise ValueError(f"laplace_inits maps pln and nbln fits; got model={fit.model!r}")
     if fit.settings.get("loadings_prior", "normal") != "normal":
         raise ValueError("laplace_inits supports loadings_prior='normal' only")
-    if pivot is None:
-        pivot = loadings.pivot_genes(fit.W)
     tree = fit.to_datatree(draws=chains, seed=seed, globals=globals)
     post = tree["posterior"]
     data = fit.data
@@ -80,8 +73,7 @@ def laplace_inits(fit, chains, *, seed=0, globals="point", pivot=None):
         x = np.asarray(post["x"].values[0, c], float)
         eta = np.maximum(np.asarray(post["eta"].values[0, c], float), 1e-6)
         coords = pln.observed_capture_coordinates(x, eta, mu, W, d, a, data.sigma_M)
-        init = {"mu": mu, **loadings.stan_coordinates(W, pivot),
-                "obs_level": coords["obs_level"],
+        init = {"mu": mu, "W": W, "obs_level": coords["obs_level"],
                 "zeta": coords["zeta"], "eta_q": np.clip(coords["eta_q"], 1e-9, 1 - 1e-9)}
         if fit.model == "nbln":
             log_r = np.log(np.asarray(post["r"].values[0, c], float))

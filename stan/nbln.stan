@@ -5,9 +5,8 @@
 //   x_c     ~ multi_normal(mu, Sigma),  Sigma = W W' + diag(d)
 //   u[c, g] ~ neg_binomial_2(exp(x[c, g] - eta_c), r_g),  r_g = exp(log_r_g)
 //
-// Priors (see scribe_stan/models/nbln.py): mu, W (its rotation fixed by the pivot
-// genes as in stan/pln.stan), d, the loadings column scales tau and the capture prior
-// exactly as stan/pln.stan (functions/pln.stanfunctions);
+// Priors (see scribe_stan/models/nbln.py): mu, W, d, the loadings column scales tau
+// and the capture prior exactly as stan/pln.stan (functions/pln.stanfunctions);
 // log_r ~ normal(log 10, 3) (functions/dispersion.stanfunctions). d and log_r are
 // sampled as each gene's overdispersion expm1(d) + 1/r and the latent share of it
 // (overdispersion_log_det). The sampled per-cell
@@ -41,25 +40,13 @@ data {
   real log_M0;  // log prior median total mRNA per cell
   real<lower=0> sigma_M;  // capture prior scale
   int<lower=0, upper=3> loadings_prior;  // 0 normal, 1 gaussian, 2 horseshoe, 3 neg
-  array[K] int<lower=1, upper=G> pivot;  // distinct genes that fix W's rotation (prior 0)
 }
 transformed data {
   vector[N] a = log_M0 - log_lib;  // prior location of eta
-  int rotation_fixed = loadings_prior == 0;  // the iid prior is rotation invariant
-  int n_pivot = rotation_fixed ? K : 0;
-  int n_free = rotation_fixed ? G * K - (K * (K + 1)) %/% 2 : G * K;
-  for (i in 1:K) {
-    for (j in 1:(i - 1)) {
-      if (pivot[i] == pivot[j]) {
-        reject("pivot genes must be distinct; gene ", pivot[i], " appears twice");
-      }
-    }
-  }
 }
 parameters {
   vector[G] mu;
-  vector[n_free] W_free;  // loadings entries (loadings_from_coordinates)
-  vector<lower=0>[n_pivot] W_pivot;  // diagonal of the pivot genes' block of W
+  matrix[G, K] W;  // loadings, identified only up to rotation W -> W R
   // Each gene's extra-Poisson variance splits between the latent variance d and the NB
   // dispersion r, which low counts cannot tell apart (an L-shaped ridge in (d, log r));
   // sampled as its total and the latent part's share, where that ridge is straight.
@@ -71,7 +58,6 @@ parameters {
   vector<lower=0, upper=1>[N] eta_q;  // quantile of eta_c given x_obs_c
 }
 transformed parameters {
-  matrix[G, K] W = loadings_from_coordinates(W_free, W_pivot, pivot, G, K);
   vector[G] d = log1p(latent_share .* overdispersion);
   vector[G] log_r = -log1m(latent_share) - log(overdispersion);  // log dispersions
   matrix[G, G] Sigma = pln_covariance(W, d);
@@ -84,7 +70,6 @@ transformed parameters {
 }
 model {
   target += pln_globals_lpdf(mu | d, W, tau, loadings_prior);
-  target += loadings_pivot_lpdf(W_pivot);
   target += dispersion_lpdf(log_r);
   target += overdispersion_log_det(overdispersion, latent_share);  // priors are on d, log r
   target += normal_lpdf(obs_level | mean(mu) - a, obs_level_scale);

@@ -5,17 +5,14 @@
 //   u[c, g] ~ poisson(exp(x[c, g] - eta_c))
 //
 // Priors (see scribe_stan/models/pln.py and loadings.py): mu ~ normal(0, 10),
-// d ~ gamma(2, 4); loadings W with either iid normal(0, 1) entries or a columnwise
-// shrinkage prior on W_perp with column scales tau (loadings_prior 1-3, for adaptive
-// rank), the Laplace solver's prior. With the iid prior, W's rotation W -> W R is fixed
-// by the pivot genes (loadings_from_coordinates) and loadings_pivot_lpdf keeps the
-// prior of Sigma: a free rotation is a flat circle NUTS would have to travel with tiny
-// steps. W's signs (prior 1-3) stay free; Sigma, corr and the singular values of W_perp
-// are what to diagnose and compare. The sampled per-cell coordinates are the level
-// obs_level and innovations zeta of the captured log-rates x_obs = x - eta 1 and the
-// conditional quantile eta_q of eta (functions/capture.stanfunctions explains why).
-// Every term is added with an explicit, normalized _lpdf/_lpmf so the log density
-// keeps all constants.
+// d ~ gamma(2, 4); unconstrained loadings W with either iid normal(0, 1) entries or a
+// columnwise shrinkage prior on W_perp with column scales tau (loadings_prior 1-3, for
+// adaptive rank), the Laplace solver's prior. W is identified only up to rotation and
+// sign; Sigma, corr and the singular values of W_perp are not, and are what to
+// diagnose and compare. The sampled per-cell coordinates are the level obs_level and
+// innovations zeta of the captured log-rates x_obs = x - eta 1 and the conditional
+// quantile eta_q of eta (functions/capture.stanfunctions explains why). Every term is added with an explicit,
+// normalized _lpdf/_lpmf so the log density keeps all constants.
 functions {
   #include functions/pln.stanfunctions
   #include functions/capture.stanfunctions
@@ -29,25 +26,13 @@ data {
   real log_M0;  // log prior median total mRNA per cell
   real<lower=0> sigma_M;  // capture prior scale
   int<lower=0, upper=3> loadings_prior;  // 0 normal, 1 gaussian, 2 horseshoe, 3 neg
-  array[K] int<lower=1, upper=G> pivot;  // distinct genes that fix W's rotation (prior 0)
 }
 transformed data {
   vector[N] a = log_M0 - log_lib;  // prior location of eta
-  int rotation_fixed = loadings_prior == 0;  // the iid prior is rotation invariant
-  int n_pivot = rotation_fixed ? K : 0;
-  int n_free = rotation_fixed ? G * K - (K * (K + 1)) %/% 2 : G * K;
-  for (i in 1:K) {
-    for (j in 1:(i - 1)) {
-      if (pivot[i] == pivot[j]) {
-        reject("pivot genes must be distinct; gene ", pivot[i], " appears twice");
-      }
-    }
-  }
 }
 parameters {
   vector[G] mu;
-  vector[n_free] W_free;  // loadings entries (loadings_from_coordinates)
-  vector<lower=0>[n_pivot] W_pivot;  // diagonal of the pivot genes' block of W
+  matrix[G, K] W;  // loadings, identified only up to rotation W -> W R
   vector<lower=0>[G] d;
   vector<lower=1e-3>[loadings_prior > 0 ? K : 0] tau;  // loadings column scales
   vector[N] obs_level;  // level of the captured log-rates x_obs_c along 1, centred
@@ -55,7 +40,6 @@ parameters {
   vector<lower=0, upper=1>[N] eta_q;  // quantile of eta_c given x_obs_c
 }
 transformed parameters {
-  matrix[G, K] W = loadings_from_coordinates(W_free, W_pivot, pivot, G, K);
   matrix[G, G] Sigma = pln_covariance(W, d);
   real obs_level_scale = capture_level_scale(Sigma, sigma_M);
   matrix[N, G] x_obs = capture_observed_latent(mu, Sigma, sigma_M, obs_level, zeta);
@@ -66,7 +50,6 @@ transformed parameters {
 }
 model {
   target += pln_globals_lpdf(mu | d, W, tau, loadings_prior);
-  target += loadings_pivot_lpdf(W_pivot);
   target += normal_lpdf(obs_level | mean(mu) - a, obs_level_scale);
   target += std_normal_lpdf(to_vector(zeta));
   target += capture_truncation_lpdf(eta_loc | eta_scale, a, sigma_M);

@@ -10,7 +10,7 @@ from scipy import linalg
 
 from scribe_stan import stan
 from scribe_stan.laplace.solver import LaplaceProblem
-from scribe_stan.models import loadings, nbln, pln
+from scribe_stan.models import nbln, pln
 
 CONTRACT = ["N", "G", "K", "counts", "log_lib", "log_M0", "sigma_M"]
 
@@ -64,12 +64,13 @@ def test_data_contract(name):
 
 
 def test_nbln_log_density_matches_numpy():
-    # nbln.stan is written in (mu, W, d, log_r, obs_level, zeta, eta_q) as pln.stan (the
-    # captured log-rates x - eta and the quantile of eta given them), W in its
-    # rotation-fixed coordinates, (d, log_r) as (overdispersion, latent_share). Without
-    # the constraint Jacobians its target is nbln.log_joint plus
-    # pln.observed_capture_coordinates' log_offset, the (d, log_r) Jacobian and
-    # loadings.log_pivot_density.
+    # nbln.stan is written in (mu, W, overdispersion, latent_share, obs_level, zeta,
+    # eta_q): the per-cell coordinates of pln.stan (the captured log-rates x - eta and
+    # the quantile of eta given them), W unconstrained with the Laplace side's prior, and
+    # (d, log_r) as each gene's total overdispersion and its latent share. Without the
+    # constraint Jacobians its target is nbln.log_joint plus
+    # pln.observed_capture_coordinates' log_offset plus the (d, log_r) Jacobian
+    # (nbln.overdispersion_coordinates); no loadings term.
     sim = _sim()
     data = _builders(sim)["nbln"]
     N, G, K = data["N"], data["G"], data["K"]
@@ -79,17 +80,15 @@ def test_nbln_log_density_matches_numpy():
         mu, W, d, log_r, x, eta = _random_point(rng, N, G, K)
         a = pln.capture_prior_mean(data["log_lib"], data["log_M0"])
         coords = pln.observed_capture_coordinates(x, eta, mu, W, d, a, data["sigma_M"])
-        loading_coords = loadings.stan_coordinates(W, data["pivot"] - 1)
         split = nbln.overdispersion_coordinates(d, log_r)
-        params = {"mu": mu, **loading_coords, "overdispersion": split["overdispersion"],
+        params = {"mu": mu, "W": W, "overdispersion": split["overdispersion"],
                   "latent_share": split["latent_share"],
                   "obs_level": coords["obs_level"], "zeta": coords["zeta"],
                   "eta_q": coords["eta_q"]}
         stan_lp.append(stan.log_prob("nbln", data, params, jacobian=False))
         ref = nbln.log_joint(data["counts"], mu, W, d, log_r, x, eta, log_M0=data["log_M0"],
                              sigma_M=data["sigma_M"], log_lib=data["log_lib"])
-        ref_lp.append(ref + coords["log_offset"] + split["log_jacobian"]
-                      + loadings.log_pivot_density(loading_coords["W_pivot"]))
+        ref_lp.append(ref + coords["log_offset"] + split["log_jacobian"])
     np.testing.assert_allclose(stan_lp, ref_lp, rtol=1e-10, atol=0)
     assert np.abs(np.diff(ref_lp)).min() > 1.0  # the points really differ
 

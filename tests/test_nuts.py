@@ -9,7 +9,7 @@ from scipy import linalg, stats
 
 import scribe_stan as ss
 from scribe_stan import nuts, stan
-from scribe_stan.models import loadings, pln
+from scribe_stan.models import pln
 
 
 @pytest.fixture(scope="module")
@@ -21,27 +21,17 @@ def small():
     return adata
 
 
-def _globals(init, pivot, K):
-    """W and d from the programs' coordinates, written from their text
-    (loadings_from_coordinates; nbln's d = log1p(latent_share * overdispersion))."""
-    G = init["mu"].size
-    W, free = np.zeros((G, K)), iter(init["W_free"])
-    for g in range(G):
-        i = list(pivot).index(g) if g in pivot else None
-        for k in range(K if i is None else i):
-            W[g, k] = next(free)
-        if i is not None:
-            W[g, i] = init["W_pivot"][i]
-    d = (init["d"] if "d" in init
-         else np.log1p(init["latent_share"] * init["overdispersion"]))
-    return W, d
+def _d(init):
+    """d from a pln or nbln init (nbln.stan: d = log1p(latent_share * overdispersion))."""
+    if "d" in init:
+        return init["d"]
+    return np.log1p(init["latent_share"] * init["overdispersion"])
 
 
-def _forward(init, a, sigma_M, pivot, K):
+def _forward(init, a, sigma_M):
     """x and eta from pln.stan's sampled coordinates, written from the program's text
     (capture_observed_latent, capture_conditional_*, capture_from_quantile)."""
-    mu = init["mu"]
-    W, d = _globals(init, pivot, K)
+    mu, W, d = init["mu"], init["W"], _d(init)
     G = mu.size
     Sigma = W @ W.T + np.diag(d)
     L = np.linalg.cholesky(Sigma + sigma_M**2)
@@ -59,9 +49,8 @@ def _forward(init, a, sigma_M, pivot, K):
 
 @pytest.mark.parametrize("model", ["pln", "nbln"])
 def test_laplace_inits_start_each_chain_at_a_laplace_draw(small, model):
-    fit = ss.fit(small, model=model, rank=2, progress=False)
-    pivot = loadings.pivot_genes(fit.W)
-    inits = nuts.laplace_inits(fit, 3, seed=4)  # the same pivots by default
+    fit = ss.fit(small, model=model, rank=1, progress=False)
+    inits = nuts.laplace_inits(fit, 3, seed=4)
     tree = fit.to_datatree(draws=3, seed=4)
     a = pln.capture_prior_mean(fit.data.log_lib, fit.data.log_M0)
     names = set(stan._declarations(stan._block(stan.program_code(model), "parameters")))
@@ -71,14 +60,11 @@ def test_laplace_inits_start_each_chain_at_a_laplace_draw(small, model):
         assert set(init) == names
         assert init["zeta"].shape == (15, 4) and init["obs_level"].shape == (15,)
         assert np.all((init["eta_q"] > 0) & (init["eta_q"] < 1))
-        x, eta = _forward(init, a, fit.data.sigma_M, pivot, 2)
+        x, eta = _forward(init, a, fit.data.sigma_M)
         np.testing.assert_allclose(x, tree["posterior"]["x"].values[0, c], atol=1e-6)
         np.testing.assert_allclose(eta, tree["posterior"]["eta"].values[0, c], atol=1e-6)
         np.testing.assert_array_equal(init["mu"], fit.mu)
-        W, d = _globals(init, pivot, 2)
-        np.testing.assert_allclose(W @ W.T, fit.W @ fit.W.T, atol=1e-10)  # rotation only
-        np.testing.assert_allclose(d, fit.d, rtol=1e-10)
-        assert np.all(init["W_pivot"] > 0)
+        np.testing.assert_allclose(_d(init), fit.d, rtol=1e-10)
         if model == "nbln":  # the program's log_r = -log1m(latent_share) - log(overdispersion)
             log_r = -np.log1p(-init["latent_share"]) - np.log(init["overdispersion"])
             np.testing.assert_allclose(log_r, fit.log_r, rtol=1e-8)
@@ -128,23 +114,20 @@ def test_dense_metric_needs_cmdstan():
 @pytest.mark.slow
 def test_laplace_inits_are_accepted_by_stan_at_the_laplace_draw(small, backend):
     # the program's log density at the init equals the NumPy joint density of the
-    # Laplace draw it came from, plus the coordinates' log offset and the rotation-fixed
-    # loadings' density
-    fit = ss.fit(small, model="pln", rank=2, progress=False)
+    # Laplace draw it came from, plus the coordinates' log offset
+    fit = ss.fit(small, model="pln", rank=1, progress=False)
     init = nuts.laplace_inits(fit, 1, seed=2)[0]
     draw = fit.to_datatree(draws=1, seed=2)["posterior"]
     x, eta = draw["x"].values[0, 0], draw["eta"].values[0, 0]
-    data = pln.stan_data(fit.data.counts, 2, log_M0=fit.data.log_M0,
-                         sigma_M=fit.data.sigma_M, log_lib=fit.data.log_lib,
-                         pivot=loadings.pivot_genes(fit.W))
+    data = pln.stan_data(fit.data.counts, 1, log_M0=fit.data.log_M0,
+                         sigma_M=fit.data.sigma_M, log_lib=fit.data.log_lib)
     a = pln.capture_prior_mean(fit.data.log_lib, fit.data.log_M0)
     offset = pln.observed_capture_coordinates(x, eta, fit.mu, fit.W, fit.d, a,
                                               fit.data.sigma_M)["log_offset"]
     ref = pln.log_joint(fit.data.counts, fit.mu, fit.W, fit.d, x, eta,
                         log_M0=fit.data.log_M0, sigma_M=fit.data.sigma_M)
     lp = stan.log_prob("pln", data, init, backend=backend)
-    assert lp == pytest.approx(ref + offset + loadings.log_pivot_density(init["W_pivot"]),
-                               rel=1e-9)
+    assert lp == pytest.approx(ref + offset, rel=1e-9)
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ import pytest
 from scipy import linalg, special, stats
 
 from scribe_stan import stan as ss
-from scribe_stan.models import loadings, pln
+from scribe_stan.models import pln
 
 LOG_2PI = np.log(2.0 * np.pi)
 
@@ -127,15 +127,14 @@ def test_json_data_rejects_non_finite():
 #
 # pln.stan is written in (mu, W, d, obs_level, zeta, eta_q): the level and innovations
 # of the captured log-rates x_obs_c = x_c - eta_c under their marginal prior and the
-# quantile eta_q of eta_c given x_obs_c, and W in its rotation-fixed coordinates
-# (loadings.stan_coordinates), so without the constraint Jacobians its target is
+# quantile eta_q of eta_c given x_obs_c. W is unconstrained with the Laplace side's
+# prior, so without the constraint Jacobians its target is
 #
 #   log_joint(u, mu, W, d, x, eta)            (pln.log_joint: density in x, eta)
 #   + log_offset                              (pln.observed_capture_coordinates: the
 #                                              Jacobian, by SciPy's truncnorm)
-#   + loadings.log_pivot_density(W_pivot)     (keeps the prior of W W')
 #
-# and nothing else.
+# and nothing else: no term for the loadings.
 # The absolute values are compared (so every constant is checked), and the differences
 # between points (which move mu, W, d, x and eta: any change of a prior scale, of the
 # capture prior or of the likelihood would show).
@@ -150,25 +149,22 @@ def test_pln_log_density_matches_numpy(backend):
     for _ in range(3):
         mu, W, d, x, eta = _random_point(rng, N, G, K)
         coords = _stan_coordinates(data, mu, W, d, x, eta)
-        loading_coords = loadings.stan_coordinates(W, data["pivot"] - 1)
-        params = {"mu": mu, "d": d} | loading_coords | _sampled(coords)
+        params = {"mu": mu, "W": W, "d": d} | _sampled(coords)
         stan_lp.append(ss.log_prob("pln", data, params, backend=backend, jacobian=False))
         ref = pln.log_joint(data["counts"], mu, W, d, x, eta,
                             log_M0=data["log_M0"], sigma_M=data["sigma_M"])
-        ref_lp.append(ref + coords["log_offset"]
-                      + loadings.log_pivot_density(loading_coords["W_pivot"]))
+        ref_lp.append(ref + coords["log_offset"])
     stan_lp, ref_lp = np.array(stan_lp), np.array(ref_lp)
     np.testing.assert_allclose(stan_lp, ref_lp, rtol=1e-10, atol=0)
     np.testing.assert_allclose(np.diff(stan_lp), np.diff(ref_lp),
                                rtol=1e-8, atol=1e-8 * np.abs(ref_lp).max())
     assert np.abs(np.diff(ref_lp)).min() > 1.0  # the points really differ
-    # the pivot genes fix W's rotation: W R (R orthogonal, here with a reflection) has
-    # the same coordinates, hence the same point of the program
+    # no parametrization pins W: the joint is invariant under W -> W R (R orthogonal,
+    # here with a reflection), as Sigma, hence L and z, are unchanged
     R = np.linalg.qr(rng.standard_normal((K, K)))[0] @ np.diag([1.0, -1.0])
-    rotated = loadings.stan_coordinates(W @ R, data["pivot"] - 1)
-    for key in ("W_free", "W_pivot"):
-        np.testing.assert_allclose(rotated[key], loading_coords[key], rtol=1e-10, atol=1e-12)
-    assert np.all(loading_coords["W_pivot"] > 0)
+    rotated = ss.log_prob("pln", data, params | {"W": W @ R}, backend=backend,
+                          jacobian=False)
+    np.testing.assert_allclose(rotated, stan_lp[-1], rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("prior", ["gaussian", "horseshoe", "neg"])
@@ -183,8 +179,7 @@ def test_pln_shrinkage_prior_log_density_matches_numpy(prior, backend):
         mu, W, d, x, eta = _random_point(rng, N, G, K)
         tau = rng.uniform(0.05, 2.0, K)
         coords = _stan_coordinates(data, mu, W, d, x, eta)
-        params = ({"mu": mu, "d": d, "tau": tau} | _sampled(coords)
-                  | loadings.stan_coordinates(W, data["pivot"] - 1, prior))
+        params = {"mu": mu, "W": W, "d": d, "tau": tau} | _sampled(coords)
         stan_lp.append(ss.log_prob("pln", data, params, backend=backend, jacobian=False))
         ref = pln.log_joint(data["counts"], mu, W, d, x, eta, log_M0=data["log_M0"],
                             sigma_M=data["sigma_M"], tau=tau, loadings_prior=prior)
@@ -493,13 +488,6 @@ def test_declared_shapes_use_data_and_transformed_data():
     assert ss._declared_shape(code, "m_T", data) == ()
     assert ss._declared_shape(ss.program_code("pln"), "tau",
                               {"K": 2, "loadings_prior": 0}) == (0,)
-    # rotation-fixed loadings: G K - K (K + 1) / 2 free entries and K pivots
-    pln_sizes = {"G": 5, "K": 3, "loadings_prior": 0}
-    assert ss._declared_shape(ss.program_code("pln"), "W_free", pln_sizes) == (9,)
-    assert ss._declared_shape(ss.program_code("pln"), "W_pivot", pln_sizes) == (3,)
-    shrinkage = pln_sizes | {"loadings_prior": 2}
-    assert ss._declared_shape(ss.program_code("nbln"), "W_free", shrinkage) == (15,)
-    assert ss._declared_shape(ss.program_code("nbln"), "W_pivot", shrinkage) == (0,)
     with pytest.raises(ValueError, match="'total' of Stan variable 'v' is neither"):
         ss._declared_shape("transformed data { array[2] int total; }\n"
                            "parameters { vector[total] v; }", "v", {})

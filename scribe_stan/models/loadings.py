@@ -32,25 +32,21 @@ Priors on ``W`` (identical in ``stan/functions/loadings.stanfunctions``):
 
 Both solvers use the same density of ``(W, tau)``: the Laplace outer problem maximizes
 it jointly with the other globals (tau in log coordinates, the density in tau as for
-the other globals, no Jacobian), and Stan samples tau. The Laplace side leaves ``W``
-unconstrained (every G x K entry free) and handles the rotation in its globals'
-Gaussian. With the rotation-invariant iid prior, the full-joint Stan programs fix the
-rotation instead, since a free rotation is a flat circle NUTS travels only with very
-long trajectories: ``W = L Q`` with ``Q`` orthogonal and ``L`` lower triangular with
-positive diagonal on ``K`` pivot genes (:func:`rotation_fixed`). ``L``'s density is the
-iid one times :func:`log_pivot_density`, the Jacobian that keeps the implied prior of
-``W W'`` exactly (a pinned W without it would change that prior). Pivots with large,
-well-determined loadings (:func:`pivot_genes`) keep every pivot entry away from zero,
-where the sign configurations of a pinned W would trap chains (Frühwirth-Schnatter,
-Hosszejni & Lopes, "Sparse Bayesian factor analysis when the number of factors is
-unknown", Bayesian Analysis). Compare ``Sigma``, correlations or the singular values of
-``W_perp``, never ``W``.
+the other globals, no Jacobian), and Stan samples tau. Both leave ``W`` unconstrained
+(every G x K entry free), so they put the same prior on ``Sigma = W W' + diag(d)``; a
+pinned (lower-triangular, positive-diagonal) W would change the implied prior of
+``W W'`` and, when a pivot gene's loading is near zero, trap NUTS chains in separate
+sign configurations (the identification problem of positive lower-triangular factor
+loadings; Frühwirth-Schnatter, Hosszejni & Lopes, Bayesian Analysis, "Sparse Bayesian
+factor analysis when the number of factors is unknown"). ``W`` is therefore identified
+only up to rotation; compare ``Sigma``, correlations or the singular values of
+``W_perp``.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from scipy import linalg, special, stats
+from scipy import stats
 
 PRIORS = ("normal", "gaussian", "horseshoe", "neg")
 STAN_CODES = {name: i for i, name in enumerate(PRIORS)}  # the `loadings_prior` data item
@@ -213,101 +209,3 @@ def initial_log_tau(W, prior):
     Wp = w_perp(W)
     rms = np.sqrt(np.mean(Wp**2, axis=0) * Wp.shape[0] / max(Wp.shape[0] - 1, 1))
     return np.log(np.maximum(rms, 2 * TAU_MIN))
-
-
-def pivot_genes(W):
-    """The ``K`` genes whose rows of ``W`` fix its rotation best.
-
-    QR with column pivoting of ``W'`` (LAPACK ``geqp3``) picks greedily the gene with the
-    largest row, then the one with the largest part orthogonal to the rows picked so
-    far: the pivot block's diagonal (:func:`rotation_fixed`) is as far from zero as
-    that greedy choice makes it.
-
-    Parameters
-    ----------
-    W : ndarray, shape (G, K)
-
-    Returns
-    -------
-    ndarray of int, shape (K,)
-        Distinct 0-based gene indices.
-    """
-    W = np.asarray(W, dtype=float)
-    _, _, order = linalg.qr(W.T, mode="economic", pivoting=True)
-    return np.asarray(order[:W.shape[1]], dtype=int)
-
-
-def rotation_fixed(W, pivot):
-    """``W R`` with ``R`` orthogonal such that ``(W R)[pivot]`` is lower triangular with
-    non-negative diagonal (the LQ form of the pivot block); ``W W'`` is unchanged.
-
-    Parameters
-    ----------
-    W : ndarray, shape (G, K)
-    pivot : sequence of int, length K
-        Distinct 0-based gene indices.
-
-    Returns
-    -------
-    ndarray, shape (G, K)
-    """
-    W = np.asarray(W, dtype=float)
-    Q, R = np.linalg.qr(W[np.asarray(pivot)].T)  # W[pivot] Q = R' (lower triangular)
-    signs = np.where(np.diag(R) < 0, -1.0, 1.0)
-    return (W @ Q) * signs
-
-
-def stan_coordinates(W, pivot, prior="normal"):
-    """The loadings coordinates ``W_free, W_pivot`` of ``stan/pln.stan`` and
-    ``stan/nbln.stan`` (``loadings_from_coordinates`` there) for a loadings matrix.
-
-    Parameters
-    ----------
-    W : ndarray, shape (G, K)
-    pivot : sequence of int, length K
-        The programs' ``pivot`` data, 0-based.
-    prior : str
-        Loadings prior. ``"normal"``: ``W`` is first rotated to :func:`rotation_fixed`
-        form (the programs' W is the same Sigma); the other priors sample every entry.
-
-    Returns
-    -------
-    dict
-        ``W_free`` (shape ``(G K - K (K + 1) / 2,)``, the pivot rows' entries left of
-        their diagonal and every other row, row by row; ``(G K,)`` column-major for the
-        shrinkage priors) and ``W_pivot`` (shape ``(K,)``, empty for those).
-    """
-    W = np.asarray(W, dtype=float)
-    if check_prior(prior) != "normal":
-        return {"W_free": W.ravel(order="F"), "W_pivot": np.empty(0)}
-    L = rotation_fixed(W, pivot)
-    rank = {int(g): i for i, g in enumerate(pivot)}
-    free = [L[g] if g not in rank else L[g, :rank[g]] for g in range(L.shape[0])]
-    return {"W_free": np.concatenate(free),
-            "W_pivot": L[np.asarray(pivot), np.arange(L.shape[1])]}
-
-
-def log_pivot_density(W_pivot):
-    """Log density of rotation-fixed loadings relative to the iid normal density of all
-    ``G K`` entries of ``W`` (zeros included), mirroring ``loadings_pivot_lpdf``.
-
-    ``sum_i (K - i) log W_pivot[i]`` (``i = 1..K``) is the Jacobian of ``W = L Q`` and
-    ``log vol O(K) = K log 2 + (K^2 / 2) log pi - log Gamma_K(K / 2)`` the Haar measure's
-    mass (Muirhead 1982, Aspects of Multivariate Statistical Theory, Thms 2.1.13 and
-    2.1.15).
-
-    Parameters
-    ----------
-    W_pivot : ndarray, shape (K,)
-        Positive diagonal of the pivot block.
-
-    Returns
-    -------
-    float
-    """
-    W_pivot = np.asarray(W_pivot, dtype=float)
-    K = W_pivot.size
-    if K == 0:
-        return 0.0
-    log_volume = K * np.log(2.0) + 0.5 * K**2 * np.log(np.pi) - special.multigammaln(0.5 * K, K)
-    return float(log_volume + np.sum((K - 1 - np.arange(K)) * np.log(W_pivot)))

@@ -57,7 +57,7 @@ def capture_prior_mean(log_lib, log_M0):
 
 
 def stan_data(counts, K, *, log_M0=np.log(M0_DEFAULT), sigma_M=SIGMA_M_DEFAULT, log_lib=None,
-              loadings_prior="normal", pivot=None):
+              loadings_prior="normal"):
     """Data dict for ``stan/pln.stan`` (full joint posterior).
 
     Parameters
@@ -72,57 +72,21 @@ def stan_data(counts, K, *, log_M0=np.log(M0_DEFAULT), sigma_M=SIGMA_M_DEFAULT, 
         over all genes of the cell when ``counts`` holds a gene subset.
     loadings_prior : str
         One of :data:`scribe_stan.models.loadings.PRIORS`.
-    pivot : sequence of int, length K, optional
-        Distinct 0-based genes that fix the rotation of ``W`` under the ``"normal"``
-        prior (:func:`scribe_stan.models.loadings.stan_coordinates`). Any choice gives
-        the same posterior of ``Sigma``; genes with large loadings sample best. Default:
-        :func:`default_pivot`. Pass ``loadings.pivot_genes(fit.W)`` with starts from a
-        Laplace fit.
 
     Returns
     -------
     dict
         Keys ``N, G, K, counts, log_lib, log_M0, sigma_M, loadings_prior`` (an int
-        code) and ``pivot`` (1-based): the data-block contract.
+        code): the data-block contract.
 
     Raises
     ------
     ValueError
-        Unknown ``loadings_prior``; ``pivot`` not ``K`` distinct genes.
+        Unknown ``loadings_prior``.
     """
     data = _capture_data(counts, K, log_M0=log_M0, sigma_M=sigma_M, log_lib=log_lib)
     data["loadings_prior"] = loadings.STAN_CODES[loadings.check_prior(loadings_prior)]
-    G = data["G"]
-    if pivot is None:
-        pivot = default_pivot(data["counts"], K, data["log_lib"])
-    pivot = np.asarray(pivot)
-    if (pivot.shape != (K,) or not np.issubdtype(pivot.dtype, np.integer)
-            or np.unique(pivot).size != K or pivot.min() < 0 or pivot.max() >= G):
-        raise ValueError(f"pivot must be {K} distinct gene indices in [0, {G}); got "
-                         f"{pivot.tolist()}")
-    data["pivot"] = (pivot + 1).astype(np.int64)
     return data
-
-
-def default_pivot(counts, K, log_lib):
-    """Pivot genes for ``stan/pln.stan`` from the data alone: :func:`loadings.pivot_genes`
-    of the top-``K`` principal axes (scikit-learn PCA) of ``log1p`` of the counts scaled
-    to the median library size, each axis times its sd.
-
-    Returns
-    -------
-    ndarray of int, shape (K,)
-        0-based genes; the first ``K`` when there are not more cells than ``K``.
-    """
-    from sklearn.decomposition import PCA  # only the full-joint programs need it
-
-    counts = np.asarray(counts, dtype=float)
-    if counts.shape[0] <= K:
-        return np.arange(K)
-    lib = np.exp(np.asarray(log_lib, dtype=float))
-    y = np.log1p(counts / lib[:, None] * np.median(lib))
-    pca = PCA(n_components=K, svd_solver="full").fit(y)
-    return loadings.pivot_genes(pca.components_.T * np.sqrt(pca.explained_variance_))
 
 
 def _capture_data(counts, K, *, log_M0=np.log(M0_DEFAULT), sigma_M=SIGMA_M_DEFAULT,

@@ -69,6 +69,9 @@ def _fit(data, method, common, options, settings, *, model):
         program = MODELS[model].CONDITIONAL_STAN_FILE.removesuffix(".stan")
         fixed = (cond.mu, cond.W, cond.d) + ((cond.log_r,) if model == "nbln" else ())
         stan_data = MODELS[model].conditional_stan_data(data.counts, *fixed, **capture)
+    else:
+        program = model
+        stan_data = MODELS[model].stan_data(data.counts, K, loadings_prior=prior, **capture)
     inits = None
     start = options.get("init_from")
     if start is not None:
@@ -78,14 +81,8 @@ def _fit(data, method, common, options, settings, *, model):
         if start.model != model or start.W.shape[1] != K:
             raise ValueError(f"init_from is a {start.model} fit of rank {start.W.shape[1]}; "
                              f"this fit is {model} of rank {K}")
-        # the Laplace loadings pick the pivot genes of W's rotation (stan/pln.stan)
-        capture["pivot"] = loadings.pivot_genes(start.W)
-        inits = nuts.laplace_inits(start, common.chains, seed=common.seed,
-                                   pivot=capture["pivot"])
+        inits = nuts.laplace_inits(start, common.chains, seed=common.seed)
         settings["init"] = "laplace"
-    if cond is None:
-        program = model
-        stan_data = MODELS[model].stan_data(data.counts, K, loadings_prior=prior, **capture)
     draws, settings = sample_nuts(program, stan_data, common, settings, inits=inits)
     return HmcFit(model=model, program=program, draws=draws, data=data, settings=settings)
 
