@@ -80,7 +80,7 @@ _OTHER_ENTRY = """
 import json, shutil, sys
 import httpstan.cache, httpstan.models
 from scribe_stan import stan
-code = stan.program_code("pln")
+code = stan._pystan_code("pln")  # the text httpstan keys its directory by
 own = httpstan.cache.model_directory(httpstan.models.calculate_model_name(code))
 shutil.rmtree(own, ignore_errors=True)
 data = json.load(open(sys.argv[1]))
@@ -114,7 +114,7 @@ def test_one_build_serves_every_interpreter_path(tmp_path, capfd):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("\n") == 1  # Stan printed nothing on stdout
     result = json.loads(proc.stdout)
-    code = stan.program_code("pln")
+    code = stan._pystan_code("pln")
     ours = httpstan.cache.model_directory(httpstan.models.calculate_model_name(code))
     assert result["dir"] != str(ours)  # httpstan alone would have built it again
     assert "found in cache" in result["messages"]

@@ -49,9 +49,20 @@ Parameterizations that made the chains mix (all in ``stan/functions/``):
   given (m_T, r_T), which removes both the (m_T, eta) gauge and the funnel of eta's
   spread in r_T (pbmc20: r_T bulk ESS 24 -> 2141, eta 81 -> 2850 at 4 x 500).
 
+* nbln samples each gene's overdispersion ``expm1(d) + 1/r`` and the latent share
+  ``expm1(d) / (expm1(d) + 1/r)`` instead of ``(d, log r)`` (priors unchanged, with the
+  Jacobian; :func:`scribe_stan.models.nbln.overdispersion_coordinates`): low counts
+  fix the total but hardly its split, an L-shaped ridge in ``(d, log r)`` that a
+  diagonal metric crosses slowly (grn-nbln: one gene on it, E-BFMI 0.19).
+
 Tried and dropped: the nbvcp coordinates in pln and nbln (they fixed mu but made
 Sigma, x and eta worse); centring x or y (E-BFMI 0.10-0.11, a funnel with the small d
-of the PBMC genes).
+of the PBMC genes); W's rotation fixed by K pivot genes (the pivot block lower
+triangular with a positive diagonal, the greedy QR pivots of the Laplace W, and the
+Jacobian ``prod_i L_ii^(K-i)`` times vol O(K) that keeps Sigma's prior exactly):
+SPEC's pln NUTS target (200 x 20, K = 2, Laplace starts) went from mean tree depth 8.98
+to 8.50 with R-hat 1.08 on Sigma and 12 divergences, and grn-pln (K = 1) from R-hat
+1.005 to 1.016, so the rotation is not what makes the trajectories long.
 pbmc20-pln at 4 x (1000 + 7000) with adapt_delta 0.99 (5865 s of sampling): chain 2 of 4
 stayed in a second mode (or a region it could not leave) for all 7000 draws, with mu
 about 4.7 lower on every gene and one loadings column carrying that level (diagonal of
