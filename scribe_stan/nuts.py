@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from scribe_stan.models import nbln, pln
+from scribe_stan.models import pln
 
 #: Per-chain means of ``lp`` that differ from the median chain by more than this many
 #: within-chain sds (pooled over the chains) flag a chain as stuck apart.
@@ -46,10 +46,8 @@ def laplace_inits(fit, chains, *, seed=0, globals="point"):
     Returns
     -------
     list of dict
-        Constrained values of every parameter of the program: ``mu, W``, ``d`` (for
-        nbln ``overdispersion, latent_share``,
-        :func:`scribe_stan.models.nbln.overdispersion_coordinates`),
-        ``obs_level, zeta, eta_q``. Each chain's cells are one
+        Constrained values of every parameter of the program: ``mu, W, d`` (and
+        ``log_r`` for nbln), ``obs_level, zeta, eta_q``. Each chain's cells are one
         draw of their Laplace Gaussians (``eta`` clipped to >= 1e-6, ``eta_q`` to
         [1e-9, 1 - 1e-9]).
 
@@ -73,15 +71,10 @@ def laplace_inits(fit, chains, *, seed=0, globals="point"):
         x = np.asarray(post["x"].values[0, c], float)
         eta = np.maximum(np.asarray(post["eta"].values[0, c], float), 1e-6)
         coords = pln.observed_capture_coordinates(x, eta, mu, W, d, a, data.sigma_M)
-        init = {"mu": mu, "W": W, "obs_level": coords["obs_level"],
+        init = {"mu": mu, "W": W, "d": d, "obs_level": coords["obs_level"],
                 "zeta": coords["zeta"], "eta_q": np.clip(coords["eta_q"], 1e-9, 1 - 1e-9)}
         if fit.model == "nbln":
-            log_r = np.log(np.asarray(post["r"].values[0, c], float))
-            split = nbln.overdispersion_coordinates(d, log_r)
-            init.update(overdispersion=split["overdispersion"],
-                        latent_share=np.clip(split["latent_share"], 1e-9, 1 - 1e-9))
-        else:
-            init["d"] = d
+            init["log_r"] = np.log(np.asarray(post["r"].values[0, c], float))
         out.append(init)
     return out
 

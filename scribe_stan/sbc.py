@@ -86,7 +86,7 @@ import pandas as pd
 from scipy import stats
 
 from scribe_stan import stan
-from scribe_stan.models import dispersion, lnm, loadings, nbln, nbvcp, pln
+from scribe_stan.models import dispersion, lnm, loadings, nbvcp, pln
 
 __all__ = [
     "MODELS",
@@ -245,8 +245,7 @@ def draw_prior(model, N, G, K, rng, *, log_lib, log_M0=float(np.log(pln.M0_DEFAU
     dict of str to ndarray or float
         The parameters under their Stan names on the constrained scale (pln:
         ``mu (G,), W (G, K), d (G,), obs_level (N,), zeta (N, G), eta_q (N,)``; nbln
-        adds ``log_r, overdispersion, latent_share (G,)``
-        (:func:`scribe_stan.models.nbln.overdispersion_coordinates`); nbvcp: ``m_free, log_r (G,), eta_level, eta_dev (N,)``; lnm:
+        adds ``log_r (G,)``; nbvcp: ``m_free, log_r (G,), eta_level, eta_dev (N,)``; lnm:
         ``mu_alr, d_alr (G-1,), W_alr (G-1, K), log_m_T, log_r_T, z (N, G-1)``; lnmvcp's
         ``eta_q`` depends on the totals, so :func:`simulate` adds it) and the quantities
         the programs compute from them (``Sigma, x, eta, r, m``; lnm: ``Sigma_alr, y,
@@ -278,9 +277,6 @@ def draw_prior(model, N, G, K, rng, *, log_lib, log_M0=float(np.log(pln.M0_DEFAU
         if model == "nbln":
             out["log_r"] = rng.normal(dispersion.LOG_R_LOC, dispersion.LOG_R_SCALE, size=G)
             out["r"] = np.exp(out["log_r"])
-            split = nbln.overdispersion_coordinates(d, out["log_r"])  # nbln.stan's (d, log r)
-            out.update(overdispersion=split["overdispersion"],
-                       latent_share=split["latent_share"])
     if model == "nbvcp":
         # nbvcp.stan samples eta as (eta_level, eta_dev) and m relative to eta_level
         out["eta"] = _capture(rng, log_lib, log_M0, sigma_M)

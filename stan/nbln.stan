@@ -7,9 +7,7 @@
 //
 // Priors (see scribe_stan/models/nbln.py): mu, W, d, the loadings column scales tau
 // and the capture prior exactly as stan/pln.stan (functions/pln.stanfunctions);
-// log_r ~ normal(log 10, 3) (functions/dispersion.stanfunctions). d and log_r are
-// sampled as each gene's overdispersion expm1(d) + 1/r and the latent share of it
-// (overdispersion_log_det). The sampled per-cell
+// log_r ~ normal(log 10, 3) (functions/dispersion.stanfunctions). The sampled per-cell
 // coordinates are the level obs_level and innovations zeta of the captured log-rates
 // x_obs = x - eta 1 and the conditional quantile eta_q of eta
 // (functions/capture.stanfunctions explains why).
@@ -20,16 +18,6 @@ functions {
   #include functions/capture.stanfunctions
   #include functions/dispersion.stanfunctions
   #include functions/nbln.stanfunctions
-
-  /**
-   * Log Jacobian of (overdispersion t, latent share s) -> (d, log r), where
-   * d = log1p(s t) and log r = -log1m(s) - log(t), i.e. t = expm1(d) + 1 / r and
-   * s = expm1(d) / t; summed over genes: log |det| = -log1m(s) - log1p(s t).
-   * Mirrors scribe_stan.models.nbln.overdispersion_coordinates.
-   */
-  real overdispersion_log_det(vector t, vector s) {
-    return -sum(log1m(s)) - sum(log1p(s .* t));
-  }
 }
 data {
   int<lower=1> N;  // cells
@@ -47,19 +35,14 @@ transformed data {
 parameters {
   vector[G] mu;
   matrix[G, K] W;  // loadings, identified only up to rotation W -> W R
-  // Each gene's extra-Poisson variance splits between the latent variance d and the NB
-  // dispersion r, which low counts cannot tell apart (an L-shaped ridge in (d, log r));
-  // sampled as its total and the latent part's share, where that ridge is straight.
-  vector<lower=0>[G] overdispersion;  // expm1(d) + 1 / r
-  vector<lower=0, upper=1>[G] latent_share;  // expm1(d) / overdispersion
+  vector<lower=0>[G] d;
   vector<lower=1e-3>[loadings_prior > 0 ? K : 0] tau;  // loadings column scales
+  vector[G] log_r;  // log dispersions
   vector[N] obs_level;  // level of the captured log-rates x_obs_c along 1, centred
   matrix[N, G] zeta;  // innovations of x_obs_c around that level
   vector<lower=0, upper=1>[N] eta_q;  // quantile of eta_c given x_obs_c
 }
 transformed parameters {
-  vector[G] d = log1p(latent_share .* overdispersion);
-  vector[G] log_r = -log1m(latent_share) - log(overdispersion);  // log dispersions
   matrix[G, G] Sigma = pln_covariance(W, d);
   real obs_level_scale = capture_level_scale(Sigma, sigma_M);
   matrix[N, G] x_obs = capture_observed_latent(mu, Sigma, sigma_M, obs_level, zeta);
@@ -71,7 +54,6 @@ transformed parameters {
 model {
   target += pln_globals_lpdf(mu | d, W, tau, loadings_prior);
   target += dispersion_lpdf(log_r);
-  target += overdispersion_log_det(overdispersion, latent_share);  // priors are on d, log r
   target += normal_lpdf(obs_level | mean(mu) - a, obs_level_scale);
   target += std_normal_lpdf(to_vector(zeta));
   target += capture_truncation_lpdf(eta_loc | eta_scale, a, sigma_M);

@@ -64,13 +64,10 @@ def test_data_contract(name):
 
 
 def test_nbln_log_density_matches_numpy():
-    # nbln.stan is written in (mu, W, overdispersion, latent_share, obs_level, zeta,
-    # eta_q): the per-cell coordinates of pln.stan (the captured log-rates x - eta and
-    # the quantile of eta given them), W unconstrained with the Laplace side's prior, and
-    # (d, log_r) as each gene's total overdispersion and its latent share. Without the
-    # constraint Jacobians its target is nbln.log_joint plus
-    # pln.observed_capture_coordinates' log_offset plus the (d, log_r) Jacobian
-    # (nbln.overdispersion_coordinates); no loadings term.
+    # nbln.stan is written in (mu, W, d, log_r, obs_level, zeta, eta_q) as pln.stan (the
+    # captured log-rates x - eta and the quantile of eta given them), W unconstrained
+    # with the Laplace side's prior. Without the constraint Jacobians its target is
+    # nbln.log_joint plus pln.observed_capture_coordinates' log_offset; no loadings term.
     sim = _sim()
     data = _builders(sim)["nbln"]
     N, G, K = data["N"], data["G"], data["K"]
@@ -80,35 +77,15 @@ def test_nbln_log_density_matches_numpy():
         mu, W, d, log_r, x, eta = _random_point(rng, N, G, K)
         a = pln.capture_prior_mean(data["log_lib"], data["log_M0"])
         coords = pln.observed_capture_coordinates(x, eta, mu, W, d, a, data["sigma_M"])
-        split = nbln.overdispersion_coordinates(d, log_r)
-        params = {"mu": mu, "W": W, "overdispersion": split["overdispersion"],
-                  "latent_share": split["latent_share"],
+        params = {"mu": mu, "W": W, "d": d, "log_r": log_r,
                   "obs_level": coords["obs_level"], "zeta": coords["zeta"],
                   "eta_q": coords["eta_q"]}
         stan_lp.append(stan.log_prob("nbln", data, params, jacobian=False))
         ref = nbln.log_joint(data["counts"], mu, W, d, log_r, x, eta, log_M0=data["log_M0"],
                              sigma_M=data["sigma_M"], log_lib=data["log_lib"])
-        ref_lp.append(ref + coords["log_offset"] + split["log_jacobian"])
+        ref_lp.append(ref + coords["log_offset"])
     np.testing.assert_allclose(stan_lp, ref_lp, rtol=1e-10, atol=0)
     assert np.abs(np.diff(ref_lp)).min() > 1.0  # the points really differ
-
-
-def test_overdispersion_coordinates_invert_and_their_jacobian_matches_finite_differences():
-    rng = np.random.default_rng(4)
-    d, log_r = rng.uniform(0.05, 2.0, 3), rng.normal(2.0, 2.0, 3)
-    split = nbln.overdispersion_coordinates(d, log_r)
-    t, s = split["overdispersion"], split["latent_share"]
-    np.testing.assert_allclose(np.log1p(s * t), d, rtol=1e-12)  # the program's maps
-    np.testing.assert_allclose(-np.log1p(-s) - np.log(t), log_r, rtol=1e-12)
-    # per gene, the 2 x 2 Jacobian of (t, s) -> (d, log r) by central differences
-    eps, logdet = 1e-6, 0.0
-    for g in range(3):
-        def f(tt, ss):
-            return np.array([np.log1p(ss * tt), -np.log1p(-ss) - np.log(tt)])
-        J = np.column_stack([(f(t[g] + eps, s[g]) - f(t[g] - eps, s[g])) / (2 * eps),
-                             (f(t[g], s[g] + eps) - f(t[g], s[g] - eps)) / (2 * eps)])
-        logdet += np.log(abs(np.linalg.det(J)))
-    np.testing.assert_allclose(split["log_jacobian"], logdet, rtol=1e-7)
 
 
 def test_nbln_conditional_log_density_matches_numpy():

@@ -49,12 +49,6 @@ Parameterizations that made the chains mix (all in ``stan/functions/``):
   given (m_T, r_T), which removes both the (m_T, eta) gauge and the funnel of eta's
   spread in r_T (pbmc20: r_T bulk ESS 24 -> 2141, eta 81 -> 2850 at 4 x 500).
 
-* nbln samples each gene's overdispersion ``expm1(d) + 1/r`` and the latent share
-  ``expm1(d) / (expm1(d) + 1/r)`` instead of ``(d, log r)`` (priors unchanged, with the
-  Jacobian; :func:`scribe_stan.models.nbln.overdispersion_coordinates`): low counts
-  fix the total but hardly its split, an L-shaped ridge in ``(d, log r)`` that a
-  diagonal metric crosses slowly (grn-nbln: one gene on it, E-BFMI 0.19).
-
 Tried and dropped: the nbvcp coordinates in pln and nbln (they fixed mu but made
 Sigma, x and eta worse); centring x or y (E-BFMI 0.10-0.11, a funnel with the small d
 of the PBMC genes); W's rotation fixed by K pivot genes (the pivot block lower
@@ -62,7 +56,12 @@ triangular with a positive diagonal, the greedy QR pivots of the Laplace W, and 
 Jacobian ``prod_i L_ii^(K-i)`` times vol O(K) that keeps Sigma's prior exactly):
 SPEC's pln NUTS target (200 x 20, K = 2, Laplace starts) went from mean tree depth 8.98
 to 8.50 with R-hat 1.08 on Sigma and 12 divergences, and grn-pln (K = 1) from R-hat
-1.005 to 1.016, so the rotation is not what makes the trajectories long.
+1.005 to 1.016, so the rotation is not what makes the trajectories long; nbln with
+each gene's overdispersion ``t = expm1(d) + 1/r`` and latent share ``s = expm1(d) / t``
+sampled instead of ``(d, log r)`` (priors unchanged, Jacobian ``-log1m(s) - log1p(s t)``,
+parity test passed): grn-nbln from Laplace starts still failed, R-hat 1.026 (r), bulk /
+tail ESS 130 / 280, 26 divergences (3 before), E-BFMI 0.18 (0.19 before), so the low
+E-BFMI is not the curvature of the d-r ridge alone.
 pbmc20-pln at 4 x (1000 + 7000) with adapt_delta 0.99 (5865 s of sampling): chain 2 of 4
 stayed in a second mode (or a region it could not leave) for all 7000 draws, with mu
 about 4.7 lower on every gene and one loadings column carrying that level (diagonal of

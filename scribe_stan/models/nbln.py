@@ -61,35 +61,6 @@ def laplace_stan_data(counts, mu, W, d, log_r, eta, **capture):
     return data
 
 
-def overdispersion_coordinates(d, log_r):
-    """The coordinates in which ``stan/nbln.stan`` samples ``(d, log r)``.
-
-    A gene's extra-Poisson variance per squared mean, ``expm1(d) + 1 / r``, is what low
-    counts determine; how it splits between the latent variance ``d`` and the NB
-    dispersion ``r`` they hardly do, which makes an L-shaped ridge in ``(d, log r)``.
-    The program samples the total ``t`` and the latent share ``s = expm1(d) / t``,
-    where the ridge runs along ``s``; the priors stay on ``d`` and ``log r``.
-
-    Parameters
-    ----------
-    d : ndarray, shape (G,), > 0
-    log_r : ndarray, shape (G,)
-
-    Returns
-    -------
-    dict
-        ``overdispersion`` (t, shape (G,), > 0), ``latent_share`` (s, shape (G,), in
-        (0, 1)) and ``log_jacobian``: ``log |d(d, log r) / d(t, s)| =
-        sum_g -log1m(s) - log1p(s t)``, the term the program adds to keep its density in
-        ``(d, log r)``.
-    """
-    latent = np.expm1(np.asarray(d, dtype=float))
-    t = latent + np.exp(-np.asarray(log_r, dtype=float))
-    s = latent / t
-    return {"overdispersion": t, "latent_share": s,
-            "log_jacobian": float(np.sum(-np.log1p(-s) - np.log1p(s * t)))}
-
-
 # --------------------------------------------------------------------------------------
 # NumPy reference log densities (dense; small G only). They mirror the Stan program.
 # --------------------------------------------------------------------------------------
