@@ -25,7 +25,9 @@ given key at a time (a lock file beside it); another waits and then takes the bu
 Optimization level of pystan builds: ``SCRIBE_STAN_OPT`` (one of :data:`OPT_LEVELS`,
 default ``"3"``, httpstan's own ``-O3``). A lower level builds faster and samples more
 slowly; the test suite uses ``"1"`` (``tests/conftest.py``), where builds dominate and
-the sampling runs are short. A non-default level is part of the build key.
+the sampling runs are short. A non-default level is part of the build key and is named
+in the program text httpstan sees, so each level has its own httpstan model directory
+and a test run never removes the module of a validation run sampling at ``-O3``.
 
 Output: with ``progress=False`` nothing is printed. pystan's build and sampling lines,
 stanc's warnings and Stan's informational messages (and cmdstanpy's log) are captured
