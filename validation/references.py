@@ -70,7 +70,7 @@ agree with the stored 1000 + 3000 run). The stored run is kept; a run that sampl
 posterior honestly would need starts checked against that mode (e.g. from the Laplace
 fit) or more chains.
 
-Regenerate (on 2 cores 0.3-48 minutes of sampling per pair; pbmc20-nbln is the slowest)::
+Regenerate (on 2 shared cores 0.3-112 minutes of sampling per pair; pbmc20-pln is the slowest)::
 
     python validation/references.py               # all pairs
     python validation/references.py grn-pln       # some pairs
