@@ -47,7 +47,7 @@ def laplace_inits(fit, chains, *, seed=0, globals="point"):
     -------
     list of dict
         Constrained values of every parameter of the program: ``mu, W, d`` (and
-        ``log_r`` for nbln), ``obs_level, zeta, eta_q``. Each chain's cells are one
+        ``log_r`` for nbln), ``mu_level, mu_dev, theta_z, theta_e, eta_q``. Each chain's cells are one
         draw of their Laplace Gaussians (``eta`` clipped to >= 1e-6, ``eta_q`` to
         [1e-9, 1 - 1e-9]).
 
@@ -70,11 +70,13 @@ def laplace_inits(fit, chains, *, seed=0, globals="point"):
         mu, W, d = (np.asarray(post[v].values[0, c], float) for v in ("mu", "W", "d"))
         x = np.asarray(post["x"].values[0, c], float)
         eta = np.maximum(np.asarray(post["eta"].values[0, c], float), 1e-6)
-        coords = pln.observed_capture_coordinates(x, eta, mu, W, d, a, data.sigma_M)
-        init = {"mu": mu, "W": W, "d": d, "obs_level": coords["obs_level"],
-                "zeta": coords["zeta"], "eta_q": np.clip(coords["eta_q"], 1e-9, 1 - 1e-9)}
-        if fit.model == "nbln":
-            init["log_r"] = np.log(np.asarray(post["r"].values[0, c], float))
+        r = None if fit.model == "pln" else np.asarray(post["r"].values[0, c], float)
+        coords = pln.observed_capture_coordinates(data.counts, x, eta, mu, W, d, a,
+                                                  data.sigma_M, r=r)
+        init = {"W": W, "d": d} | {k: coords[k] for k in pln.SAMPLED_COORDINATES}
+        init["eta_q"] = np.clip(init["eta_q"], 1e-9, 1 - 1e-9)
+        if r is not None:
+            init["log_r"] = np.log(r)
         out.append(init)
     return out
 

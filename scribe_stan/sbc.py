@@ -244,11 +244,11 @@ def draw_prior(model, N, G, K, rng, *, log_lib, log_M0=float(np.log(pln.M0_DEFAU
     -------
     dict of str to ndarray or float
         The parameters under their Stan names on the constrained scale (pln:
-        ``mu (G,), W (G, K), d (G,), obs_level (N,), zeta (N, G), eta_q (N,)``; nbln
-        adds ``log_r (G,)``; nbvcp: ``m_free, log_r (G,), eta_level, eta_dev (N,)``; lnm:
-        ``mu_alr, d_alr (G-1,), W_alr (G-1, K), log_m_T, log_r_T, z (N, G-1)``; lnmvcp's
-        ``eta_q`` depends on the totals, so :func:`simulate` adds it) and the quantities
-        the programs compute from them (``Sigma, x, eta, r, m``; lnm: ``Sigma_alr, y,
+        ``W (G, K), d (G,)``; nbln adds ``log_r (G,)``; nbvcp:
+        ``m_free, log_r (G,), eta_level, eta_dev (N,)``; lnm: ``mu_alr, d_alr (G-1,),
+        W_alr (G-1, K), log_m_T, log_r_T, z (N, G-1)``; the per-cell coordinates of pln,
+        nbln and lnmvcp depend on the counts, so :func:`simulate` adds them) and the quantities
+        the programs compute from them (``mu, Sigma, x, eta, r, m``; lnm: ``Sigma_alr, y,
         m_T, r_T``).
 
     Raises
@@ -285,12 +285,9 @@ def draw_prior(model, N, G, K, rng, *, log_lib, log_M0=float(np.log(pln.M0_DEFAU
     elif model == "lnmvcp":
         out["eta"] = _capture(rng, log_lib, log_M0, sigma_M)  # eta_q: see simulate
     elif model != "lnm":
-        # pln.stan and nbln.stan sample the captured log-rates x - eta and eta's quantile
+        # pln.stan and nbln.stan sample the captured log-rates x - eta, whitened by the
+        # counts, and eta's quantile: simulate adds them
         out["eta"] = _capture(rng, log_lib, log_M0, sigma_M)
-        coords = pln.observed_capture_coordinates(
-            out["x"], out["eta"], out["mu"], out["W"], out["d"],
-            pln.capture_prior_mean(log_lib, log_M0), sigma_M)
-        out.update({k: coords[k] for k in ("obs_level", "zeta", "eta_q")})
     return out
 
 
@@ -362,7 +359,9 @@ def simulate(model, settings, rng):
     -------
     truth : dict
         :func:`draw_prior` output plus ``log_lib`` (N,) and ``counts`` (N, G); lnmvcp
-        also ``eta_q`` (N,).
+        also ``eta_q`` (N,); pln and nbln also ``mu_level``, ``mu_dev`` (G,),
+        ``theta_z`` (N, K + 1), ``theta_e`` (N, G) and ``eta_q`` (N,)
+        (:func:`scribe_stan.models.pln.observed_capture_coordinates`).
     n_rejected : int
         Simulations redrawn before this one was accepted.
     """
@@ -382,6 +381,12 @@ def simulate(model, settings, rng):
                 truth["eta_q"], _ = lnm.capture_quantile_coordinates(
                     truth["eta"], counts.sum(axis=1), truth["log_m_T"], truth["log_r_T"],
                     pln.capture_prior_mean(log_lib, s.log_M0), s.sigma_M)
+            elif model in ("pln", "nbln"):
+                coords = pln.observed_capture_coordinates(
+                    counts, truth["x"], truth["eta"], truth["mu"], truth["W"], truth["d"],
+                    pln.capture_prior_mean(log_lib, s.log_M0), s.sigma_M,
+                    r=truth.get("r"))
+                truth.update({k: coords[k] for k in pln.SAMPLED_COORDINATES})
             return truth, n_rejected
         n_rejected += 1
 

@@ -874,7 +874,7 @@ class StanDraws:
         Every parameter, transformed parameter and generated quantity of the program,
         each shaped ``(chain, draw, *stan_shape)`` (e.g. ``x``: ``(chain, draw, N, G)``,
         ``y_rep``: int64 ``(chain, draw, N, G)``). The raw sampled coordinates (e.g.
-        pln: ``obs_level``, ``zeta``, ``eta_q``; nbvcp: ``m_free``, ``eta_level``,
+        pln: ``theta_z``, ``theta_e``, ``eta_q``; nbvcp: ``m_free``, ``eta_level``,
         ``eta_dev``) are included as well. Loadings ``W`` are sampled unconstrained and are identified
         only up to rotation (``W -> W R``): diagnose and compare ``Sigma``,
         correlations or per-cell latents, not ``W``.
@@ -1141,7 +1141,7 @@ def log_prob(
         The program's data.
     params : mapping
         Values of every variable of the ``parameters`` block on the constrained
-        scale (e.g. for ``pln``: ``mu, W, d, obs_level, zeta, eta_q``).
+        scale (e.g. for ``pln``: ``mu, W, d, theta_z, theta_e, eta_q``).
     backend : {"auto", "cmdstanpy", "pystan"}
     jacobian : bool
         Add the log Jacobian of the constraining transforms (the density of the

@@ -9,10 +9,11 @@
 // columnwise shrinkage prior on W_perp with column scales tau (loadings_prior 1-3, for
 // adaptive rank), the Laplace solver's prior. W is identified only up to rotation and
 // sign; Sigma, corr and the singular values of W_perp are not, and are what to
-// diagnose and compare. The sampled per-cell coordinates are the level obs_level and
-// innovations zeta of the captured log-rates x_obs = x - eta 1 and the conditional
-// quantile eta_q of eta (functions/capture.stanfunctions explains why). Every term is added with an explicit,
-// normalized _lpdf/_lpmf so the log density keeps all constants.
+// diagnose and compare. The sampled per-cell coordinates are the captured log-rates
+// x_obs = x - eta 1, whitened by a Gaussian approximation of their conditional
+// posterior given the globals (theta_z, theta_e), and the conditional quantile eta_q
+// of eta (functions/capture.stanfunctions explains why). Every term is added with an
+// explicit, normalized _lpdf/_lpmf so the log density keeps all constants.
 functions {
   #include functions/pln.stanfunctions
   #include functions/capture.stanfunctions
@@ -29,20 +30,28 @@ data {
 }
 transformed data {
   vector[N] a = log_M0 - log_lib;  // prior location of eta
+  // working response and weight of each count at log(counts + 1/2)
+  matrix[N, G] response = capture_working_response(counts);
+  matrix[N, G] weight = capture_poisson_weight(counts);
 }
 parameters {
-  vector[G] mu;
+  // mu = mu_level + mu_dev: its level is a coordinate of its own
+  // (functions/capture.stanfunctions, the capture ridge)
+  real mu_level;
+  sum_to_zero_vector[G] mu_dev;
   matrix[G, K] W;  // loadings, identified only up to rotation W -> W R
   vector<lower=0>[G] d;
   vector<lower=1e-3>[loadings_prior > 0 ? K : 0] tau;  // loadings column scales
-  vector[N] obs_level;  // level of the captured log-rates x_obs_c along 1, centred
-  matrix[N, G] zeta;  // innovations of x_obs_c around that level
+  matrix[N, K + 1] theta_z;  // whitened low-rank and capture coordinates of x_obs_c
+  matrix[N, G] theta_e;  // whitened gene-specific coordinates of x_obs_c
   vector<lower=0, upper=1>[N] eta_q;  // quantile of eta_c given x_obs_c
 }
 transformed parameters {
+  vector[G] mu = mu_level + mu_dev;
   matrix[G, G] Sigma = pln_covariance(W, d);
-  real obs_level_scale = capture_level_scale(Sigma, sigma_M);
-  matrix[N, G] x_obs = capture_observed_latent(mu, Sigma, sigma_M, obs_level, zeta);
+  // also adds the log density of theta_z, theta_e (the latent prior of x_obs)
+  matrix[N, G] x_obs = capture_whitened_latent_lp(mu, W, d, sigma_M, a, weight,
+                                                  response, theta_z, theta_e);
   real eta_scale = capture_conditional_scale(Sigma, sigma_M);  // of eta_c | x_obs_c
   vector[N] eta_loc = capture_conditional_loc(mu, Sigma, a, sigma_M, x_obs, eta_scale);
   vector[N] eta = capture_from_quantile(eta_q, eta_loc, rep_vector(eta_scale, N));
@@ -50,8 +59,7 @@ transformed parameters {
 }
 model {
   target += pln_globals_lpdf(mu | d, W, tau, loadings_prior);
-  target += normal_lpdf(obs_level | mean(mu) - a, obs_level_scale);
-  target += std_normal_lpdf(to_vector(zeta));
+  // the latent prior of x_obs: added by capture_whitened_latent_lp
   target += capture_truncation_lpdf(eta_loc | eta_scale, a, sigma_M);
   target += uniform_lpdf(eta_q | 0, 1);  // zero; eta_q is a quantile
   target += sum(pln_log_lik(counts, x, eta));

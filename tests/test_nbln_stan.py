@@ -64,9 +64,10 @@ def test_data_contract(name):
 
 
 def test_nbln_log_density_matches_numpy():
-    # nbln.stan is written in (mu, W, d, log_r, obs_level, zeta, eta_q) as pln.stan (the
-    # captured log-rates x - eta and the quantile of eta given them), W unconstrained
-    # with the Laplace side's prior. Without the constraint Jacobians its target is
+    # nbln.stan is written in (mu_level, mu_dev, W, d, log_r, theta_z, theta_e, eta_q) as
+    # pln.stan (mu's level and deviations, the whitened captured log-rates x - eta and
+    # the quantile of eta given them; the whitening uses the negative binomial's working
+    # weight), W unconstrained with the Laplace side's prior. Without the constraint Jacobians its target is
     # nbln.log_joint plus pln.observed_capture_coordinates' log_offset; no loadings term.
     sim = _sim()
     data = _builders(sim)["nbln"]
@@ -76,10 +77,10 @@ def test_nbln_log_density_matches_numpy():
     for _ in range(3):
         mu, W, d, log_r, x, eta = _random_point(rng, N, G, K)
         a = pln.capture_prior_mean(data["log_lib"], data["log_M0"])
-        coords = pln.observed_capture_coordinates(x, eta, mu, W, d, a, data["sigma_M"])
-        params = {"mu": mu, "W": W, "d": d, "log_r": log_r,
-                  "obs_level": coords["obs_level"], "zeta": coords["zeta"],
-                  "eta_q": coords["eta_q"]}
+        coords = pln.observed_capture_coordinates(data["counts"], x, eta, mu, W, d, a,
+                                                  data["sigma_M"], r=np.exp(log_r))
+        params = {"W": W, "d": d, "log_r": log_r} | {
+            k: coords[k] for k in pln.SAMPLED_COORDINATES}
         stan_lp.append(stan.log_prob("nbln", data, params, jacobian=False))
         ref = nbln.log_joint(data["counts"], mu, W, d, log_r, x, eta, log_M0=data["log_M0"],
                              sigma_M=data["sigma_M"], log_lib=data["log_lib"])

@@ -21,22 +21,34 @@ def small():
     return adata
 
 
-def _forward(init, a, sigma_M):
+def _forward(init, counts, a, sigma_M):
     """x and eta from pln.stan's sampled coordinates, written from the program's text
-    (capture_observed_latent, capture_conditional_*, capture_from_quantile)."""
-    mu, W, d = init["mu"], init["W"], init["d"]
+    (capture_working_response, capture_poisson_weight / nbln_working_weight,
+    capture_whitened_latent_lp, capture_conditional_*, capture_from_quantile), one cell
+    at a time."""
+    mu, W, d = init["mu_level"] + init["mu_dev"], init["W"], init["d"]
     G = mu.size
+    lam = counts + 0.5
+    weight = lam if "log_r" not in init else lam * np.exp(init["log_r"]) / (
+        lam + np.exp(init["log_r"]))
+    response = np.log(lam) - 1.0 / (2.0 * counts + 1.0)
+    B = np.column_stack([W, np.full(G, sigma_M)])
+    x_obs = np.empty(counts.shape)
+    for c in range(counts.shape[0]):
+        p, resid = weight[c], response[c] - mu + a[c]
+        s = p / (1.0 + d * p)
+        Q = np.eye(B.shape[1]) + B.T @ (s[:, None] * B)
+        R = np.linalg.cholesky(Q)
+        b = np.linalg.solve(Q, B.T @ (s * resid))
+        z = b + linalg.solve_triangular(R.T, init["theta_z"][c], lower=False)
+        v = d / (1.0 + d * p)
+        e = v * p * (resid - B @ z) + np.sqrt(v) * init["theta_e"][c]
+        x_obs[c] = mu - a[c] + B @ z + e
     Sigma = W @ W.T + np.diag(d)
-    L = np.linalg.cholesky(Sigma + sigma_M**2)
-    u = linalg.solve_triangular(L, np.ones(G), lower=True)
-    k = 1.0 / np.sqrt(u @ u)
-    u = u * k
-    zeta = init["zeta"]
-    x_obs = (mu - mu.mean())[None] + (init["obs_level"] - k * (zeta @ u))[:, None] + zeta @ L.T
     w = np.linalg.solve(Sigma, np.ones(G))
-    s = 1.0 / np.sqrt(1.0 / sigma_M**2 + w.sum())
-    m = s**2 * (a / sigma_M**2 + mu @ w - x_obs @ w)
-    eta = stats.truncnorm(-m / s, np.inf, loc=m, scale=s).ppf(init["eta_q"])
+    sd = 1.0 / np.sqrt(1.0 / sigma_M**2 + w.sum())
+    m = sd**2 * (a / sigma_M**2 + mu @ w - x_obs @ w)
+    eta = stats.truncnorm(-m / sd, np.inf, loc=m, scale=sd).ppf(init["eta_q"])
     return x_obs + eta[:, None], eta
 
 
@@ -51,16 +63,17 @@ def test_laplace_inits_start_each_chain_at_a_laplace_draw(small, model):
     assert len(inits) == 3
     for c, init in enumerate(inits):
         assert set(init) == names
-        assert init["zeta"].shape == (15, 4) and init["obs_level"].shape == (15,)
+        assert init["theta_e"].shape == (15, 4) and init["theta_z"].shape == (15, 2)
         assert np.all((init["eta_q"] > 0) & (init["eta_q"] < 1))
-        x, eta = _forward(init, a, fit.data.sigma_M)
+        x, eta = _forward(init, fit.data.counts, a, fit.data.sigma_M)
         np.testing.assert_allclose(x, tree["posterior"]["x"].values[0, c], atol=1e-6)
         np.testing.assert_allclose(eta, tree["posterior"]["eta"].values[0, c], atol=1e-6)
-        np.testing.assert_array_equal(init["mu"], fit.mu)
+        np.testing.assert_allclose(init["mu_level"] + init["mu_dev"], fit.mu, rtol=1e-12)
+        assert abs(init["mu_dev"].sum()) < 1e-12
         if model == "nbln":
             np.testing.assert_allclose(init["log_r"], fit.log_r)
     # chains start at different cell draws
-    assert not np.allclose(inits[0]["zeta"], inits[1]["zeta"])
+    assert not np.allclose(inits[0]["theta_e"], inits[1]["theta_e"])
 
 
 def test_laplace_inits_refuses_other_models(small):
@@ -113,8 +126,8 @@ def test_laplace_inits_are_accepted_by_stan_at_the_laplace_draw(small, backend):
     data = pln.stan_data(fit.data.counts, 1, log_M0=fit.data.log_M0,
                          sigma_M=fit.data.sigma_M, log_lib=fit.data.log_lib)
     a = pln.capture_prior_mean(fit.data.log_lib, fit.data.log_M0)
-    offset = pln.observed_capture_coordinates(x, eta, fit.mu, fit.W, fit.d, a,
-                                              fit.data.sigma_M)["log_offset"]
+    offset = pln.observed_capture_coordinates(fit.data.counts, x, eta, fit.mu, fit.W,
+                                              fit.d, a, fit.data.sigma_M)["log_offset"]
     ref = pln.log_joint(fit.data.counts, fit.mu, fit.W, fit.d, x, eta,
                         log_M0=fit.data.log_M0, sigma_M=fit.data.sigma_M)
     lp = stan.log_prob("pln", data, init, backend=backend)

@@ -110,7 +110,7 @@ def _ks(sample, dist):
 @pytest.mark.parametrize("model", sbc.MODELS)
 def test_prior_draw_covers_the_parameters_block(model):
     params = sst._declarations(sst._block(sst.program_code(model), "parameters"))
-    if model == "lnmvcp":  # its eta_q depends on the totals: simulate adds it
+    if model in ("pln", "nbln", "lnmvcp"):  # per-cell coordinates: simulate adds them
         draw, _ = sbc.simulate(model, sbc.SBCSettings(N=6, G=5, K=1),
                                np.random.default_rng(0))
     else:

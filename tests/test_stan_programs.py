@@ -56,11 +56,12 @@ def _noncentred(data, mu, W, d, x, eta):
 def _stan_coordinates(data, mu, W, d, x, eta):
     """pln.stan's per-cell parameters for given x, eta, and its log-density offset."""
     a = pln.capture_prior_mean(data["log_lib"], data["log_M0"])
-    return pln.observed_capture_coordinates(x, eta, mu, W, d, a, data["sigma_M"])
+    return pln.observed_capture_coordinates(data["counts"], x, eta, mu, W, d, a,
+                                            data["sigma_M"])
 
 
 def _sampled(coords):
-    return {k: coords[k] for k in ("obs_level", "zeta", "eta_q")}
+    return {k: coords[k] for k in pln.SAMPLED_COORDINATES}
 
 
 def _eval_dims(dims, data):
@@ -125,14 +126,15 @@ def test_json_data_rejects_non_finite():
 # Log-density parity with the NumPy reference
 # --------------------------------------------------------------------------------------
 #
-# pln.stan is written in (mu, W, d, obs_level, zeta, eta_q): the level and innovations
-# of the captured log-rates x_obs_c = x_c - eta_c under their marginal prior and the
+# pln.stan is written in (mu_level, mu_dev, W, d, theta_z, theta_e, eta_q): mu's level
+# and deviations from it, the captured log-rates
+# x_obs_c = x_c - eta_c, augmented and whitened by the counts' working point, and the
 # quantile eta_q of eta_c given x_obs_c. W is unconstrained with the Laplace side's
 # prior, so without the constraint Jacobians its target is
 #
 #   log_joint(u, mu, W, d, x, eta)            (pln.log_joint: density in x, eta)
 #   + log_offset                              (pln.observed_capture_coordinates: the
-#                                              Jacobian, by SciPy's truncnorm)
+#                                              Jacobians, by NumPy and SciPy's truncnorm)
 #
 # and nothing else: no term for the loadings.
 # The absolute values are compared (so every constant is checked), and the differences
@@ -149,7 +151,7 @@ def test_pln_log_density_matches_numpy(backend):
     for _ in range(3):
         mu, W, d, x, eta = _random_point(rng, N, G, K)
         coords = _stan_coordinates(data, mu, W, d, x, eta)
-        params = {"mu": mu, "W": W, "d": d} | _sampled(coords)
+        params = {"W": W, "d": d} | _sampled(coords)
         stan_lp.append(ss.log_prob("pln", data, params, backend=backend, jacobian=False))
         ref = pln.log_joint(data["counts"], mu, W, d, x, eta,
                             log_M0=data["log_M0"], sigma_M=data["sigma_M"])
@@ -159,12 +161,17 @@ def test_pln_log_density_matches_numpy(backend):
     np.testing.assert_allclose(np.diff(stan_lp), np.diff(ref_lp),
                                rtol=1e-8, atol=1e-8 * np.abs(ref_lp).max())
     assert np.abs(np.diff(ref_lp)).min() > 1.0  # the points really differ
-    # no parametrization pins W: the joint is invariant under W -> W R (R orthogonal,
-    # here with a reflection), as Sigma, hence L and z, are unchanged
+    # no parametrization pins W: the joint density of (x, eta) is invariant under
+    # W -> W R (R orthogonal, here with a reflection). The whitened coordinates of the
+    # same (x, eta) move with W, so they are recomputed; the density in them, less the
+    # coordinates' log offset, must not change.
     R = np.linalg.qr(rng.standard_normal((K, K)))[0] @ np.diag([1.0, -1.0])
-    rotated = ss.log_prob("pln", data, params | {"W": W @ R}, backend=backend,
-                          jacobian=False)
-    np.testing.assert_allclose(rotated, stan_lp[-1], rtol=1e-12, atol=0)
+    turned = _stan_coordinates(data, mu, W @ R, d, x, eta)
+    rotated = ss.log_prob("pln", data, {"W": W @ R, "d": d} | _sampled(turned),
+                          backend=backend, jacobian=False)
+    assert not np.allclose(turned["theta_z"], coords["theta_z"])
+    np.testing.assert_allclose(rotated - turned["log_offset"],
+                               stan_lp[-1] - coords["log_offset"], rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("prior", ["gaussian", "horseshoe", "neg"])
@@ -179,7 +186,7 @@ def test_pln_shrinkage_prior_log_density_matches_numpy(prior, backend):
         mu, W, d, x, eta = _random_point(rng, N, G, K)
         tau = rng.uniform(0.05, 2.0, K)
         coords = _stan_coordinates(data, mu, W, d, x, eta)
-        params = {"mu": mu, "W": W, "d": d, "tau": tau} | _sampled(coords)
+        params = {"W": W, "d": d, "tau": tau} | _sampled(coords)
         stan_lp.append(ss.log_prob("pln", data, params, backend=backend, jacobian=False))
         ref = pln.log_joint(data["counts"], mu, W, d, x, eta, log_M0=data["log_M0"],
                             sigma_M=data["sigma_M"], tau=tau, loadings_prior=prior)

@@ -33,7 +33,7 @@ and ``sigma_M = 1`` (a factor e either way). Both are overridable.
 from __future__ import annotations
 
 import numpy as np
-from scipy import linalg, special, stats
+from scipy import special, stats
 
 from scribe_stan.models import loadings
 
@@ -41,6 +41,9 @@ NAME = "pln"
 STAN_FILE = "pln.stan"
 CONDITIONAL_STAN_FILE = "pln_conditional.stan"
 LAPLACE_STAN_FILE = "pln_laplace.stan"
+#: What :func:`observed_capture_coordinates` gives for the ``parameters`` block of
+#: ``stan/pln.stan`` and ``stan/nbln.stan`` (besides the other globals).
+SAMPLED_COORDINATES = ("mu_level", "mu_dev", "theta_z", "theta_e", "eta_q")
 
 M0_DEFAULT = 1.0e5
 SIGMA_M_DEFAULT = 1.0
@@ -168,22 +171,56 @@ def capture_coordinates(eta):
     return level, t - level
 
 
-def observed_capture_coordinates(x, eta, mu, W, d, a, sigma_M):
-    """Per-cell coordinates sampled by ``stan/pln.stan`` and ``stan/nbln.stan``.
+def working_point(counts, r=None):
+    """Working weight and response of each count at the log rate ``log(u + 1/2)``.
 
-    Those programs sample the captured log-rates ``x_obs_c = x_c - eta_c`` under their
-    marginal prior ``MultiNormal(mu - a_c, Sigma + sigma_M^2 1 1')`` (times the
-    truncation factor), as ``x_obs_c = mu - a_c + L z_c`` with the level of ``z_c``
-    along ``u = L^-1 1 / |L^-1 1|`` sampled centred,
-    ``obs_level_c = k u'z_c + mean(mu) - a_c`` (``k = 1 / |L^-1 1|``), and the rest as
-    ``zeta_c`` (whose unused component along ``u`` is set to 0 here); and the quantile
-    ``eta_q_c`` of eta_c in its conditional prior given ``x_obs_c``, ``Normal(m_c, s)``
-    truncated to ``eta_c >= 0`` with ``1/s^2 = 1/sigma_M^2 + 1' Sigma^-1 1`` and
-    ``m_c = s^2 (a_c/sigma_M^2 + 1' Sigma^-1 (mu - x_obs_c))``
-    (``stan/functions/capture.stanfunctions`` explains why).
+    The Gaussian in the log rate that ``stan/pln.stan`` and ``stan/nbln.stan`` whiten the
+    captured log-rates with (``stan/functions/capture.stanfunctions``): the second-order
+    expansion of a count's log likelihood at ``log(u + 1/2)``, i.e. the working response
+    and weight of iteratively reweighted least squares (McCullagh & Nelder 1989,
+    Generalized Linear Models, sect. 2.5).
 
     Parameters
     ----------
+    counts : (N, G) array of int
+    r : (G,) array, optional
+        Negative-binomial dispersions (nbln); None for Poisson (pln).
+
+    Returns
+    -------
+    weight : (N, G) ndarray
+        Fisher information of the log rate there: ``u + 1/2`` (Poisson), or
+        ``lambda r / (lambda + r)`` with ``lambda = u + 1/2`` (negative binomial).
+    response : (N, G) ndarray
+        ``log(u + 1/2) - 1 / (2 u + 1)``.
+    """
+    lam = np.asarray(counts, float) + 0.5
+    weight = lam if r is None else lam * r / (lam + np.asarray(r, float))
+    return weight, np.log(lam) - 1.0 / (2.0 * lam)
+
+
+def observed_capture_coordinates(counts, x, eta, mu, W, d, a, sigma_M, *, r=None):
+    """Coordinates of ``mu`` and of the per-cell latents in ``stan/pln.stan`` and ``stan/nbln.stan``.
+
+    Those programs sample the captured log-rates ``x_obs_c = x_c - eta_c`` under their
+    marginal prior ``MultiNormal(mu - a_c, Sigma + sigma_M^2 1 1')`` (times the
+    truncation factor), augmented as ``x_obs_c = mu - a_c + B z_c + e_c`` with
+    ``B = [W, sigma_M 1]``, ``z_c ~ N(0, I)`` and ``e_c ~ N(0, diag(d))``, and whitened
+    by the exact posterior of ``(z_c, e_c)`` under a Gaussian stand-in for the counts
+    (:func:`working_point`): ``z_c = b_c + R_c'^-1 theta_z_c`` and
+    ``e_c = m_c + sqrt(v_c) theta_e_c``; and the quantile ``eta_q_c`` of eta_c in its
+    conditional prior given ``x_obs_c``, ``Normal(m_c, s)`` truncated to ``eta_c >= 0``
+    with ``1/s^2 = 1/sigma_M^2 + 1' Sigma^-1 1`` and
+    ``m_c = s^2 (a_c/sigma_M^2 + 1' Sigma^-1 (mu - x_obs_c))``
+    (``stan/functions/capture.stanfunctions`` gives the formulas and says why). Of the
+    ``(z_c, e_c)`` that give ``x_obs_c``, the one returned has ``z_c`` at its conditional
+    mean given ``x_obs_c``. The programs sample ``mu`` as its level and its deviations
+    from it, ``mu = mu_level + mu_dev`` (``mu_dev`` sums to zero).
+
+    Parameters
+    ----------
+    counts : (N, G) array of int
+        The counts the program is given (they set the whitening).
     x : (N, G) array
         Latent log-rates.
     eta : (N,) array, eta >= 0
@@ -194,36 +231,52 @@ def observed_capture_coordinates(x, eta, mu, W, d, a, sigma_M):
         Capture prior location, :func:`capture_prior_mean`.
     sigma_M : float
         Capture prior scale.
+    r : (G,) array, optional
+        nbln's dispersions (its working weight); None for pln.
 
     Returns
     -------
     dict
-        ``obs_level (N,)``, ``zeta (N, G)``, ``eta_q (N,)`` in [0, 1], and
+        ``mu_level`` (float), ``mu_dev (G,)``, ``theta_z (N, K + 1)``,
+        ``theta_e (N, G)``, ``eta_q (N,)`` in [0, 1], and
         ``log_offset`` (float): the programs' log density at these coordinates minus
-        :func:`log_joint` at ``(x, eta)``, i.e. ``log |det d(x, eta)/d(z, eta_q)|
-        = N log det L - sum_c log p(eta_c | x_obs_c)``, minus ``N log k`` (density of
-        obs_level, not of ``u'z_c``) plus the standard normal log density of the N
-        unused components.
+        :func:`log_joint` at ``(x, eta)``, i.e. the log Jacobian of the whitening map
+        ``sum_c (sum_g log v_cg / 2 - log det R_c)``, plus the log density of the
+        augmentation ``z_c`` given ``x_obs_c`` at its mean, minus
+        ``sum_c log p(eta_c | x_obs_c)`` (the quantile map).
     """
     x, eta, mu = np.asarray(x, float), np.asarray(eta, float), np.asarray(mu, float)
-    a = np.asarray(a, float)
-    N, G = x.shape
-    Sigma = covariance(W, d)
+    W, d, a = np.asarray(W, float), np.asarray(d, float), np.asarray(a, float)
+    G = x.shape[1]
+    B = np.column_stack([W, np.full(G, float(sigma_M))])
+    J = B.shape[1]
     x_obs = x - eta[:, None]
-    L = np.linalg.cholesky(Sigma + sigma_M**2)
-    z = linalg.solve_triangular(L, (x_obs - mu + a[:, None]).T, lower=True).T
-    u = linalg.solve_triangular(L, np.ones(G), lower=True)
-    k = 1.0 / np.linalg.norm(u)
-    u *= k
-    level = z @ u
+    # z_c at its conditional mean given x_obs_c: covariance C = (I + B' D^-1 B)^-1
+    C = np.linalg.inv(np.eye(J) + (B.T / d) @ B)
+    z = (x_obs - mu + a[:, None]) / d @ B @ C
+    e = x_obs - mu + a[:, None] - z @ B.T
+    log_aug = -0.5 * (J * np.log(2 * np.pi) + np.linalg.slogdet(C)[1])
+    # whitening by the Gaussian posterior under the working point
+    weight, response = working_point(counts, r)
+    resid = response - mu + a[:, None]
+    dp = weight * d
+    s = weight / (1.0 + dp)
+    Q = np.eye(J) + np.einsum("gi,cg,gj->cij", B, s, B)
+    R = np.linalg.cholesky(Q)
+    b = np.linalg.solve(Q, ((s * resid) @ B)[..., None])[..., 0]
+    theta_z = np.einsum("cji,cj->ci", R, z - b)  # R_c' (z_c - b_c)
+    v = d / (1.0 + dp)
+    theta_e = (e - dp / (1.0 + dp) * (resid - z @ B.T)) / np.sqrt(v)
+    log_jac = 0.5 * np.log(v).sum() - np.log(np.diagonal(R, axis1=1, axis2=2)).sum()
+    # eta given x_obs
+    Sigma = covariance(W, d)
     w = np.linalg.solve(Sigma, np.ones(G))
     scale = 1.0 / np.sqrt(1.0 / sigma_M**2 + w.sum())
     loc = scale**2 * (a / sigma_M**2 + (mu - x_obs) @ w)
     conditional = stats.truncnorm(-loc / scale, np.inf, loc=loc, scale=scale)
-    log_offset = (N * np.log(np.diag(L)).sum() - conditional.logpdf(eta).sum()
-                  - N * np.log(k) + N * stats.norm.logpdf(0.0))
-    return {"obs_level": k * level + mu.mean() - a, "zeta": z - np.outer(level, u),
-            "eta_q": conditional.cdf(eta), "log_offset": float(log_offset)}
+    log_offset = log_jac + x.shape[0] * log_aug - conditional.logpdf(eta).sum()
+    return {"mu_level": float(mu.mean()), "mu_dev": mu - mu.mean(), "theta_z": theta_z,
+            "theta_e": theta_e, "eta_q": conditional.cdf(eta), "log_offset": float(log_offset)}
 
 
 def log_lik_cells(counts, x, eta):
