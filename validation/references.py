@@ -40,18 +40,30 @@ Parameterizations that made the chains mix (all in ``stan/functions/``):
   (max R-hat 1.19 / 1.08 before, 1.004 after).
 * pln and nbln sample the captured log-rates ``x - eta`` (which the counts see) with
   eta integrated out of its prior, and eta's quantile given them, whose posterior is
-  exactly uniform; the level of ``x - eta`` along ``(1, ..., 1)`` is sampled centred so
-  that mu's common shift is one coordinate (``capture.stanfunctions``). pbmc20-pln at
-  4 x (500 + 500): worst bulk ESS 23 (eta, R-hat 1.12) -> 77 (Sigma, R-hat 1.05), mu
-  ESS 25 -> 346. Sampled as (innovations of x, eta), per cell only the priors split
-  ``x_c - eta_c`` between x_c and eta_c, a ridge across every cell's coordinates.
+  exactly uniform (``capture.stanfunctions``). pbmc20-pln at 4 x (500 + 500): worst bulk
+  ESS 23 (eta, R-hat 1.12) -> 77 (Sigma, R-hat 1.05), mu ESS 25 -> 346. Sampled as
+  (innovations of x, eta), per cell only the priors split ``x_c - eta_c`` between x_c
+  and eta_c, a ridge across every cell's coordinates.
+* pln and nbln whiten ``x - eta`` by the exact posterior of an augmented Gaussian
+  model in which each count is replaced by its working response and weight at
+  ``log(u + 1/2)`` (``capture_whitened_latent_lp``): per cell and gene, non-centred where
+  the counts say little against d and centred where they pin the log-rate; mu is
+  sampled as its level plus sum-to-zero deviations, because the capture ridge (mu and
+  every eta shifted together) is then one direction of mu. Before, non-centred
+  innovations had to follow every move of the globals: SPEC's NUTS target (200 PBMC
+  cells x 20 genes, K = 2, 4 x (1000 + 1000), Laplace starts) took 5099 s at tree depth
+  9 with R-hat 1.057 on Sigma and 33 divergences; whitened, 529 s (cmdstanpy, two
+  chains per core) at tree depth 6.2, R-hat 1.005 on Sigma and 1.006 over everything,
+  min bulk / tail ESS 844 / 1117, no divergences, E-BFMI 0.94.
 * lnmvcp samples eta_c's quantile in a Gaussian approximation of its conditional
   given (m_T, r_T), which removes both the (m_T, eta) gauge and the funnel of eta's
   spread in r_T (pbmc20: r_T bulk ESS 24 -> 2141, eta 81 -> 2850 at 4 x 500).
 
-Tried and dropped: the nbvcp coordinates in pln and nbln (they fixed mu but made
-Sigma, x and eta worse); centring x or y (E-BFMI 0.10-0.11, a funnel with the small d
-of the PBMC genes); W's rotation fixed by K pivot genes (the pivot block lower
+Tried and dropped: the level of ``x - eta`` along ``(1, ..., 1)`` sampled centred so
+that mu's common shift was one coordinate (superseded by the whitening); the nbvcp
+coordinates in pln and nbln (they fixed mu but made Sigma, x and eta worse); centring
+x or y everywhere (E-BFMI 0.10-0.11, a funnel with the small d of the PBMC genes);
+W's rotation fixed by K pivot genes (the pivot block lower
 triangular with a positive diagonal, the greedy QR pivots of the Laplace W, and the
 Jacobian ``prod_i L_ii^(K-i)`` times vol O(K) that keeps Sigma's prior exactly):
 SPEC's pln NUTS target (200 x 20, K = 2, Laplace starts) went from mean tree depth 8.98
