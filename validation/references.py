@@ -54,7 +54,9 @@ Parameterizations that made the chains mix (all in ``stan/functions/``):
   cells x 20 genes, K = 2, 4 x (1000 + 1000), Laplace starts) took 5099 s at tree depth
   9 with R-hat 1.057 on Sigma and 33 divergences; whitened, 529 s (cmdstanpy, two
   chains per core) at tree depth 6.2, R-hat 1.005 on Sigma and 1.006 over everything,
-  min bulk / tail ESS 844 / 1117, no divergences, E-BFMI 0.94.
+  min bulk / tail ESS 844 / 1117, no divergences, E-BFMI 0.94 (393 s with 500 warmup
+  iterations). The four pln/nbln references, re-run with it, pass every check
+  (sampling 113-523 s, against 349-6720 s).
 * lnmvcp samples eta_c's quantile in a Gaussian approximation of its conditional
   given (m_T, r_T), which removes both the (m_T, eta) gauge and the funnel of eta's
   spread in r_T (pbmc20: r_T bulk ESS 24 -> 2141, eta 81 -> 2850 at 4 x 500).
@@ -82,7 +84,7 @@ agree with the stored 1000 + 3000 run). The stored run is kept; a run that sampl
 posterior honestly would need starts checked against that mode (e.g. from the Laplace
 fit) or more chains.
 
-Regenerate (on 2 shared cores 0.3-112 minutes of sampling per pair; pbmc20-pln is the slowest)::
+Regenerate (on 2 shared cores 0.3-12 minutes of sampling per pair; pbmc20-lnmvcp is the slowest)::
 
     python validation/references.py               # all pairs
     python validation/references.py grn-pln       # some pairs
