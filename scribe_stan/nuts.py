@@ -46,8 +46,9 @@ def laplace_inits(fit, chains, *, seed=0, globals="point"):
     Returns
     -------
     list of dict
-        Constrained values of every parameter of the program: ``mu, W, d`` (and
-        ``log_r`` for nbln), ``mu_level, mu_dev, theta_z, theta_e, eta_q``. Each chain's cells are one
+        Constrained values of every parameter of the program: ``W, d`` (and ``log_r``
+        for nbln) and :data:`scribe_stan.models.pln.SAMPLED_COORDINATES`
+        (``mu_level, mu_dev, theta_z, theta_e, eta_q``). Each chain's cells are one
         draw of their Laplace Gaussians (``eta`` clipped to >= 1e-6, ``eta_q`` to
         [1e-9, 1 - 1e-9]).
 

@@ -247,9 +247,10 @@ def draw_prior(model, N, G, K, rng, *, log_lib, log_M0=float(np.log(pln.M0_DEFAU
         ``W (G, K), d (G,)``; nbln adds ``log_r (G,)``; nbvcp:
         ``m_free, log_r (G,), eta_level, eta_dev (N,)``; lnm: ``mu_alr, d_alr (G-1,),
         W_alr (G-1, K), log_m_T, log_r_T, z (N, G-1)``; the per-cell coordinates of pln,
-        nbln and lnmvcp depend on the counts, so :func:`simulate` adds them) and the quantities
-        the programs compute from them (``mu, Sigma, x, eta, r, m``; lnm: ``Sigma_alr, y,
-        m_T, r_T``).
+        nbln and lnmvcp and pln's and nbln's mu coordinates depend on the counts or sit
+        beside them, so :func:`simulate` adds them) and the quantities the programs
+        compute from them (``mu, Sigma, x, eta, r, m``; lnm: ``Sigma_alr, y, m_T,
+        r_T``).
 
     Raises
     ------
