@@ -32,8 +32,8 @@ data {
 }
 transformed data {
   vector[N] a = log_M0 - log_lib;  // prior location of eta
-  // working response of each count at log(counts + 1/2)
-  matrix[N, G] response = capture_working_response(counts);
+  matrix[N, G] u = to_matrix(counts);
+  matrix[N, G] count_log_rate = log(u + 0.5);  // where each count's own Gaussian sits
 }
 parameters {
   // mu = mu_level + mu_dev: its level is a coordinate of its own
@@ -51,10 +51,17 @@ parameters {
 transformed parameters {
   vector[G] mu = mu_level + mu_dev;
   matrix[G, G] Sigma = pln_covariance(W, d);
-  // also adds the log density of theta_z, theta_e (the latent prior of x_obs)
-  matrix[N, G] x_obs = capture_whitened_latent_lp(mu, W, d, sigma_M, a,
-                                                  nbln_working_weight(counts, log_r),
-                                                  response, theta_z, theta_e);
+  matrix[N, G] x_obs;
+  {
+    // the whitening's expansion point and the IRLS working weight and response there
+    matrix[N, G] log_rate = capture_working_log_rate(mu, W, d, sigma_M, a, count_log_rate,
+                                                     nbln_working_weight(u + 0.5, log_r));
+    // also adds the log density of theta_z, theta_e (the latent prior of x_obs)
+    x_obs = capture_whitened_latent_lp(mu, W, d, sigma_M, a,
+                                       nbln_working_weight(exp(log_rate), log_r),
+                                       capture_working_response(u, log_rate), theta_z,
+                                       theta_e);
+  }
   real eta_scale = capture_conditional_scale(Sigma, sigma_M);  // of eta_c | x_obs_c
   vector[N] eta_loc = capture_conditional_loc(mu, Sigma, a, sigma_M, x_obs, eta_scale);
   vector[N] eta = capture_from_quantile(eta_q, eta_loc, rep_vector(eta_scale, N));

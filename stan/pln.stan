@@ -30,9 +30,10 @@ data {
 }
 transformed data {
   vector[N] a = log_M0 - log_lib;  // prior location of eta
-  // working response and weight of each count at log(counts + 1/2)
-  matrix[N, G] response = capture_working_response(counts);
-  matrix[N, G] weight = capture_poisson_weight(counts);
+  matrix[N, G] u = to_matrix(counts);
+  // each count's own Gaussian in its log rate: at log(u + 1/2), Fisher information there
+  matrix[N, G] count_log_rate = log(u + 0.5);
+  matrix[N, G] count_weight = u + 0.5;
 }
 parameters {
   // mu = mu_level + mu_dev: its level is a coordinate of its own
@@ -49,9 +50,16 @@ parameters {
 transformed parameters {
   vector[G] mu = mu_level + mu_dev;
   matrix[G, G] Sigma = pln_covariance(W, d);
-  // also adds the log density of theta_z, theta_e (the latent prior of x_obs)
-  matrix[N, G] x_obs = capture_whitened_latent_lp(mu, W, d, sigma_M, a, weight,
-                                                  response, theta_z, theta_e);
+  matrix[N, G] x_obs;
+  {
+    // the whitening's expansion point and the IRLS working weight and response there
+    matrix[N, G] log_rate = capture_working_log_rate(mu, W, d, sigma_M, a, count_log_rate,
+                                                     count_weight);
+    // also adds the log density of theta_z, theta_e (the latent prior of x_obs)
+    x_obs = capture_whitened_latent_lp(mu, W, d, sigma_M, a, exp(log_rate),
+                                       capture_working_response(u, log_rate), theta_z,
+                                       theta_e);
+  }
   real eta_scale = capture_conditional_scale(Sigma, sigma_M);  // of eta_c | x_obs_c
   vector[N] eta_loc = capture_conditional_loc(mu, Sigma, a, sigma_M, x_obs, eta_scale);
   vector[N] eta = capture_from_quantile(eta_q, eta_loc, rep_vector(eta_scale, N));

@@ -23,19 +23,25 @@ def small():
 
 def _forward(init, counts, a, sigma_M):
     """x and eta from pln.stan's sampled coordinates, written from the program's text
-    (capture_working_response, capture_poisson_weight / nbln_working_weight,
+    (capture_working_log_rate, capture_working_response, nbln_working_weight,
     capture_whitened_latent_lp, capture_conditional_*, capture_from_quantile), one cell
     at a time."""
     mu, W, d = init["mu_level"] + init["mu_dev"], init["W"], init["d"]
     G = mu.size
-    lam = counts + 0.5
-    weight = lam if "log_r" not in init else lam * np.exp(init["log_r"]) / (
-        lam + np.exp(init["log_r"]))
-    response = np.log(lam) - 1.0 / (2.0 * counts + 1.0)
     B = np.column_stack([W, np.full(G, sigma_M)])
+
+    def information(lam):  # Fisher information of the log rate
+        if "log_r" not in init:
+            return lam
+        return lam * np.exp(init["log_r"]) / (lam + np.exp(init["log_r"]))
+
     x_obs = np.empty(counts.shape)
+    prior_var = np.diag(B @ B.T) + d  # of x_obs[c, g]
     for c in range(counts.shape[0]):
-        p, resid = weight[c], response[c] - mu + a[c]
+        w0 = information(counts[c] + 0.5)
+        x1 = ((mu - a[c]) / prior_var + w0 * np.log(counts[c] + 0.5)) / (1 / prior_var + w0)
+        p = information(np.exp(x1))
+        resid = x1 + counts[c] * np.exp(-x1) - 1.0 - mu + a[c]
         s = p / (1.0 + d * p)
         Q = np.eye(B.shape[1]) + B.T @ (s[:, None] * B)
         R = np.linalg.cholesky(Q)

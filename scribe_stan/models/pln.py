@@ -171,32 +171,52 @@ def capture_coordinates(eta):
     return level, t - level
 
 
-def working_point(counts, r=None):
-    """Working weight and response of each count at the log rate ``log(u + 1/2)``.
+def working_point(counts, mu, W, d, a, sigma_M, r=None):
+    """Working weight and response with which ``stan/pln.stan`` and ``stan/nbln.stan`` whiten.
 
-    The Gaussian in the log rate that ``stan/pln.stan`` and ``stan/nbln.stan`` whiten the
-    captured log-rates with (``stan/functions/capture.stanfunctions``): the second-order
-    expansion of a count's log likelihood at ``log(u + 1/2)``, i.e. the working response
-    and weight of iteratively reweighted least squares (McCullagh & Nelder 1989,
-    Generalized Linear Models, sect. 2.5).
+    The Gaussian in the log rate that those programs whiten the captured log-rates with
+    (``stan/functions/capture.stanfunctions``): the working response and weight of
+    iteratively reweighted least squares (McCullagh & Nelder 1989, Generalized Linear
+    Models, sect. 2.5) at the log rate ``x1``, the precision-weighted mean of the
+    marginal prior of ``x_obs[c, g]``, ``Normal(mu_g - a_c, V_g)`` with
+    ``V_g = d_g + |W_g|^2 + sigma_M^2``, and of the count's own Gaussian,
+    ``Normal(log(u + 1/2), 1 / w0)`` with ``w0`` the Fisher information at
+    ``log(u + 1/2)``. A near-silent gene's zero count thus gets about its tiny prior
+    rate as weight, not 1/2.
 
     Parameters
     ----------
     counts : (N, G) array of int
+    mu, W, d : arrays (G,), (G, K), (G,)
+        Globals.
+    a : (N,) array
+        Capture prior location, :func:`capture_prior_mean`.
+    sigma_M : float
+        Capture prior scale.
     r : (G,) array, optional
         Negative-binomial dispersions (nbln); None for Poisson (pln).
 
     Returns
     -------
     weight : (N, G) ndarray
-        Fisher information of the log rate there: ``u + 1/2`` (Poisson), or
-        ``lambda r / (lambda + r)`` with ``lambda = u + 1/2`` (negative binomial).
+        Fisher information of the log rate at ``x1``: ``lambda = exp(x1)`` (Poisson),
+        or ``lambda r / (lambda + r)`` (negative binomial).
     response : (N, G) ndarray
-        ``log(u + 1/2) - 1 / (2 u + 1)``.
+        ``x1 + u / lambda - 1``.
     """
-    lam = np.asarray(counts, float) + 0.5
-    weight = lam if r is None else lam * r / (lam + np.asarray(r, float))
-    return weight, np.log(lam) - 1.0 / (2.0 * lam)
+    u = np.asarray(counts, float)
+    W = np.asarray(W, float)
+
+    def information(lam):
+        return lam if r is None else lam * r / (lam + np.asarray(r, float))
+
+    prior_precision = 1.0 / (np.asarray(d, float) + (W**2).sum(axis=1) + sigma_M**2)
+    count_weight = information(u + 0.5)
+    prior_mean = np.asarray(mu, float) - np.asarray(a, float)[:, None]
+    log_rate = ((prior_precision * prior_mean + count_weight * np.log(u + 0.5))
+                / (prior_precision + count_weight))
+    lam = np.exp(log_rate)
+    return information(lam), log_rate + u / lam - 1.0
 
 
 def observed_capture_coordinates(counts, x, eta, mu, W, d, a, sigma_M, *, r=None):
@@ -257,7 +277,7 @@ def observed_capture_coordinates(counts, x, eta, mu, W, d, a, sigma_M, *, r=None
     e = x_obs - mu + a[:, None] - z @ B.T
     log_aug = -0.5 * (J * np.log(2 * np.pi) + np.linalg.slogdet(C)[1])
     # whitening by the Gaussian posterior under the working point
-    weight, response = working_point(counts, r)
+    weight, response = working_point(counts, mu, W, d, a, sigma_M, r)
     resid = response - mu + a[:, None]
     dp = weight * d
     s = weight / (1.0 + dp)
