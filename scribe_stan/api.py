@@ -132,6 +132,11 @@ def fit(adata, *, model="pln", method="laplace", rank=None, layer=None, genes=No
         pln/nbln HMC only: start each chain at this fit's MAP globals and its own draw
         of every cell's Laplace Gaussian (:func:`scribe_stan.nuts.laplace_inits`);
         same cells, genes, model and rank. Default: Stan's random starts.
+    init_metric : {"unit", "laplace"}
+        pln/nbln HMC with ``init_from``: the diagonal metric warmup starts from, Stan's
+        unit metric (default) or the variances of the fit's nested Laplace draws on
+        Stan's unconstrained scale (:func:`scribe_stan.nuts.laplace_metric`), so that a
+        short warmup suffices. Needs ``backend="cmdstanpy"`` and ``metric="diag_e"``.
     loadings_prior : {"normal", "gaussian", "horseshoe", "neg"}
         pln/nbln prior on the loadings: iid normal (default) or a columnwise shrinkage
         prior on the gauge-invariant loadings for adaptive rank (fit with a generous

@@ -5,7 +5,10 @@ initial values for the full-joint Stan programs (``stan/pln.stan``, ``stan/nbln.
 one per chain: the globals (MAP, or a draw from their Laplace Gaussian) and each cell's
 latents drawn from its Laplace Gaussian, mapped to the coordinates those programs sample
 (:func:`scribe_stan.models.pln.observed_capture_coordinates`). Pass them as
-``scribe_stan.stan.sample(..., inits=...)``.
+``scribe_stan.stan.sample(..., inits=...)``. :func:`laplace_metric` gives, from the same
+fit, the variance of each of those programs' unconstrained coordinates over nested
+Laplace draws: an initial diagonal metric, so that warmup starts where the adapted
+metric will end up (``scribe_stan.stan.sample(..., inv_metric=...)``, CmdStan only).
 
 :func:`chain_split` compares the chains' means of the log density and of the identified
 quantities (never the loadings ``W``, identified only up to rotation): a chain whose
@@ -16,6 +19,7 @@ left the region where it started, which R-hat reports only as one large number.
 from __future__ import annotations
 
 import numpy as np
+from scipy import special
 
 from scribe_stan.models import pln
 
@@ -80,6 +84,106 @@ def laplace_inits(fit, chains, *, seed=0, globals="point"):
             init["log_r"] = np.log(r)
         out.append(init)
     return out
+
+
+def _sum_to_zero_free(z):
+    """Stan's unconstrained coordinates of a ``sum_to_zero_vector`` (size G - 1).
+
+    The isometric transform of Stan 2.36+ (stan/math ``sum_to_zero_free``): the
+    coordinates of ``z`` in an orthonormal basis of the sum-zero subspace.
+    """
+    z = np.asarray(z, float)
+    n_free = z.size - 1
+    y = np.zeros(n_free)
+    if n_free == 0:
+        return y
+    y[-1] = -z[-1] * np.sqrt(n_free * (n_free + 1)) / n_free
+    sum_w = 0.0
+    for i in range(n_free - 2, -1, -1):
+        n = i + 1.0
+        sum_w += y[i + 1] / np.sqrt((n + 1) * (n + 2))
+        y[i] = (sum_w - z[i + 1]) * np.sqrt(n * (n + 1)) / n
+    return y
+
+
+#: Parameters of stan/pln.stan and stan/nbln.stan in their declaration order (Stan's
+#: unconstrained layout), with the map to their unconstrained scale; ``log_r`` is nbln's.
+_UNCONSTRAINED = (
+    ("mu_level", np.asarray),
+    ("mu_dev", _sum_to_zero_free),
+    ("W", np.asarray),
+    ("d", np.log),
+    ("log_r", np.asarray),
+    ("theta_z", np.asarray),
+    ("theta_e", np.asarray),
+    ("eta_q", special.logit),
+)
+
+
+def unconstrained(init):
+    """One :func:`laplace_inits` mapping as Stan's unconstrained parameter vector.
+
+    Parameters
+    ----------
+    init : mapping
+        Constrained values of every parameter of ``stan/pln.stan`` or ``stan/nbln.stan``
+        (default loadings prior: no ``tau``).
+
+    Returns
+    -------
+    ndarray
+        The unconstrained coordinates in Stan's order: parameters as declared, each
+        matrix column-major; ``d`` on the log scale, ``eta_q`` on the logit scale,
+        ``mu_dev`` as Stan's ``sum_to_zero_free``.
+    """
+    parts = [np.ravel(free(np.asarray(init[name], float)), order="F")
+             for name, free in _UNCONSTRAINED if name in init]
+    return np.concatenate(parts)
+
+
+def laplace_metric(fit, *, draws=200, seed=0):
+    """Diagonal inverse metric for the pln/nbln full-joint programs from a Laplace fit.
+
+    The variance of each unconstrained coordinate (:func:`unconstrained`) over
+    ``draws`` nested Laplace draws (:func:`laplace_inits` with ``globals="laplace"``:
+    globals from their Gaussian, each cell's latents from its Laplace Gaussian at those
+    globals). The loadings get, besides, the spread of W's rotation when K >= 2: the
+    posterior is flat along ``W -> W R`` and NUTS roams that orbit, on which each
+    ``W[g, k]`` has variance ``|W_g|^2 / K`` (``W_g . r`` with ``r`` uniform on the
+    unit sphere); the Laplace draws fix the rotation. With K = 1 the orbit is W's
+    sign, two modes a chain does not cross.
+
+    Parameters
+    ----------
+    fit : scribe_stan.api.LaplaceFit
+        pln or nbln fit, as for :func:`laplace_inits`.
+    draws : int
+        Number of nested draws (>= 2).
+    seed : int
+        Seed of the draws.
+
+    Returns
+    -------
+    ndarray
+        Positive variances in Stan's unconstrained order, for
+        ``scribe_stan.stan.sample(..., inv_metric=...)``.
+
+    Raises
+    ------
+    ValueError
+        ``draws < 2``, or a fit :func:`laplace_inits` refuses.
+    """
+    if draws < 2:
+        raise ValueError(f"laplace_metric needs draws >= 2, got {draws}")
+    inits = laplace_inits(fit, draws, seed=seed, globals="laplace")
+    var = np.var([unconstrained(init) for init in inits], axis=0)
+    W = np.asarray(fit.W, float)
+    G, K = W.shape
+    if K >= 2:
+        start = 1 + (G - 1)  # after mu_level and mu_dev
+        var[start:start + G * K] += np.tile((W**2).sum(axis=1) / K, K)
+    # a coordinate the draws leave fixed keeps the unit metric
+    return np.where(var > 0, var, 1.0)
 
 
 def chain_split(tree, *, threshold=LP_SPLIT_SDS, quantities=SPLIT_QUANTITIES):

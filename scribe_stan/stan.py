@@ -940,6 +940,7 @@ def sample(
     progress: bool = False,
     inits: Mapping[str, Any] | list[Mapping[str, Any]] | None = None,
     metric: str = "diag_e",
+    inv_metric: np.ndarray | None = None,
 ) -> StanDraws:
     """Run Stan's NUTS sampler (adapted Euclidean metric) on a program.
 
@@ -976,6 +977,11 @@ def sample(
         Euclidean metric adapted in warmup: diagonal (both backends) or dense (CmdStan
         only: httpstan 4.17, pystan's server, runs ``hmc_nuts_diag_e_adapt`` and no
         dense variant).
+    inv_metric : 1-D array, optional
+        Initial diagonal inverse metric (variances of the unconstrained coordinates, in
+        Stan's order, e.g. :func:`scribe_stan.nuts.laplace_metric`), which warmup then
+        adapts; Stan's default is the unit metric. CmdStan and ``diag_e`` only
+        (httpstan's sampler takes no initial metric).
 
     Returns
     -------
@@ -1002,6 +1008,15 @@ def sample(
     if metric != "diag_e" and backend == "pystan":
         raise ValueError(f"metric={metric!r} needs backend='cmdstanpy': pystan (httpstan) "
                          "offers only the diagonal metric 'diag_e'")
+    if inv_metric is not None:
+        inv_metric = np.asarray(inv_metric, float)
+        if backend == "pystan" or metric != "diag_e":
+            raise ValueError("inv_metric needs backend='cmdstanpy' and metric='diag_e' "
+                             f"(got backend={backend!r}, metric={metric!r}): httpstan's "
+                             "sampler takes no initial metric")
+        if inv_metric.ndim != 1 or not np.all(np.isfinite(inv_metric) & (inv_metric > 0)):
+            raise ValueError("inv_metric must be a 1-D array of positive finite variances, "
+                             f"got shape {inv_metric.shape}")
     _check_data(name, data)
     code = program_code(name)
     int_names = _int_outputs(code)
@@ -1049,7 +1064,7 @@ def sample(
                 adapt_engaged=warmup > 0,
                 adapt_delta=float(adapt_delta) if warmup > 0 else None,
                 max_treedepth=int(max_depth),
-                metric=metric,
+                metric=metric if inv_metric is None else {"inv_metric": inv_metric.tolist()},
                 inits=init_list,
                 show_progress=bool(progress),
                 sig_figs=_SIG_FIGS,
@@ -1069,7 +1084,8 @@ def sample(
         wall_time_s=wall,
         config=dict(chains=int(chains), draws=int(draws), warmup=int(warmup),
                     adapt_delta=float(adapt_delta), max_depth=int(max_depth),
-                    metric=metric, build_time_s=build_time),
+                    metric=metric, initial_metric="unit" if inv_metric is None else "given",
+                    build_time_s=build_time),
         messages=messages.getvalue(),
     )
 

@@ -9,7 +9,7 @@ from scipy import linalg, stats
 
 import scribe_stan as ss
 from scribe_stan import nuts, stan
-from scribe_stan.models import pln
+from scribe_stan.models import nbln, pln
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +153,65 @@ def test_dense_metric_runs_on_cmdstan(cmdstan_dir, monkeypatch):
     assert np.isfinite(run["dense_e"].posterior["mu"]).all()
     # same seed and starts, another adapted metric: another trajectory
     assert not np.array_equal(run["dense_e"].posterior["mu"], run["diag_e"].posterior["mu"])
+
+
+@pytest.mark.parametrize("model", ["pln", "nbln"])
+def test_unconstrained_layout_is_stans(small, model):
+    # nuts.unconstrained (the layout laplace_metric's variances follow) against Stan's
+    # own unconstrain_pars of the same constrained values
+    fit = ss.fit(small, model=model, rank=2, progress=False)
+    init = nuts.laplace_inits(fit, 1, seed=5)[0]
+    data = (pln if model == "pln" else nbln).stan_data(
+        fit.data.counts, 2, log_M0=fit.data.log_M0, sigma_M=fit.data.sigma_M,
+        log_lib=fit.data.log_lib)
+    model_ = stan._pystan_model(model, data, 0)
+    ref = np.asarray(model_.unconstrain_pars(stan._json_data(init)))
+    np.testing.assert_allclose(nuts.unconstrained(init), ref, rtol=1e-9, atol=1e-9)
+
+
+def test_laplace_metric_variances(small):
+    fit = ss.fit(small, model="pln", rank=2, progress=False)
+    var = nuts.laplace_metric(fit, draws=300, seed=1)
+    init = nuts.laplace_inits(fit, 1)[0]
+    G, K, N = 4, 2, 15
+    assert var.shape == nuts.unconstrained(init).shape and np.all(var > 0)
+    # the block of W (after mu_level and mu_dev) carries the rotation orbit's spread
+    W_block = var[G:G + G * K].reshape(K, G).T  # column-major
+    assert np.all(W_block >= (fit.W**2).sum(axis=1, keepdims=True) / K)
+    # whitened per-cell coordinates: variance near 1 over the nested draws
+    theta = var[2 * G + G * K:2 * G + G * K + N * (K + 1) + N * G]
+    assert 0.6 < np.median(theta) < 1.6
+    # eta_q's posterior is uniform: its logit has variance pi^2 / 3
+    assert np.median(var[-N:]) == pytest.approx(np.pi**2 / 3, rel=0.35)
+    with pytest.raises(ValueError, match="draws >= 2"):
+        nuts.laplace_metric(fit, draws=1)
+
+
+def test_initial_metric_needs_cmdstan_and_a_laplace_start(small):
+    data = pln.stan_data(np.ones((3, 2), int), 1)
+    with pytest.raises(ValueError, match="inv_metric needs backend='cmdstanpy'"):
+        stan.sample("pln", data, backend="pystan", inv_metric=np.ones(20))
+    with pytest.raises(ValueError, match="init_metric='laplace' takes the metric"):
+        ss.fit(small, model="pln", rank=1, method="hmc", init_metric="laplace",
+               progress=False)
+    lap = ss.fit(small, model="pln", rank=1, progress=False)
+    with pytest.raises(ValueError, match="needs backend='cmdstanpy'"):
+        ss.fit(small, model="pln", rank=1, method="hmc", init_from=lap,
+               init_metric="laplace", backend="pystan", progress=False)
+
+
+@pytest.mark.slow
+@pytest.mark.cmdstan
+def test_laplace_metric_starts_cmdstan_warmup(small, cmdstan_dir, monkeypatch):
+    monkeypatch.setenv("CMDSTAN", cmdstan_dir)
+    lap = ss.fit(small, model="pln", rank=1, progress=False)
+    run = {m: ss.fit(small, model="pln", rank=1, method="hmc", init_from=lap,
+                     init_metric=m, backend="cmdstanpy", chains=2, draws=100, warmup=150,
+                     seed=3, progress=False) for m in ("unit", "laplace")}
+    hmc = run["laplace"]
+    assert hmc.settings["init_metric"] == "laplace"
+    assert hmc.draws.config["initial_metric"] == "given"
+    assert run["unit"].draws.config["initial_metric"] == "unit"
+    assert np.isfinite(hmc.draws.posterior["mu"]).all()
+    # same seed and starts, another initial metric: another trajectory
+    assert not np.array_equal(hmc.draws.posterior["mu"], run["unit"].draws.posterior["mu"])

@@ -9,7 +9,10 @@ posterior quantity, divergences and E-BFMI, with pass/fail against the targets.
 
 ``--init laplace`` starts each chain from the Laplace fit (the MAP of the globals and
 its own draw of every cell's Laplace Gaussian, :func:`scribe_stan.nuts.laplace_inits`);
-``--backend cmdstanpy --metric dense_e`` adapts a dense metric (CmdStan only). The JSON
+``--backend cmdstanpy --metric dense_e`` adapts a dense metric (CmdStan only);
+``--init-metric laplace`` starts warmup from the Laplace fit's diagonal metric
+(:func:`scribe_stan.nuts.laplace_metric`, CmdStan only), so that a short ``--warmup``
+can do. The JSON
 also gives the chains' CPU time (``chains_cpu_s``: user + system time of the sampler's
 child processes; meaningful for cmdstanpy, whose chains are child processes that exit,
 not for pystan's persistent worker pool) and the chain-split check
@@ -17,6 +20,8 @@ not for pystan's persistent worker pool) and the chain-split check
 
     python validation/bench_pln_nuts.py --cells 200 --genes 20 --rank 2
     python validation/bench_pln_nuts.py --init laplace --backend cmdstanpy --metric dense_e
+    python validation/bench_pln_nuts.py --init laplace --init-metric laplace --warmup 200 \
+        --backend cmdstanpy
 """
 
 from __future__ import annotations
@@ -59,6 +64,9 @@ def main(argv=None):
     parser.add_argument("--init", choices=("random", "laplace"), default="random")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--metric", choices=("diag_e", "dense_e"), default="diag_e")
+    parser.add_argument("--init-metric", choices=("unit", "laplace"), default="unit",
+                        help="diagonal metric warmup starts from (laplace: needs --init "
+                             "laplace and cmdstanpy; scribe_stan.nuts.laplace_metric)")
     parser.add_argument("--adapt-delta", type=float, default=0.9)
     args = parser.parse_args(argv)
     if args.data == "pbmc":
@@ -78,6 +86,8 @@ def main(argv=None):
                "init": args.init}
     if args.metric != "diag_e":
         sampler["metric"] = args.metric
+    if args.init_metric != "unit":
+        sampler["init_metric"] = args.init_metric
     hmc, extra = references.hmc_fit(adata, fit_args, sampler)
     cpu1 = os.times()
     total = time.perf_counter() - t0
@@ -91,6 +101,7 @@ def main(argv=None):
         "chains": args.chains, "draws": args.draws, "warmup": args.warmup,
         "adapt_delta": args.adapt_delta, "init": args.init,
         "metric": hmc.draws.config.get("metric", "diag_e"),
+        "initial_metric": hmc.draws.config.get("initial_metric", "unit"),
         "sampling_wall_s": hmc.draws.wall_time_s,
         "build_wall_s": hmc.draws.config.get("build_time_s"),
         "total_wall_s": total, **extra,

@@ -9,7 +9,7 @@ for nbln's Laplace fit, the nbvcp -> nbln cascade (``informative_priors_from``,
 
 from __future__ import annotations
 
-from scribe_stan import _validate, cascade, nuts
+from scribe_stan import _validate, cascade, nuts, stan
 from scribe_stan.fits import HmcFit, LaplaceFit
 from scribe_stan.fits.nbvcp import posterior_moments
 from scribe_stan.laplace.solver import fit_laplace
@@ -72,8 +72,16 @@ def _fit(data, method, common, options, settings, *, model):
     else:
         program = model
         stan_data = MODELS[model].stan_data(data.counts, K, loadings_prior=prior, **capture)
-    inits = None
+    inits = inv_metric = None
     start = options.get("init_from")
+    if options.get("init_metric", "unit") == "laplace":
+        if start is None:
+            raise ValueError("init_metric='laplace' takes the metric from init_from; give "
+                             "init_from=<Laplace fit> or init_metric='unit'")
+        if stan.resolve_backend(common.backend) != "cmdstanpy" or common.metric != "diag_e":
+            raise ValueError("init_metric='laplace' needs backend='cmdstanpy' and "
+                             "metric='diag_e' (httpstan's sampler takes no initial "
+                             "metric); allowed with pystan: init_metric='unit'")
     if start is not None:
         if cond is not None:
             raise ValueError("init_from starts the full-joint program; not with conditional_on")
@@ -83,7 +91,11 @@ def _fit(data, method, common, options, settings, *, model):
                              f"this fit is {model} of rank {K}")
         inits = nuts.laplace_inits(start, common.chains, seed=common.seed)
         settings["init"] = "laplace"
-    draws, settings = sample_nuts(program, stan_data, common, settings, inits=inits)
+        if options.get("init_metric", "unit") == "laplace":
+            inv_metric = nuts.laplace_metric(start, seed=common.seed)
+            settings["init_metric"] = "laplace"
+    draws, settings = sample_nuts(program, stan_data, common, settings, inits=inits,
+                                  inv_metric=inv_metric)
     return HmcFit(model=model, program=program, draws=draws, data=data, settings=settings)
 
 
@@ -100,6 +112,11 @@ _LOADINGS = Option(default="normal", check=loadings.check_prior,
 _INIT_FROM = Option(check=_check_init_source, methods=("hmc",),
                     doc="a Laplace fit whose MAP and per-cell draws start the NUTS chains "
                         "(scribe_stan.nuts.laplace_inits)")
+_INIT_METRIC = Option(
+    default="unit", methods=("hmc",),
+    check=lambda v: _validate.check_choice("init_metric", v, ("unit", "laplace")),
+    doc="initial diagonal metric of warmup: 'unit' (Stan's) or 'laplace', the variances "
+        "of the init_from fit's nested draws (scribe_stan.nuts.laplace_metric; CmdStan)")
 _GLOBALS = {"mu": ("gene",), "W": ("gene", "factor"), "d": ("gene",),
             "Sigma": ("gene", "gene2")}
 _PER_CELL = {"x": ("cell", "gene"), "eta": ("cell",)}
@@ -112,7 +129,8 @@ PLN = register(ModelSpec(
     description="Poisson log-normal with capture: u ~ Poisson(exp(x - eta)), "
                 "x ~ N(mu, W W' + diag(d))",
     conditional_program="pln_conditional", devices=("cuda",),
-    options={"loadings_prior": _LOADINGS, "init_from": _INIT_FROM}, globals=_GLOBALS,
+    options={"loadings_prior": _LOADINGS, "init_from": _INIT_FROM,
+             "init_metric": _INIT_METRIC}, globals=_GLOBALS,
     per_cell=_PER_CELL,
     anndata_keys=_KEYS, compare_full=("Sigma", "corr"), compare_conditional=("x", "eta"),
     compare_plot=("eta", "x"),
@@ -123,6 +141,7 @@ NBLN = register(ModelSpec(
     description="negative-binomial log-normal: pln with a per-gene NB dispersion r",
     conditional_program="nbln_conditional", devices=("cuda",),
     options={"loadings_prior": _LOADINGS, "init_from": _INIT_FROM,
+             "init_metric": _INIT_METRIC,
              "informative_priors_from": Option(check=_check_source, methods=("laplace",),
                                                doc="an nbvcp fit whose posterior becomes "
                                                    "priors (the cascade)"),

@@ -24,10 +24,11 @@ def laplace_settings(settings, common, device="cpu", **extra):
             **extra}
 
 
-def sample_nuts(program, stan_data, common, settings, inits=None):
+def sample_nuts(program, stan_data, common, settings, inits=None, inv_metric=None):
     """NUTS on ``program``: (draws, settings with the sampler's arguments).
 
-    ``inits``: optional per-chain initial values (:func:`scribe_stan.stan.sample`).
+    ``inits``: optional per-chain initial values, ``inv_metric`` an optional initial
+    diagonal inverse metric (:func:`scribe_stan.stan.sample`).
     Warns (RuntimeWarning) when there are divergent transitions.
     """
     settings = {**settings, "backend": stan.resolve_backend(common.backend),
@@ -37,7 +38,7 @@ def sample_nuts(program, stan_data, common, settings, inits=None):
     draws = stan.sample(program, stan_data, backend=common.backend, chains=common.chains,
                         draws=common.draws, warmup=common.warmup, seed=common.seed,
                         adapt_delta=common.adapt_delta, progress=common.progress,
-                        metric=common.metric, inits=inits)
+                        metric=common.metric, inits=inits, inv_metric=inv_metric)
     n_div = int(np.sum(draws.sample_stats["diverging"]))
     if n_div:
         warnings.warn(f"{n_div} divergent transitions in {program}; see the tree's "
